@@ -1,0 +1,235 @@
+"""Prometheus metrics: one `Metrics` object with its own `CollectorRegistry`, passed in.
+
+The data plane updates plain integers on a `RouteCounters` (one per route alias, kept for the
+life of the process so counters never go backwards when a listener restarts); they are read
+at scrape time by a custom collector, so the hot path pays an attribute increment, not a lock.
+Current-state gauges (route_info, route_up, route_errors, active connections and sessions)
+come from a `StateProvider` the runtime installs: read from live state, they cannot drift.
+Label values are route aliases and fixed reason words, never client addresses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "labelproxy_"
+Direction = Literal["in", "out"]
+RejectReason = Literal["acl", "limit", "no_backend", "proxy_header"]
+DropReason = Literal["acl", "limit", "no_backend", "proxy_header", "upstream_error"]
+
+REJECT_REASONS: tuple[RejectReason, ...] = ("acl", "limit", "no_backend", "proxy_header")
+DROP_REASONS: tuple[DropReason, ...] = (
+    "acl",
+    "limit",
+    "no_backend",
+    "proxy_header",
+    "upstream_error",
+)
+DIAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
+
+
+@dataclass(slots=True)
+class RouteCounters:
+    """Monotonic per-route counters, incremented by the data plane without locks.
+
+    `connections_active` and `udp_sessions_active` are live values the data plane raises and
+    lowers; everything else only grows.
+    """
+
+    route: str
+    observe_dial: Callable[[float], None]
+    observe_connection: Callable[[float], None]
+    connections_total: int = 0
+    connections_active: int = 0
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
+    dial_errors: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    udp_sessions_active: int = 0
+    udp_datagrams_in: int = 0
+    udp_datagrams_out: int = 0
+    udp_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+
+    def reject(self, reason: RejectReason) -> None:
+        self.rejected[reason] += 1
+
+    def drop(self, reason: DropReason, count: int = 1) -> None:
+        self.udp_dropped[reason] += count
+
+
+@dataclass(frozen=True, slots=True)
+class RouteState:
+    """What the runtime reports about one route at scrape time."""
+
+    route: str
+    scheme: str
+    listen: str
+    targets: str
+    up: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StateSnapshot:
+    routes: tuple[RouteState, ...] = ()
+    errors: tuple[tuple[str, str], ...] = ()  # (route, reason) pairs currently in error
+    docker_connected: bool = False
+
+
+StateProvider = Callable[[], StateSnapshot]
+
+
+class Metrics:
+    """All of labelproxy's metrics, in a private registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._routes: dict[str, RouteCounters] = {}
+        self._state: StateProvider = StateSnapshot
+        self._dial = Histogram(
+            PREFIX + "upstream_dial_duration_seconds",
+            "Time to connect to an upstream backend.",
+            ["route"],
+            buckets=DIAL_BUCKETS,
+            registry=self.registry,
+        )
+        self._duration = Histogram(
+            PREFIX + "connection_duration_seconds",
+            "Lifetime of a relayed TCP connection or UDP session.",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.reconcile_total = Counter(
+            PREFIX + "reconcile",
+            "Reconcile passes by result (ok or error).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.reconcile_duration = Histogram(
+            PREFIX + "reconcile_duration_seconds",
+            "Time to plan and apply one desired state.",
+            registry=self.registry,
+        )
+        self.docker_events_total = Counter(
+            PREFIX + "docker_events",
+            "Docker engine events received, by action.",
+            ["action"],
+            registry=self.registry,
+        )
+        self.reloads_total = Counter(
+            PREFIX + "routes_file_reloads",
+            "Routes file loads, by result (ok or error).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.build_info = Gauge(
+            PREFIX + "build_info", "labelproxy version.", ["version"], registry=self.registry
+        )
+        self.registry.register(_LiveCollector(self))
+
+    def route(self, alias: str) -> RouteCounters:
+        """The counters of route `alias`, created on first use and kept afterwards."""
+        counters = self._routes.get(alias)
+        if counters is None:
+            counters = RouteCounters(
+                route=alias,
+                observe_dial=self._dial.labels(alias).observe,
+                observe_connection=self._duration.labels(alias).observe,
+            )
+            self._routes[alias] = counters
+        return counters
+
+    def all_routes(self) -> Iterable[RouteCounters]:
+        return tuple(self._routes.values())
+
+    def set_state_provider(self, provider: StateProvider) -> None:
+        self._state = provider
+
+    def state(self) -> StateSnapshot:
+        return self._state()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class _LiveCollector(Collector):
+    """Turns `RouteCounters` and the runtime's `StateSnapshot` into metric families."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._metrics.state()
+        info = GaugeMetricFamily(
+            PREFIX + "route_info",
+            "Configured routes (value 1).",
+            labels=["route", "scheme", "listen", "targets"],
+        )
+        up = GaugeMetricFamily(
+            PREFIX + "route_up", "1 when the route's listener is bound.", labels=["route"]
+        )
+        for r in state.routes:
+            info.add_metric([r.route, r.scheme, r.listen, r.targets], 1)
+            up.add_metric([r.route], 1 if r.up else 0)
+        errors = GaugeMetricFamily(
+            PREFIX + "route_errors",
+            "Routes currently in error, by reason (label, conflict, bind, address).",
+            labels=["route", "reason"],
+        )
+        error_counts: dict[tuple[str, str], int] = {}
+        for pair in state.errors:
+            error_counts[pair] = error_counts.get(pair, 0) + 1
+        for (route, reason), count in sorted(error_counts.items()):
+            errors.add_metric([route, reason], count)
+        connected = GaugeMetricFamily(
+            PREFIX + "docker_connected", "1 while the Docker engine's event stream is up."
+        )
+        connected.add_metric([], 1 if state.docker_connected else 0)
+
+        def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+            return CounterMetricFamily(PREFIX + name, doc, labels=labels)
+
+        def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+            return GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+
+        conns = counter("connections", "TCP connections accepted and relayed.", ["route"])
+        active = gauge("connections_active", "TCP connections open now.", ["route"])
+        rejected = counter(
+            "connections_rejected", "TCP connections refused, by reason.", ["route", "reason"]
+        )
+        dial_err = counter("upstream_dial_errors", "Failed upstream dials.", ["route"])
+        nbytes = counter(
+            "bytes", "Bytes relayed; in = client to upstream, out = upstream to client.",
+            ["route", "direction"],
+        )
+        sessions = gauge("udp_sessions_active", "UDP sessions open now.", ["route"])
+        dgrams = counter("udp_datagrams", "UDP datagrams relayed.", ["route", "direction"])
+        dropped = counter(
+            "udp_datagrams_dropped", "UDP datagrams dropped, by reason.", ["route", "reason"]
+        )
+        for c in self._metrics.all_routes():
+            conns.add_metric([c.route], c.connections_total)
+            active.add_metric([c.route], c.connections_active)
+            for reason, n in c.rejected.items():
+                rejected.add_metric([c.route, reason], n)
+            dial_err.add_metric([c.route], c.dial_errors)
+            nbytes.add_metric([c.route, "in"], c.bytes_in)
+            nbytes.add_metric([c.route, "out"], c.bytes_out)
+            sessions.add_metric([c.route], c.udp_sessions_active)
+            dgrams.add_metric([c.route, "in"], c.udp_datagrams_in)
+            dgrams.add_metric([c.route, "out"], c.udp_datagrams_out)
+            for reason, n in c.udp_dropped.items():
+                dropped.add_metric([c.route, reason], n)
+        yield from (info, up, errors, connected, conns, active, rejected, dial_err, nbytes)
+        yield from (sessions, dgrams, dropped)

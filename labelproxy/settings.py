@@ -1,0 +1,143 @@
+"""Process settings from `LABELPROXY_*` environment variables, built once by the CLI.
+
+`Settings` is frozen and validated by pydantic-settings; `load_settings` turns a validation
+error into one `SettingsError` line naming the variable and what it expected.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from labelproxy.spec import AcceptProxyProtocol, EdgePolicy, IPNetwork
+from labelproxy.units import parse_cidr_list, parse_duration
+
+ENV_PREFIX = "LABELPROXY_"
+
+
+def _duration(value: Any) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    return parse_duration(str(value))
+
+
+def _cidrs(value: Any) -> tuple[IPNetwork, ...]:
+    if isinstance(value, tuple):
+        return value
+    return parse_cidr_list(str(value))
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+CidrList = Annotated[tuple[IPNetwork, ...], NoDecode, BeforeValidator(_cidrs)]
+
+
+def _default_docker_host() -> str:
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+class SettingsError(Exception):
+    """A setting is invalid; the message is one line naming the variable."""
+
+
+class Settings(BaseSettings):
+    """Every `LABELPROXY_*` setting (see the README's settings reference)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    docker_host: str = Field(default_factory=_default_docker_host)
+    label_prefix: str = "proxy"
+    routes_file: Path | None = None
+    http_addr: str = "0.0.0.0:9464"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    drain_timeout: Duration = 30.0
+    connect_timeout: Duration = 5.0
+    udp_idle_timeout: Duration = 300.0
+    udp_max_sessions: int = Field(default=10_000, ge=1)
+    accept_proxy_protocol: AcceptProxyProtocol = "off"
+    proxy_header_timeout: Duration = 5.0
+    trusted_proxies: CidrList = ()
+    allow: CidrList = ()
+    deny: CidrList = ()
+    resync_interval: Duration = 60.0
+
+    @field_validator("log_level", "log_format", "accept_proxy_protocol", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("label_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = value.strip().rstrip(".")
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("expected a non-empty label prefix without spaces, such as proxy")
+        return value
+
+    @field_validator("http_addr")
+    @classmethod
+    def _http_addr(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @field_validator("docker_host")
+    @classmethod
+    def _docker_host(cls, value: str) -> str:
+        value = value.strip()
+        if value.lower() == "none":
+            return "none"
+        if not value.startswith(("unix://", "tcp://", "ssh://", "npipe://", "http://")):
+            raise ValueError("expected unix:///path, tcp://host:port, ssh://host or none")
+        return value
+
+    @property
+    def discovery_enabled(self) -> bool:
+        return self.docker_host != "none"
+
+    def edge_policy(self) -> EdgePolicy:
+        """The data-plane part of the settings."""
+        return EdgePolicy(
+            allow=self.allow,
+            deny=self.deny,
+            accept_proxy_protocol=self.accept_proxy_protocol,
+            trusted_proxies=self.trusted_proxies,
+            proxy_header_timeout=self.proxy_header_timeout,
+            connect_timeout=self.connect_timeout,
+            udp_idle_timeout=self.udp_idle_timeout,
+            udp_max_sessions=self.udp_max_sessions,
+            drain_timeout=self.drain_timeout,
+        )
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    """`0.0.0.0:9464` / `[::1]:9464` / `:9464` -> (host, port); raises ValueError."""
+    host, sep, port_text = addr.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"expected HOST:PORT such as 0.0.0.0:9464, got {addr!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port_text)
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Build the settings from the environment, or raise one clear `SettingsError`."""
+    try:
+        if env is None:
+            return Settings()
+        saved = dict(os.environ)
+        try:
+            os.environ.clear()
+            os.environ.update(env)
+            return Settings()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ENV_PREFIX + "_".join(str(p) for p in first["loc"]).upper()
+        given = first.get("input")
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise SettingsError(f"invalid setting {name}={given!r}: {message}") from None

@@ -1,0 +1,165 @@
+"""The immutable contract between route producers (labels, routes file) and the data plane.
+
+A `RouteSpec` says everything a listener needs: where to listen (its `ListenKey`), whom to
+relay to (`Backend`s, already resolved to addresses) and how (`RouteOptions`). A snapshot of
+the desired state is a `DesiredState`: a mapping listen key -> RouteSpec plus the `Problem`s
+found while building it. Everything here is frozen and hashable, so two snapshots are compared
+by plain equality and an unchanged route is recognised as such.
+
+This module imports nothing from the rest of labelproxy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+Transport = Literal["tcp", "udp"]
+Scheme = Literal["tcp", "tcp4", "tcp6", "udp", "udp4", "udp6"]
+Family = Literal["dual", "ipv4", "ipv6"]
+ProxyProtocolVersion = Literal["v1", "v2"]
+LoadBalance = Literal["round_robin", "least_conn", "source_hash"]
+AcceptProxyProtocol = Literal["off", "optional", "required"]
+ProblemKind = Literal["label", "conflict", "bind", "address"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+SCHEMES: tuple[Scheme, ...] = get_args(Scheme)
+LOAD_BALANCERS: tuple[LoadBalance, ...] = get_args(LoadBalance)
+
+DEFAULT_UDP_MAX_SESSIONS = 10_000
+
+
+def transport_of(scheme: Scheme) -> Transport:
+    """`tcp`, `tcp4`, `tcp6` -> `tcp`; the `udp*` schemes -> `udp`."""
+    return "udp" if scheme.startswith("udp") else "tcp"
+
+
+def family_of(scheme: Scheme) -> Family:
+    """Which address family a scheme listens on: `*4` IPv4, `*6` IPv6 only, else dual-stack."""
+    if scheme.endswith("4"):
+        return "ipv4"
+    if scheme.endswith("6"):
+        return "ipv6"
+    return "dual"
+
+
+def default_bind(scheme: Scheme) -> str:
+    """The bind address used when a route names none (`::` is dual-stack for plain schemes)."""
+    return "0.0.0.0" if family_of(scheme) == "ipv4" else "::"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ListenKey:
+    """A route's identity: what the kernel would refuse to bind twice."""
+
+    transport: Transport
+    bind: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.bind}]" if ":" in self.bind else self.bind
+        return f"{self.transport}://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Backend:
+    """One upstream address of a route, and the container that serves it ("" for static)."""
+
+    host: str
+    port: int
+    container_id: str = ""
+    container_name: str = ""
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteOptions:
+    """Per-route behaviour. `None` means "use the global default from the settings"."""
+
+    proxy_protocol: ProxyProtocolVersion | None = None
+    allow: tuple[IPNetwork, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
+    max_connections: int | None = None
+    idle_timeout: float | None = None
+    connect_timeout: float | None = None
+    load_balance: LoadBalance = "round_robin"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """Everything the data plane needs to serve one listener.
+
+    `backends` is sorted and may be empty (every replica unhealthy): the listener then stays up
+    and refuses connections with reason `no_backend`, so a flapping health check does not
+    close and reopen the port.
+    """
+
+    alias: str
+    scheme: Scheme
+    key: ListenKey
+    backends: tuple[Backend, ...]
+    options: RouteOptions = field(default_factory=RouteOptions)
+    source: str = ""
+
+    @property
+    def transport(self) -> Transport:
+        return self.key.transport
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.scheme)
+
+    def same_listener(self, other: RouteSpec) -> bool:
+        """True when `other` can be served by this spec's open socket (only backends/options
+        differ), so the listener must not be closed and reopened."""
+        return self.key == other.key and self.family == other.family
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with the input or the runtime state, contained to one route.
+
+    `source` is the container name or routes file path, `label` the label key or routes-file
+    field, `value` the offending value, `message` what was expected or what went wrong.
+    """
+
+    kind: ProblemKind
+    route: str
+    source: str
+    label: str
+    value: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        what = f"{self.label}={self.value!r}: " if self.label else ""
+        return f"{where}{what}{self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredState:
+    """A whole snapshot: the routes that should be served and the problems found."""
+
+    routes: Mapping[ListenKey, RouteSpec] = field(default_factory=dict)
+    problems: tuple[Problem, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EdgePolicy:
+    """Global data-plane settings, built once from the Settings and passed to every listener."""
+
+    allow: tuple[IPNetwork, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
+    accept_proxy_protocol: AcceptProxyProtocol = "off"
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    proxy_header_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    udp_idle_timeout: float = 300.0
+    udp_max_sessions: int = DEFAULT_UDP_MAX_SESSIONS
+    drain_timeout: float = 30.0
