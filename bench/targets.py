@@ -1,0 +1,257 @@
+"""The targets the same load runs through: direct, HAProxy, nginx stream, socat, labelproxy.
+
+Each `start_*` writes the target's configuration into the work directory, starts it as a child
+of the bench, listening on 127.0.0.1 only, with one listen port per route, and returns a
+`Target` once every listener is up. Thread/worker counts are fixed here and named in `note`, so
+the report says honestly what each peer was given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.procs import (
+    BenchError,
+    Children,
+    free_port,
+    wait_until_listening,
+    wait_until_udp_bound,
+)
+from bench.toolchain import NGINX_STREAM_MODULE
+from bench.upstreams import TCP_ROUTES, UDP_ROUTES
+
+logger = logging.getLogger(__name__)
+
+PEERS = ("haproxy", "nginx", "socat")
+ALL_TARGETS = ("direct", "haproxy", "nginx", "socat", "labelproxy")
+START_TIMEOUT = 30.0
+
+
+@dataclass(slots=True)
+class Target:
+    """A running target: its listen port per route and the PIDs whose CPU/memory count."""
+
+    name: str
+    ports: dict[str, int]
+    roots: list[int] = field(default_factory=list)
+    udp: bool = True
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StartContext:
+    """What every `start_*` needs."""
+
+    children: Children
+    workdir: Path
+    upstream: dict[str, int]
+    repo: Path
+    labelproxy_cmd: list[str]
+
+
+def _listen_ports(*, udp: bool = True) -> dict[str, int]:
+    routes = TCP_ROUTES + (UDP_ROUTES if udp else ())
+    return {route: free_port() for route in routes}
+
+
+def _wait_ready(ctx: StartContext, target: Target, name: str) -> Target:
+    deadline = time.monotonic() + START_TIMEOUT
+    proc = next(p for p in ctx.children.procs if p.pid == target.roots[0])
+    try:
+        wait_until_listening(
+            [target.ports[r] for r in TCP_ROUTES], deadline=deadline, alive=proc
+        )
+        if target.udp:
+            wait_until_udp_bound([target.ports[r] for r in UDP_ROUTES], deadline=deadline)
+    except BenchError as exc:
+        raise BenchError(f"{name} did not start: {exc}; log: {ctx.children.log_tail(name)}") from None
+    return target
+
+
+def start_direct(ctx: StartContext) -> Target:
+    return Target(name="direct", ports=dict(ctx.upstream), note="no proxy: the physical limit")
+
+
+def start_haproxy(ctx: StartContext) -> Target:
+    ports = _listen_ports(udp=False)
+    sections = []
+    for route in TCP_ROUTES:
+        sections.append(
+            f"frontend f_{route}\n    bind 127.0.0.1:{ports[route]}\n"
+            f"    default_backend b_{route}\n"
+            f"backend b_{route}\n    server s1 127.0.0.1:{ctx.upstream[route]}\n"
+        )
+    conf = ctx.workdir / "haproxy.cfg"
+    conf.write_text(
+        "global\n    nbthread 1\n    maxconn 20000\n\n"
+        "defaults\n    mode tcp\n    option splice-auto\n    maxconn 20000\n"
+        "    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n\n"
+        + "\n".join(sections)
+    )
+    proc = ctx.children.start(["haproxy", "-db", "-f", str(conf)], name="haproxy")
+    target = Target(
+        name="haproxy",
+        ports=ports,
+        roots=[proc.pid],
+        udp=False,
+        note="nbthread 1, mode tcp, option splice-auto; no UDP",
+    )
+    return _wait_ready(ctx, target, "haproxy")
+
+
+def start_nginx(ctx: StartContext) -> Target:
+    ports = _listen_ports()
+    prefix = ctx.workdir / "nginx-stream"
+    prefix.mkdir(parents=True, exist_ok=True)
+    servers = [
+        f"    server {{ listen 127.0.0.1:{ports[r]}; proxy_pass 127.0.0.1:{ctx.upstream[r]}; "
+        "proxy_timeout 1h; }"
+        for r in TCP_ROUTES
+    ] + [
+        f"    server {{ listen 127.0.0.1:{ports[r]} udp; proxy_pass 127.0.0.1:{ctx.upstream[r]}; "
+        "proxy_timeout 30s; }"
+        for r in UDP_ROUTES
+    ]
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        f"load_module {NGINX_STREAM_MODULE};\n"
+        f"daemon off;\nworker_processes 1;\nworker_rlimit_nofile 20000;\n"
+        f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
+        "events { worker_connections 12000; }\n"
+        "stream {\n" + "\n".join(servers) + "\n}\n"
+    )
+    proc = ctx.children.start(
+        ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
+        name="nginx",
+    )
+    target = Target(
+        name="nginx",
+        ports=ports,
+        roots=[proc.pid],
+        note="stream module, worker_processes 1 (+ its master)",
+    )
+    return _wait_ready(ctx, target, "nginx")
+
+
+def start_socat(ctx: StartContext) -> Target:
+    ports = _listen_ports()
+    roots = []
+    for route in TCP_ROUTES:
+        argv = [
+            "socat",
+            f"TCP4-LISTEN:{ports[route]},fork,reuseaddr,bind=127.0.0.1,backlog=4096",
+            f"TCP4:127.0.0.1:{ctx.upstream[route]},nodelay",
+        ]
+        roots.append(ctx.children.start(argv, name="socat").pid)
+    for route in UDP_ROUTES:
+        argv = [
+            "socat",
+            "-T",
+            "30",
+            f"UDP4-LISTEN:{ports[route]},fork,reuseaddr,bind=127.0.0.1",
+            f"UDP4:127.0.0.1:{ctx.upstream[route]}",
+        ]
+        roots.append(ctx.children.start(argv, name="socat").pid)
+    target = Target(
+        name="socat",
+        ports=ports,
+        roots=roots,
+        note="one process per route, forks one per connection; UDP4-LISTEN,fork (one child "
+        "per client: UDP4-RECVFROM,fork would fork per datagram)",
+    )
+    return _wait_ready(ctx, target, "socat")
+
+
+def labelproxy_routes_yaml(*, ports: dict[str, int], upstream: dict[str, int]) -> str:
+    lines = ["routes:"]
+    for route in TCP_ROUTES + UDP_ROUTES:
+        scheme = "udp4" if route in UDP_ROUTES else "tcp4"
+        lines.append(
+            f"  bench-{route}: {{scheme: {scheme}, bind: 127.0.0.1, "
+            f'port: "{ports[route]}:{upstream[route]}", host: 127.0.0.1}}'
+        )
+    return "\n".join(lines) + "\n"
+
+
+def labelproxy_env(*, routes_file: Path | None, http_port: int, docker_host: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABELPROXY_")}
+    env.update(
+        LABELPROXY_DOCKER_HOST=docker_host,
+        LABELPROXY_HTTP_ADDR=f"127.0.0.1:{http_port}",
+        LABELPROXY_ALLOW="0.0.0.0/0,::/0",
+        LABELPROXY_LOG_LEVEL="warning",
+    )
+    if routes_file is not None:
+        env["LABELPROXY_ROUTES_FILE"] = str(routes_file)
+    return env
+
+
+def http_get(port: int, path: str, *, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET http://127.0.0.1:port/path -> (status, body); status 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), b""
+    except (OSError, ValueError):
+        return 0, b""
+
+
+def wait_ready_endpoint(http_port: int, *, deadline: float, alive: Callable[[], bool]) -> None:
+    """Return once labelproxy's /readyz answers 200; raise `BenchError` otherwise."""
+    while http_get(http_port, "/readyz", timeout=1.0)[0] != 200:
+        if not alive():
+            raise BenchError("labelproxy exited before it was ready")
+        if time.monotonic() > deadline:
+            raise BenchError("labelproxy /readyz did not answer 200 before the deadline")
+        time.sleep(0.02)
+
+
+def start_labelproxy(ctx: StartContext) -> Target:
+    ports = _listen_ports()
+    routes_file = ctx.workdir / "labelproxy-routes.yaml"
+    routes_file.write_text(labelproxy_routes_yaml(ports=ports, upstream=ctx.upstream))
+    http_port = free_port()
+    env = labelproxy_env(routes_file=routes_file, http_port=http_port, docker_host="none")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ctx.repo), env.get("PYTHONPATH")]))
+    proc = ctx.children.start(ctx.labelproxy_cmd, name="labelproxy", env=env, cwd=ctx.repo)
+    deadline = time.monotonic() + START_TIMEOUT
+    try:
+        wait_ready_endpoint(http_port, deadline=deadline, alive=lambda: proc.poll() is None)
+    except BenchError as exc:
+        raise BenchError(f"{exc}; log: {ctx.children.log_tail('labelproxy')}") from None
+    status, body = http_get(http_port, "/routes")
+    logger.debug("labelproxy /routes %s: %s", status, body[:500])
+    target = Target(
+        name="labelproxy",
+        ports=ports,
+        roots=[proc.pid],
+        note="single process, one event loop; metrics and an allow-all ACL on",
+    )
+    return _wait_ready(ctx, target, "labelproxy")
+
+
+STARTERS: dict[str, Callable[[StartContext], Target]] = {
+    "direct": start_direct,
+    "haproxy": start_haproxy,
+    "nginx": start_nginx,
+    "socat": start_socat,
+    "labelproxy": start_labelproxy,
+}
+
+
+def default_labelproxy_cmd() -> list[str]:
+    return [sys.executable, "-m", "labelproxy"]
+
+
+def describe_routes(target: Target) -> str:
+    return json.dumps(target.ports, sort_keys=True)

@@ -1,0 +1,367 @@
+"""Docker discovery: the only module that imports `docker`.
+
+Level-triggered: on each connection it subscribes to the engine's events first, then lists the
+running containers and publishes the whole list as `ContainerView`s (`on_snapshot`). Any
+relevant event, and a timer every `resync_interval`, triggers another full list (coalesced and
+throttled: a burst of events gives few lists, the latest state wins). When the event stream
+ends or a call fails, it reports `on_connected(False)` and reconnects with exponential backoff.
+
+docker-py is blocking: its calls run in worker threads; the event-reading thread talks to the
+event loop only through `anyio.from_thread`. Cancelling `serve` closes the event stream, which
+ends that thread. `view_from_attrs` (inspect JSON -> view) is pure and usable without an engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
+import docker
+import docker.errors
+import requests.exceptions
+
+from labelproxy.containers import ContainerView, DiscoveryContext, Health, PortBinding
+
+logger = logging.getLogger(__name__)
+
+CONTAINER_ACTIONS = (
+    "start", "die", "stop", "kill", "destroy", "pause", "unpause", "rename", "health_status",
+)  # fmt: skip
+NETWORK_ACTIONS = ("connect", "disconnect")  # a container joined or left a network
+EVENT_FILTERS = {"type": ["container", "network"], "event": [*CONTAINER_ACTIONS, *NETWORK_ACTIONS]}
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+RELIST_THROTTLE = 0.05  # at most one list per 50 ms; events in between are coalesced
+DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+_HEALTH_IN_STATUS = re.compile(r"\((healthy|unhealthy|health: starting)\)")
+_CONTAINER_ID = re.compile(r"\b([0-9a-f]{64})\b")
+
+
+def view_from_attrs(attrs: Mapping[str, Any]) -> ContainerView:
+    """A container's `docker inspect` JSON (or docker-py `Container.attrs`) -> its view."""
+    config = attrs.get("Config") or {}
+    state = attrs.get("State") or {}
+    settings = attrs.get("NetworkSettings") or {}
+    labels = {str(k): str(v) for k, v in (config.get("Labels") or {}).items()}
+    health = str((state.get("Health") or {}).get("Status") or "none")
+    mode = str((attrs.get("HostConfig") or {}).get("NetworkMode") or "bridge")
+    networks = {
+        str(name): str(ep.get("IPAddress") or ep.get("GlobalIPv6Address") or "")
+        for name, ep in (settings.get("Networks") or {}).items()
+        if isinstance(ep, Mapping)
+    }
+    return ContainerView(
+        id=str(attrs["Id"]),
+        name=str(attrs.get("Name") or "").lstrip("/"),
+        created=_parse_created(attrs.get("Created")),
+        labels=labels,
+        health=cast(Health, health if health in ("starting", "healthy", "unhealthy") else "none"),
+        network_mode="bridge" if mode == "default" else mode,
+        networks=networks,
+        ports=_port_bindings(settings.get("Ports") or {}, config.get("ExposedPorts") or {}),
+        service=service_of(labels),
+    )
+
+
+def service_of(labels: Mapping[str, str]) -> str:
+    """The replica group a container belongs to: compose service, swarm service, or ""."""
+    project = labels.get("com.docker.compose.project")
+    service = labels.get("com.docker.compose.service")
+    if project and service:
+        return f"compose:{project}/{service}"
+    swarm = labels.get("com.docker.swarm.service.name")
+    return f"swarm:{swarm}" if swarm else ""
+
+
+def daemon_host_of(docker_host: str) -> str | None:
+    """The host of a remote `tcp://` (or `http(s)://`) engine; None for a local socket."""
+    parts = urlsplit(docker_host)
+    if parts.scheme in ("tcp", "http", "https") and parts.hostname:
+        return parts.hostname
+    return None
+
+
+def _parse_created(value: Any) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    text = str(value or "")
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        logger.warning("unreadable container creation time %r", text)
+        return 0.0
+
+
+def _port_bindings(
+    published: Mapping[str, Any], exposed: Mapping[str, Any]
+) -> tuple[PortBinding, ...]:
+    found: set[PortBinding] = set()
+    for key in {*published, *exposed}:
+        number, _, proto = str(key).partition("/")
+        if proto not in ("tcp", "udp") or not number.isdigit():
+            continue  # sctp and the like cannot be routed
+        port, transport = int(number), cast(Any, proto)
+        hosts = published.get(key) or []
+        for host in hosts:
+            host_port = str(host.get("HostPort") or "")
+            if host_port.isdigit():
+                found.add(
+                    PortBinding(port, transport, str(host.get("HostIp") or ""), int(host_port))
+                )
+        if not hosts:
+            found.add(PortBinding(port, transport))
+    return tuple(sorted(found, key=lambda b: (b.port, b.protocol, b.host_ip, b.host_port or 0)))
+
+
+def _fingerprint(summary: Mapping[str, Any]) -> tuple[str, ...]:
+    """What in a `containers` list entry changes when a container's view changes."""
+    status = _HEALTH_IN_STATUS.search(str(summary.get("Status") or ""))
+    nets = (summary.get("NetworkSettings") or {}).get("Networks") or {}
+    return (
+        ",".join(summary.get("Names") or ()),
+        str(summary.get("State")),
+        status.group(1) if status else "",
+        repr(sorted((k, v.get("IPAddress"), v.get("GlobalIPv6Address")) for k, v in nets.items())),
+        repr(sorted(repr(sorted(p.items())) for p in summary.get("Ports") or ())),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    fingerprint: tuple[str, ...]
+    view: ContainerView
+
+
+def _list_running(
+    client: Any, cache: Mapping[str, _Cached], *, full: bool
+) -> tuple[tuple[ContainerView, ...], dict[str, _Cached]]:
+    """Worker thread: list the running containers; inspect only new or changed ones."""
+    fresh: dict[str, _Cached] = {}
+    for summary in client.api.containers(filters={"status": "running"}):
+        cid, fingerprint = str(summary["Id"]), _fingerprint(summary)
+        hit = cache.get(cid)
+        if hit is not None and hit.fingerprint == fingerprint and not full:
+            fresh[cid] = hit
+            continue
+        try:
+            attrs = client.api.inspect_container(cid)
+        except docker.errors.NotFound:
+            continue  # gone between list and inspect
+        state = attrs.get("State") or {}
+        if state.get("Running") and not state.get("Paused"):
+            fresh[cid] = _Cached(fingerprint, view_from_attrs(attrs))
+    views = sorted((c.view for c in fresh.values()), key=lambda v: (v.created, v.id))
+    return tuple(views), fresh
+
+
+def own_container_hints() -> frozenset[str]:
+    """Ids (or the 12-char id prefix) that labelproxy's own container may have; empty on a host."""
+    hints: set[str] = set()
+    for path in ("/proc/self/cgroup", "/proc/self/mountinfo"):
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if "docker" in line or "/containers/" in line:
+                hints.update(_CONTAINER_ID.findall(line))
+    hostname = socket.gethostname()
+    if re.fullmatch(r"[0-9a-f]{12}", hostname):
+        hints.add(hostname)
+    return frozenset(hints)
+
+
+def own_networks(views: Iterable[ContainerView], hints: frozenset[str]) -> frozenset[str]:
+    """The networks of labelproxy's own container, if it is among `views`."""
+    for view in views:
+        if view.id in hints or view.id[:12] in hints:
+            return frozenset(n for n in view.networks if n not in ("host", "none"))
+    return frozenset()
+
+
+@dataclass(slots=True)
+class _Session:
+    """State of one connection to the engine, shared by its tasks on the event loop."""
+
+    dirty: anyio.Event = field(default_factory=anyio.Event)
+    lost: str = ""
+
+
+class Discovery:
+    """Watches one Docker engine and publishes the running containers (see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        docker_host: str,
+        label_prefix: str,
+        resync_interval: float,
+        on_snapshot: Callable[[tuple[ContainerView, ...], DiscoveryContext], None],
+        on_connected: Callable[[bool], None],
+        on_event: Callable[[str], None],
+        api_timeout: float = 15.0,
+    ) -> None:
+        self._docker_host = docker_host
+        self._label_prefix = label_prefix
+        self._resync_interval = resync_interval
+        self._on_snapshot = on_snapshot
+        self._on_connected = on_connected
+        self._on_event = on_event
+        self._api_timeout = api_timeout
+        self._connected: bool | None = None
+        self._cache: dict[str, _Cached] = {}
+        self._published: dict[str, ContainerView] = {}
+        self._hints: frozenset[str] = frozenset()
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Watch the engine until cancelled; an unreachable engine is retried, never fatal."""
+        task_status.started()
+        self._hints = await anyio.to_thread.run_sync(own_container_hints)
+        delay, last_error = BACKOFF_MIN, ""
+        while True:
+            try:
+                reason = await self._serve_connection()
+            except DOCKER_ERRORS as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            if self._connected:
+                delay, last_error = BACKOFF_MIN, ""
+            self._set_connected(False, reason)
+            if reason != last_error:
+                logger.error(
+                    "Docker engine at %s unavailable (%s); retrying with backoff",
+                    self._docker_host, reason, extra={"action": "disconnect"},
+                )  # fmt: skip
+            last_error = reason
+            logger.debug("reconnecting to %s in %.1fs", self._docker_host, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _serve_connection(self) -> str:
+        """One connection: subscribe, list, then re-list on events and on the timer until lost."""
+        client = await anyio.to_thread.run_sync(self._connect, abandon_on_cancel=True)
+        stream: Any = None
+        try:
+            stream = await anyio.to_thread.run_sync(
+                lambda: client.api.events(decode=True, filters=EVENT_FILTERS),
+                abandon_on_cancel=True,
+            )
+            session = _Session()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._follow_events, stream, session, tg.cancel_scope)
+                if await self._publish(client, session, tg.cancel_scope, full=True):
+                    self._set_connected(True, f"API {client.api.api_version}")
+                    await self._relist_forever(client, session, tg.cancel_scope)
+            return session.lost or "connection ended"
+        finally:
+            _close_quietly(stream)
+            _close_quietly(client)
+
+    def _connect(self) -> Any:
+        return docker.DockerClient(base_url=self._docker_host, timeout=self._api_timeout)
+
+    async def _follow_events(
+        self, stream: Any, session: _Session, scope: anyio.CancelScope
+    ) -> None:
+        try:
+            await anyio.to_thread.run_sync(
+                self._pump_events, stream, session, abandon_on_cancel=True
+            )
+            session.lost = session.lost or "event stream ended"
+        except (*DOCKER_ERRORS, ValueError) as exc:
+            session.lost = f"event stream failed: {type(exc).__name__}: {exc}"
+        scope.cancel()
+
+    def _pump_events(self, stream: Any, session: _Session) -> None:
+        """Worker thread: read events until the stream ends; hand each to the event loop."""
+        for event in stream:
+            action = str(event.get("Action") or event.get("status") or "").split(":", 1)[0]
+            try:
+                anyio.from_thread.run_sync(self._note_event, action, session)
+            except RuntimeError:  # the event loop is gone: we are shutting down
+                return
+
+    def _note_event(self, action: str, session: _Session) -> None:
+        self._on_event(action)
+        session.dirty.set()
+
+    async def _relist_forever(
+        self, client: Any, session: _Session, scope: anyio.CancelScope
+    ) -> None:
+        while True:
+            with anyio.move_on_after(self._resync_interval):
+                await session.dirty.wait()
+            full = not session.dirty.is_set()  # the timer, not an event: re-inspect everything
+            session.dirty = anyio.Event()
+            if not await self._publish(client, session, scope, full=full):
+                return
+            await anyio.sleep(RELIST_THROTTLE)
+
+    async def _publish(
+        self, client: Any, session: _Session, scope: anyio.CancelScope, *, full: bool
+    ) -> bool:
+        """List and hand the whole snapshot over; on failure mark the session lost."""
+        try:
+            views, self._cache = await anyio.to_thread.run_sync(
+                lambda: _list_running(client, self._cache, full=full), abandon_on_cancel=True
+            )
+        except DOCKER_ERRORS as exc:
+            session.lost = f"listing containers failed: {type(exc).__name__}: {exc}"
+            scope.cancel()
+            return False
+        self._log_changes(views)
+        context = DiscoveryContext(
+            label_prefix=self._label_prefix,
+            own_networks=own_networks(views, self._hints),
+            daemon_host=daemon_host_of(self._docker_host),
+        )
+        self._on_snapshot(views, context)
+        return True
+
+    def _log_changes(self, views: tuple[ContainerView, ...]) -> None:
+        current = {v.id: v for v in views}
+        for cid, view in current.items():
+            if cid not in self._published:
+                logger.info(
+                    "container seen: %s",
+                    view.name,
+                    extra={"container": view.name, "action": "seen"},
+                )
+        for cid, view in self._published.items():
+            if cid not in current:
+                logger.info(
+                    "container gone: %s",
+                    view.name,
+                    extra={"container": view.name, "action": "gone"},
+                )
+        self._published = current
+
+    def _set_connected(self, connected: bool, detail: str) -> None:
+        if connected == self._connected:
+            return
+        self._connected = connected
+        if connected:
+            logger.info("connected to the Docker engine at %s (%s)", self._docker_host, detail,
+                        extra={"action": "connect"})  # fmt: skip
+        self._on_connected(connected)
+
+
+def _close_quietly(resource: Any) -> None:
+    """Close a docker-py client or event stream; closing the stream frees its reading thread."""
+    if resource is None:
+        return
+    try:
+        resource.close()
+    except Exception as exc:  # closing must never mask why we stopped
+        logger.debug("closing %r failed: %s", resource, exc)

@@ -1,0 +1,253 @@
+"""The syntax of a route's fields, shared by container labels and the routes file.
+
+`parse_route_fields` validates one route's `field -> text` mapping (port, scheme, bind, host,
+proxy_protocol, allow, deny, max_connections, idle_timeout, connect_timeout, load_balance) into
+a `RouteFields`, or returns the problems, each naming the label (via `label_of`), the value and
+what was expected. Any bad or unknown field fails the route: serving it with the field dropped
+could silently widen access (`allow`) or change its meaning. Defaults that depend on the
+container (the scheme from exposed ports) and target resolution are left to the callers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+from labelproxy.spec import (
+    LOAD_BALANCERS,
+    SCHEMES,
+    LoadBalance,
+    Problem,
+    ProxyProtocolVersion,
+    RouteOptions,
+    Scheme,
+    family_of,
+    transport_of,
+)
+from labelproxy.units import parse_cidr_list, parse_duration
+
+logger = logging.getLogger(__name__)
+
+FIELDS = (
+    "port", "scheme", "bind", "host", "proxy_protocol", "allow", "deny", "max_connections",
+    "idle_timeout", "connect_timeout", "load_balance",
+)  # fmt: skip
+HTTP_SCHEMES = frozenset({"http", "https", "h2c", "fileserver"})
+PORT_SYNTAX = "LISTEN:TARGET, LISTEN, or ranges A-B:C-D of equal length, ports 1-65535"
+
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\.?$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+    r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\.?",
+    re.IGNORECASE,
+)
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class PortMap:
+    """One listen port and the target port it relays to."""
+
+    listen: int
+    target: int
+
+
+@dataclass(frozen=True, slots=True)
+class RouteFields:
+    """A route's validated fields. `scheme`, `bind`, `host` are None when not given."""
+
+    alias: str
+    ports: tuple[PortMap, ...]
+    scheme: Scheme | None = None
+    bind: str | None = None
+    host: str | None = None
+    options: RouteOptions = field(default_factory=RouteOptions)
+
+
+def parse_route_fields(
+    alias: str,
+    fields: Mapping[str, str],
+    *,
+    source: str,
+    label_of: Callable[[str], str],
+) -> tuple[RouteFields | None, tuple[Problem, ...]]:
+    """Validate one route's fields; `None` (with the problems) when any field is wrong."""
+    problems: list[Problem] = []
+
+    def take(name: str, parser: Callable[[str], T]) -> T | None:
+        if name not in fields:
+            return None
+        try:
+            return parser(fields[name])
+        except ValueError as exc:
+            problems.append(Problem("label", alias, source, label_of(name), fields[name], str(exc)))
+            return None
+
+    for name in sorted(set(fields) - set(FIELDS)):
+        message = f"unknown field {name!r}; expected one of: {', '.join(FIELDS)}"
+        problems.append(Problem("label", alias, source, label_of(name), fields[name], message))
+    if "port" not in fields:
+        message = f"port is required: {PORT_SYNTAX}"
+        problems.append(Problem("label", alias, source, label_of("port"), "", message))
+    ports = take("port", parse_ports)
+    scheme = take("scheme", parse_scheme)
+    bind = take("bind", parse_ip)
+    host = take("host", parse_host)
+    proxy_protocol = take("proxy_protocol", parse_proxy_protocol)
+    options = RouteOptions(
+        proxy_protocol=proxy_protocol or None,
+        allow=take("allow", parse_cidr_list) or (),
+        deny=take("deny", parse_cidr_list) or (),
+        max_connections=take("max_connections", parse_positive_int),
+        idle_timeout=take("idle_timeout", parse_positive_duration),
+        connect_timeout=take("connect_timeout", parse_positive_duration),
+        load_balance=take("load_balance", parse_load_balance) or "round_robin",
+    )
+    if problems or ports is None:
+        return None, tuple(problems)
+    route = RouteFields(alias, ports, scheme, bind, host, options)
+    if scheme is not None:
+        bad = scheme_problem(route, scheme)
+        if bad is not None:
+            name, message = bad
+            problem = Problem("label", alias, source, label_of(name), fields[name], message)
+            return None, (problem,)
+    return route, ()
+
+
+def scheme_problem(route: RouteFields, scheme: Scheme) -> tuple[str, str] | None:
+    """(field, message) when `bind` or `proxy_protocol` cannot go with `scheme`."""
+    family = family_of(scheme)
+    if route.bind is not None and family != "dual":
+        version = ipaddress.ip_address(route.bind).version
+        if (family == "ipv4") != (version == 4):
+            wanted = "IPv4" if family == "ipv4" else "IPv6"
+            return "bind", f"expected an {wanted} address for scheme {scheme}"
+    if route.options.proxy_protocol == "v1" and transport_of(scheme) == "udp":
+        return "proxy_protocol", f"expected v2: the route is {scheme} and PROXY v1 is TCP only"
+    return None
+
+
+def parse_ports(text: str) -> tuple[PortMap, ...]:
+    """`2222:22`, `53`, `8000-8009:9000-9009`, `7000-7002` -> listen/target pairs."""
+    listen_text, sep, target_text = text.strip().partition(":")
+    listen = _port_range(listen_text)
+    target = _port_range(target_text) if sep else listen
+    if len(listen) != len(target):
+        raise ValueError(
+            f"expected ranges of equal length, got {len(listen)} listen and "
+            f"{len(target)} target ports"
+        )
+    return tuple(PortMap(lp, tp) for lp, tp in zip(listen, target, strict=True))
+
+
+def _port_range(text: str) -> range:
+    first, dash, last = text.strip().partition("-")
+    bounds = (first.strip(), last.strip()) if dash else (first.strip(), first.strip())
+    if not all(_digits(b) and 1 <= int(b) <= 65535 for b in bounds):
+        raise ValueError(f"expected {PORT_SYNTAX}")
+    low, high = int(bounds[0]), int(bounds[1])
+    if low > high:
+        raise ValueError(f"expected a range A-B with A <= B; {PORT_SYNTAX}")
+    return range(low, high + 1)
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def parse_scheme(text: str) -> Scheme:
+    value = text.strip().lower()
+    for scheme in SCHEMES:
+        if scheme == value:
+            return scheme
+    raise ValueError(f"expected one of {', '.join(SCHEMES)}")
+
+
+def parse_ip(text: str) -> str:
+    """An IP literal (brackets allowed), in its canonical form."""
+    value = text.strip()
+    if value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError("expected an IP address such as 0.0.0.0, 127.0.0.1 or ::") from None
+
+
+def parse_host(text: str) -> str:
+    """An IP literal or a host name, without a port."""
+    value = text.strip()
+    try:
+        return parse_ip(value)
+    except ValueError:
+        pass
+    if _HOSTNAME.fullmatch(value):
+        return value
+    if ":" in value:
+        raise ValueError("expected a host name or IP address without a port (port sets that)")
+    raise ValueError("expected a host name or IP address")
+
+
+def parse_host_port(text: str) -> tuple[str, int | None]:
+    """`HOST`, `HOST:PORT`, `[V6]:PORT` or a bare IPv6 literal -> (host, port or None)."""
+    value = text.strip()
+    try:
+        return parse_ip(value), None
+    except ValueError:
+        pass
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return parse_host(value), None
+    if not _digits(port) or not 1 <= int(port) <= 65535:
+        raise ValueError("expected HOST or HOST:PORT with a port 1-65535")
+    return parse_host(host), int(port)
+
+
+def parse_proxy_protocol(text: str) -> ProxyProtocolVersion | Literal[""]:
+    """`v1`, `v2`, or "" for `off`/`none` (no PROXY header)."""
+    value = text.strip().lower()
+    if value == "v1":
+        return "v1"
+    if value == "v2":
+        return "v2"
+    if value in ("off", "none"):
+        return ""
+    raise ValueError("expected v1 or v2 (or off)")
+
+
+def parse_positive_int(text: str) -> int:
+    value = text.strip()
+    if not _digits(value) or int(value) < 1:
+        raise ValueError("expected a positive whole number such as 100")
+    return int(value)
+
+
+def parse_positive_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError("expected a positive duration such as 90s, 5m or 1h30m")
+    return seconds
+
+
+def parse_load_balance(text: str) -> LoadBalance:
+    value = text.strip().lower()
+    for policy in LOAD_BALANCERS:
+        if policy == value:
+            return policy
+    raise ValueError(f"expected one of {', '.join(LOAD_BALANCERS)}")
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("expected true or false (also 1/0, yes/no)")

@@ -1,0 +1,133 @@
+"""The small HTTP server on `LABELPROXY_HTTP_ADDR`: /metrics, /healthz, /readyz, /routes.
+
+HTTP/1.1 with `Connection: close`, GET and HEAD only, a request-size cap and a read deadline,
+so a slow or hostile scraper cannot hold the loop. It knows nothing of Docker or listeners:
+the runtime passes in callables that render the current state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+from anyio.streams.stapled import MultiListener
+
+from labelproxy.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 8192
+READ_DEADLINE = 5.0
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpState:
+    """What the endpoints read: readiness and the /routes document."""
+
+    ready: Callable[[], bool]
+    routes: Callable[[], object]
+    metrics: Metrics
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def handle(method: str, path: str, state: HttpState) -> Response:
+    """Route one request to its endpoint (pure apart from reading state)."""
+    if method not in ("GET", "HEAD"):
+        return Response(405, b"method not allowed\n")
+    path = path.split("?", 1)[0]
+    if path == "/metrics":
+        return Response(200, state.metrics.render(), PROMETHEUS_TEXT)
+    if path == "/healthz":
+        return Response(200, b"ok\n")
+    if path == "/readyz":
+        return Response(200, b"ready\n") if state.ready() else Response(503, b"not ready\n")
+    if path == "/routes":
+        body = json.dumps(state.routes(), indent=2, sort_keys=False).encode() + b"\n"
+        return Response(200, body, "application/json")
+    if path == "/":
+        return Response(200, b"labelproxy: /metrics /healthz /readyz /routes\n")
+    return Response(404, b"not found\n")
+
+
+async def _read_head(stream: anyio.abc.ByteStream) -> bytes | None:
+    data = b""
+    while b"\r\n\r\n" not in data and b"\n\n" not in data:
+        if len(data) > MAX_REQUEST_BYTES:
+            return None
+        try:
+            chunk = await stream.receive(4096)
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return data or None
+        data += chunk
+    return data
+
+
+async def _serve_one(stream: anyio.abc.SocketStream, state: HttpState) -> None:
+    async with stream:
+        response: Response | None = None
+        method = "GET"
+        with anyio.move_on_after(READ_DEADLINE):
+            head = await _read_head(stream)
+            if head is None:
+                response = Response(413, b"request too large\n")
+            else:
+                request_line = head.split(b"\n", 1)[0].decode("latin-1").strip()
+                parts = request_line.split()
+                if len(parts) < 2:
+                    response = Response(400, b"bad request\n")
+                else:
+                    method = parts[0]
+                    try:
+                        response = handle(method, parts[1], state)
+                    except Exception:
+                        logger.exception("HTTP handler failed", extra={"action": parts[1]})
+                        response = Response(500, b"internal error\n")
+        if response is None:
+            return
+        header = (
+            f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'OK')}\r\n"
+            f"Content-Type: {response.content_type}\r\n"
+            f"Content-Length: {len(response.body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        payload = header if method == "HEAD" else header + response.body
+        try:
+            with anyio.move_on_after(READ_DEADLINE):
+                await stream.send(payload)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+
+
+async def serve_http(
+    *,
+    host: str,
+    port: int,
+    state: HttpState,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the endpoints until cancelled; reports started once bound (raises if not)."""
+    listener: MultiListener[anyio.abc.SocketStream] | anyio.abc.SocketListener
+    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+    async with listener:
+        logger.info("HTTP endpoints listening", extra={"listen": f"{host}:{port}"})
+        task_status.started()
+
+        async def handler(stream: anyio.abc.SocketStream) -> None:
+            await _serve_one(stream, state)
+
+        await listener.serve(handler)

@@ -1,0 +1,244 @@
+"""Container labels -> route specs (pure: no I/O, no docker import).
+
+`parse_container` reads one `ContainerView`'s labels under the prefix (default `proxy`):
+container-level `aliases`, `exclude`, `network`; per alias `<alias>.<field>`, `#N.<field>`
+(N-th entry of `aliases`, from 1) and `*.<field>` (every alias). Precedence for one field:
+`<alias>` over `#N` over `*`. Each port of a range becomes its own `RouteSpec`, resolved to one
+`Backend` of this container (see `resolve`). The field syntax itself lives in `fields`, shared
+with the routes file.
+
+Errors are contained: a problem in a field kills only that alias (a bad `allow` must never turn
+into "allow all"), other aliases and containers are untouched. An unreadable `exclude` skips the
+container (it asked for something about exclusion we cannot honour) with a problem.
+
+GoDoxy compatibility: `aliases`, `<alias>.port|scheme|bind|host` mean the same as in GoDoxy.
+GoDoxy's HTTP-only fields (`healthcheck`, `middlewares`, `homepage`, `load_balance.*` ...,
+including any dotted sub-field of them) and its container-level idle-watcher labels are
+ignored silently (logged at DEBUG); an alias whose `scheme` is an HTTP one (`http`, `https`,
+`h2c`, `fileserver`) is GoDoxy's business and is skipped the same way. Any other unknown
+field is a problem naming the valid ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from labelproxy.containers import ContainerView, DiscoveryContext
+from labelproxy.fields import (
+    FIELDS,
+    HTTP_SCHEMES,
+    PortMap,
+    RouteFields,
+    parse_bool,
+    parse_route_fields,
+    scheme_problem,
+)
+from labelproxy.resolve import AddressError, resolve_target
+from labelproxy.spec import Backend, ListenKey, Problem, RouteSpec, Scheme, default_bind
+from labelproxy.spec import transport_of as transport_of_scheme
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Declared", "declare_container", "parse_container", "parse_route_fields"]
+
+CONTAINER_LABELS = ("aliases", "exclude", "network")
+# GoDoxy labels that make no sense for an L4 proxy: ignored, with their dotted sub-fields.
+GODOXY_ROUTE_FIELDS = frozenset(
+    {
+        "healthcheck", "middlewares", "homepage", "load_balance", "access_log", "rules",
+        "path_patterns", "no_tls_verify", "response_header_timeout", "disable_compression",
+        "ssl_server_name", "ssl_trusted_certificate", "ssl_certificate", "ssl_certificate_key",
+        "ssl_protocols", "root", "spa", "index", "agent", "idlewatcher", "wake_timeout",
+        "stop_method", "stop_timeout", "stop_signal", "start_endpoint", "depends_on",
+        "no_loading_page",
+    }
+)  # fmt: skip
+GODOXY_CONTAINER_LABELS = frozenset(
+    {"idle_timeout", "wake_timeout", "stop_method", "stop_timeout", "stop_signal",
+     "start_endpoint", "depends_on", "no_loading_page"}
+)  # fmt: skip
+
+Sourced = dict[str, tuple[str, str]]  # field -> (full label key, value)
+
+
+@dataclass(frozen=True, slots=True)
+class Declared:
+    """One route a container declares, with the label that declared its port (for problems)."""
+
+    spec: RouteSpec
+    label: str
+    value: str
+
+
+def parse_container(
+    view: ContainerView, ctx: DiscoveryContext
+) -> tuple[tuple[RouteSpec, ...], tuple[Problem, ...]]:
+    """Every route `view`'s labels declare (one resolved `Backend` each) and every problem."""
+    declared, problems = declare_container(view, ctx)
+    return tuple(d.spec for d in declared), problems
+
+
+def declare_container(
+    view: ContainerView, ctx: DiscoveryContext
+) -> tuple[tuple[Declared, ...], tuple[Problem, ...]]:
+    """Like `parse_container`, keeping each route's port label for conflict reports."""
+    prefix = ctx.label_prefix + "."
+    ours = {k[len(prefix) :]: (k, v) for k, v in view.labels.items() if k.startswith(prefix)}
+    if not ours:
+        return (), ()
+    problems: list[Problem] = []
+
+    def problem(route: str, key: str, value: str, message: str) -> None:
+        problems.append(Problem("label", route, view.name, key, value, message))
+
+    if "exclude" in ours:
+        key, value = ours["exclude"]
+        try:
+            if parse_bool(value):
+                return (), ()
+        except ValueError as exc:
+            problem("", key, value, f"{exc}; the container is skipped")
+            return (), tuple(problems)
+    listed: list[str] = []
+    if "aliases" in ours:
+        listed = [a.strip() for a in ours["aliases"][1].split(",") if a.strip()]
+    network = ours["network"][1].strip() if "network" in ours else None
+    network_label = ours["network"][0] if "network" in ours else prefix + "network"
+
+    specific: dict[str, Sourced] = {alias: {} for alias in listed}
+    numbered: dict[str, Sourced] = {}
+    wildcard: Sourced = {}
+    by_length = sorted(set(listed), key=len, reverse=True)
+    for rest, (key, value) in sorted(ours.items()):
+        if rest in CONTAINER_LABELS:
+            continue
+        if rest.startswith("*."):
+            alias, field, target = "*", rest[2:], wildcard
+        elif rest.startswith("#"):
+            number, _, field = rest[1:].partition(".")
+            if not (number.isascii() and number.isdigit()) or not 1 <= int(number) <= len(listed):
+                problem(
+                    f"#{number}", key, value,
+                    f"#{number} must count an entry of {prefix}aliases from 1 "
+                    f"(it lists {len(listed)}: {', '.join(listed) or 'none'})",
+                )  # fmt: skip
+                continue
+            alias = listed[int(number) - 1]
+            target = numbered.setdefault(alias, {})
+        else:
+            alias = next((a for a in by_length if rest.startswith(a + ".")), "")
+            if alias:
+                field = rest[len(alias) + 1 :]
+            elif "." in rest:
+                alias, _, field = rest.partition(".")
+            elif rest in GODOXY_CONTAINER_LABELS:
+                logger.debug("ignoring GoDoxy label %s on %s", key, view.name)
+                continue
+            else:
+                problem(
+                    "", key, value,
+                    f"unknown label; expected {prefix}<alias>.<field> or one of "
+                    + ", ".join(prefix + name for name in CONTAINER_LABELS),
+                )  # fmt: skip
+                continue
+            if not alias:
+                problem("", key, value, "expected an alias name before the field")
+                continue
+            target = specific.setdefault(alias, {})
+        if field not in FIELDS and field.partition(".")[0] in GODOXY_ROUTE_FIELDS:
+            logger.debug("ignoring GoDoxy HTTP label %s on %s", key, view.name)
+            continue
+        target[field] = (key, value)
+
+    if wildcard and not specific:
+        for key, value in sorted(wildcard.values()):
+            problem("*", key, value, f"applies to every alias, but {prefix}aliases lists none")
+    declared: list[Declared] = []
+    for alias in sorted(specific):
+        merged: Sourced = {**wildcard, **numbered.get(alias, {}), **specific[alias]}
+        if merged.get("scheme", ("", ""))[1].strip().lower() in HTTP_SCHEMES:
+            logger.debug("skipping HTTP route %s of %s (not an L4 route)", alias, view.name)
+            continue
+        route, route_problems = parse_route_fields(
+            alias,
+            {field: value for field, (_, value) in merged.items()},
+            source=view.name,
+            label_of=_label_lookup(merged, prefix=prefix, alias=alias),
+        )
+        problems.extend(route_problems)
+        if route is not None:
+            specs, found = _alias_specs(
+                view, ctx, route, network=network, network_label=network_label, labels=merged
+            )
+            declared.extend(specs)
+            problems.extend(found)
+    return tuple(declared), tuple(problems)
+
+
+def _alias_specs(
+    view: ContainerView,
+    ctx: DiscoveryContext,
+    route: RouteFields,
+    *,
+    network: str | None,
+    network_label: str,
+    labels: Sourced,
+) -> tuple[list[Declared], list[Problem]]:
+    """The specs of one well-formed alias: scheme default, target resolution per port."""
+    port_key, port_value = labels["port"]
+    planned: list[tuple[PortMap, Scheme]] = []
+    for pm in route.ports:
+        scheme = route.scheme or _default_scheme(view, pm.target)
+        bad = scheme_problem(route, scheme)
+        if bad is not None:
+            field, message = bad
+            key, value = labels[field]
+            return [], [Problem("label", route.alias, view.name, key, value, message)]
+        planned.append((pm, scheme))
+    declared: list[Declared] = []
+    failed: dict[tuple[str, str, str], list[int]] = {}
+    for pm, scheme in planned:
+        transport = transport_of_scheme(scheme)
+        try:
+            target = resolve_target(
+                view, ctx, target_port=pm.target, transport=transport,
+                host=route.host, network=network,
+            )  # fmt: skip
+        except AddressError as exc:
+            if exc.field == "network":
+                where = (network_label, network or "")
+            else:
+                where = (port_key, port_value)
+            failed.setdefault((*where, exc.message), []).append(pm.target)
+            continue
+        backend = Backend(target.host, target.port, view.id, view.name)
+        listen = ListenKey(transport, route.bind or default_bind(scheme), pm.listen)
+        spec = RouteSpec(route.alias, scheme, listen, (backend,), route.options, source=view.name)
+        declared.append(Declared(spec, port_key, port_value))
+    problems = [
+        Problem("address", route.alias, view.name, key, value, f"{message} ({_summary(ports)})")
+        for (key, value, message), ports in failed.items()
+    ]  # fmt: skip
+    return declared, problems
+
+
+def _default_scheme(view: ContainerView, target_port: int) -> Scheme:
+    """`udp` when the container exposes/publishes `target_port` only as udp, else `tcp`."""
+    return "udp" if view.protocols_of(target_port) == {"udp"} else "tcp"
+
+
+def _summary(ports: list[int]) -> str:
+    if len(ports) == 1:
+        return f"target port {ports[0]}"
+    return f"target ports {ports[0]}-{ports[-1]}, {len(ports)} ports"
+
+
+def _label_lookup(merged: Sourced, *, prefix: str, alias: str) -> Callable[[str], str]:
+    """field -> the full label key that supplied it (or would have, for a missing field)."""
+
+    def label_of(field: str) -> str:
+        return merged[field][0] if field in merged else f"{prefix}{alias}.{field}"
+
+    return label_of

@@ -1,0 +1,206 @@
+"""Level-triggered reconciliation of listeners: a pure `plan` and a small idempotent `apply`.
+
+`plan(desired, actual)` compares two snapshots (listen key -> RouteSpec) by equality and says
+which listeners to stop, which to start and which to update in place (same socket, new
+backends or options). `Reconciler.apply` carries a plan out, stops before starts, and never
+touches a route whose spec did not change: its listener and its connections stay. A route whose
+bind fails is reported as a `Problem(kind="bind")` and simply planned again on the next pass.
+A listener task that dies after binding is logged, forgotten and restarted by the next pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from labelproxy.metrics import Metrics
+from labelproxy.spec import DesiredState, EdgePolicy, ListenKey, Problem, RouteSpec
+from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.tcp import serve_tcp
+from labelproxy.streams.udp import serve_udp
+
+logger = logging.getLogger(__name__)
+
+ServeFn = Callable[..., Awaitable[None]]
+LISTENER_CLOSE_DEADLINE = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one pass must do. Keys in `stop` are stopped first, then `start` specs bound."""
+
+    stop: tuple[ListenKey, ...] = ()
+    start: tuple[RouteSpec, ...] = ()
+    update: tuple[RouteSpec, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.stop or self.start or self.update)
+
+
+def plan(desired: Mapping[ListenKey, RouteSpec], actual: Mapping[ListenKey, RouteSpec]) -> Plan:
+    """The minimal set of changes that turns `actual` into `desired` (pure, deterministic)."""
+    stop: list[ListenKey] = []
+    start: list[RouteSpec] = []
+    update: list[RouteSpec] = []
+    for key in sorted(actual):
+        want = desired.get(key)
+        have = actual[key]
+        if want is None:
+            stop.append(key)
+        elif want == have:
+            continue
+        elif have.same_listener(want):
+            update.append(want)
+        else:
+            stop.append(key)
+            start.append(want)
+    start.extend(desired[key] for key in sorted(desired) if key not in actual)
+    start.sort(key=lambda s: s.key)
+    return Plan(stop=tuple(stop), start=tuple(start), update=tuple(update))
+
+
+class _StartedFlag:
+    """A TaskStatus wrapper that remembers whether the listener reported "started"."""
+
+    def __init__(self, inner: anyio.abc.TaskStatus[None]) -> None:
+        self.inner = inner
+        self.started_ok = False
+
+    def started(self, value: Any = None) -> None:
+        self.started_ok = True
+        self.inner.started(value)
+
+
+class Reconciler:
+    """Owns the live listeners. `apply` is only ever called from one task at a time."""
+
+    def __init__(
+        self,
+        *,
+        metrics: Metrics,
+        edge: EdgePolicy,
+        task_group: anyio.abc.TaskGroup,
+        on_listener_lost: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._metrics = metrics
+        self._edge = edge
+        self._tg = task_group
+        self._on_listener_lost = on_listener_lost
+        self.live: dict[ListenKey, LiveRoute] = {}
+        self.bind_problems: dict[ListenKey, Problem] = {}
+        self.desired: DesiredState = DesiredState()
+        self.draining: set[LiveRoute] = set()
+
+    def actual(self) -> dict[ListenKey, RouteSpec]:
+        return {key: live.spec for key, live in self.live.items()}
+
+    async def apply(self, desired: DesiredState) -> Plan:
+        """Make the listeners match `desired`; returns the plan that was carried out."""
+        began = time.monotonic()
+        self.desired = desired
+        todo = plan(desired.routes, self.actual())
+        try:
+            for key in todo.stop:
+                await self._stop(key)
+            for spec in todo.update:
+                self.live[spec.key].update(spec)
+                logger.info(
+                    "route updated",
+                    extra=_ctx(spec, action="update"),
+                )
+            for spec in todo.start:
+                await self._start(spec)
+            # forget bind problems of routes that are gone from the desired state
+            for key in list(self.bind_problems):
+                if key not in desired.routes:
+                    del self.bind_problems[key]
+        except Exception:
+            self._metrics.reconcile_total.labels("error").inc()
+            raise
+        self._metrics.reconcile_total.labels("ok").inc()
+        self._metrics.reconcile_duration.observe(time.monotonic() - began)
+        return todo
+
+    async def _stop(self, key: ListenKey) -> None:
+        live = self.live.pop(key)
+        self.draining.add(live)
+        live.close()
+        with anyio.move_on_after(LISTENER_CLOSE_DEADLINE):
+            await live.listener_closed.wait()
+        logger.info("route down", extra=_ctx(live.spec, action="stop"))
+
+    async def _start(self, spec: RouteSpec) -> None:
+        live = LiveRoute(spec, counters=self._metrics.route(spec.alias), edge=self._edge)
+        serve: ServeFn = serve_tcp if spec.transport == "tcp" else serve_udp
+        try:
+            await self._tg.start(self._supervise, live, serve)
+        except OSError as exc:
+            message = f"cannot listen on {spec.key}: {exc.strerror or exc}"
+            first_time = spec.key not in self.bind_problems
+            self.bind_problems[spec.key] = Problem(
+                kind="bind",
+                route=spec.alias,
+                source=spec.source,
+                label="port",
+                value=str(spec.key.port),
+                message=message + " (retrying)",
+            )
+            log = logger.error if first_time else logger.debug
+            log("route bind failed: %s", message, extra=_ctx(spec, action="bind"))
+            return
+        self.bind_problems.pop(spec.key, None)
+        self.live[spec.key] = live
+        logger.info(
+            "route up",
+            extra=_ctx(spec, action="start"),
+        )
+
+    async def _supervise(
+        self,
+        live: LiveRoute,
+        serve: ServeFn,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        status = _StartedFlag(task_status)
+        try:
+            await serve(live, task_status=status)
+        except Exception:
+            if not status.started_ok:
+                raise
+            logger.exception("listener failed", extra=_ctx(live.spec, action="crash"))
+        finally:
+            self.draining.discard(live)
+            if self.live.get(live.spec.key) is live:
+                # died on its own: forget it so the next pass starts it again
+                del self.live[live.spec.key]
+                self._on_listener_lost()
+
+    async def close_all(self, *, drain_timeout: float) -> None:
+        """Shutdown: stop accepting everywhere, then wait for connections up to the deadline."""
+        lives = list(self.live.values()) + list(self.draining)
+        self.live.clear()
+        for live in lives:
+            live.close(drain_timeout)
+        with anyio.move_on_after(drain_timeout + 1.0):
+            for live in lives:
+                await live.finished.wait()
+
+
+def _ctx(spec: RouteSpec, *, action: str) -> dict[str, str]:
+    return {
+        "route": spec.alias,
+        "protocol": spec.scheme,
+        "listen": str(spec.key),
+        "dst": ",".join(str(b) for b in spec.backends) or "-",
+        "container": ",".join(sorted({b.container_name for b in spec.backends if b.container_name}))
+        or spec.source,
+        "action": action,
+    }

@@ -1,0 +1,243 @@
+"""The process lifecycle: startup -> serve -> shutdown, as named phases.
+
+startup: bind the HTTP endpoints, start discovery (engine down is retried, not fatal) and the
+routes-file watcher, apply the first snapshot (then /readyz says 200).
+serve: every input change (a Docker snapshot, a routes-file reload, a listener lost, a bind
+retry) wakes one reconcile loop, which builds the whole desired state and applies it; inputs
+are coalesced, the latest wins.
+shutdown: the first SIGTERM/SIGINT stops accepting everywhere and drains live connections until
+`LABELPROXY_DRAIN_TIMEOUT`, then cancels what is left and exits 0; a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import time
+from collections.abc import Sequence
+
+import anyio
+import anyio.abc
+
+from labelproxy import __version__
+from labelproxy.containers import ContainerView, DiscoveryContext
+from labelproxy.discovery import Discovery
+from labelproxy.http import HttpState, serve_http
+from labelproxy.metrics import Metrics
+from labelproxy.reconciler import Reconciler
+from labelproxy.routesfile import RoutesFileError, load_routes_file
+from labelproxy.routestable import StateView
+from labelproxy.settings import Settings, split_host_port
+from labelproxy.snapshot import build_desired
+from labelproxy.spec import Problem, RouteSpec
+
+logger = logging.getLogger(__name__)
+
+BIND_RETRY_INTERVAL = 5.0
+ROUTES_FILE_POLL = 1.0
+FORCED_EXIT_STATUS = 1
+
+
+class Runtime:
+    """Holds the inputs (Docker snapshot, static routes) and drives the reconciler."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.metrics.build_info.labels(__version__).set(1)
+        self.views: tuple[ContainerView, ...] = ()
+        self.ctx = DiscoveryContext(label_prefix=settings.label_prefix)
+        self.docker_seen = not settings.discovery_enabled
+        self.docker_connected = False
+        self.static: tuple[RouteSpec, ...] = ()
+        self.static_problems: tuple[Problem, ...] = ()
+        self.applied_once = False
+        self._changed: anyio.Event | None = None
+        self._stop_requested: anyio.Event | None = None
+        self._routes_mtime: float | None = None
+        self.reconciler: Reconciler | None = None
+        self.view = StateView(self)
+
+    # -- inputs --------------------------------------------------------------------------
+    def wake(self) -> None:
+        """Ask the reconcile loop for a pass (coalesced)."""
+        if self._changed is not None:
+            self._changed.set()
+
+    def on_snapshot(self, views: tuple[ContainerView, ...], ctx: DiscoveryContext) -> None:
+        self.views = views
+        self.ctx = ctx
+        self.docker_seen = True
+        self.wake()
+
+    def on_connected(self, connected: bool) -> None:
+        self.docker_connected = connected
+
+    def on_event(self, action: str) -> None:
+        self.metrics.docker_events_total.labels(action).inc()
+
+    def load_routes_file(self) -> None:
+        """(Re)read the routes file; a broken file keeps the previous static routes."""
+        path = self.settings.routes_file
+        if path is None:
+            return
+        try:
+            self._routes_mtime = path.stat().st_mtime
+            static, problems = load_routes_file(path)
+        except (RoutesFileError, OSError) as exc:
+            self.metrics.reloads_total.labels("error").inc()
+            logger.error(
+                "routes file not loaded, keeping the previous routes: %s",
+                exc,
+                extra={"action": "reload"},
+            )
+            return
+        self.metrics.reloads_total.labels("ok").inc()
+        self.static, self.static_problems = static, problems
+        for problem in problems:
+            logger.error("routes file problem: %s", problem, extra={"route": problem.route})
+        logger.info(
+            "routes file loaded: %d routes", len(static), extra={"action": "reload"}
+        )
+        self.wake()
+
+    # -- phases --------------------------------------------------------------------------
+    def ready(self) -> bool:
+        return self.applied_once
+
+    async def serve(self) -> int:
+        """Run until a signal; returns the process exit status."""
+        host, port = split_host_port(self.settings.http_addr)
+        self._changed = anyio.Event()
+        self._stop_requested = anyio.Event()
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._watch_signals)
+            state = HttpState(
+                ready=self.ready, routes=self.view.routes_document, metrics=self.metrics
+            )
+            await outer.start(functools.partial(serve_http, host=host, port=port, state=state))
+            async with anyio.create_task_group() as listeners:
+                self.reconciler = Reconciler(
+                    metrics=self.metrics,
+                    edge=self.settings.edge_policy(),
+                    task_group=listeners,
+                    on_listener_lost=self.wake,
+                )
+                self.metrics.set_state_provider(self.view.metrics_state)
+                async with anyio.create_task_group() as inputs:
+                    inputs.start_soon(self._cancel_on_stop, inputs.cancel_scope)
+                    inputs.start_soon(self._retry_binds)
+                    self.load_routes_file()
+                    if self.settings.routes_file is not None:
+                        inputs.start_soon(self._watch_routes_file)
+                    if self.settings.discovery_enabled:
+                        discovery = Discovery(
+                            docker_host=self.settings.docker_host,
+                            label_prefix=self.settings.label_prefix,
+                            resync_interval=self.settings.resync_interval,
+                            on_snapshot=self.on_snapshot,
+                            on_connected=self.on_connected,
+                            on_event=self.on_event,
+                        )
+                        await inputs.start(discovery.serve)
+                    self.wake()
+                    await self._reconcile_loop()
+                # inputs cancelled: shutdown phase
+                logger.info(
+                    "shutting down: listeners closed, draining connections for up to %.0fs",
+                    self.settings.drain_timeout,
+                    extra={"action": "shutdown"},
+                )
+                await self.reconciler.close_all(drain_timeout=self.settings.drain_timeout)
+                listeners.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
+        logger.info("stopped", extra={"action": "exit"})
+        return 0
+
+    async def _reconcile_loop(self) -> None:
+        assert self.reconciler is not None
+        while True:
+            assert self._changed is not None
+            await self._changed.wait()
+            self._changed = anyio.Event()
+            desired = build_desired(
+                self.views, self.ctx, static=self.static, static_problems=self.static_problems
+            )
+            began = time.monotonic()
+            await self.reconciler.apply(desired)
+            logger.debug(
+                "reconciled %d routes in %.1f ms",
+                len(desired.routes),
+                (time.monotonic() - began) * 1000,
+            )
+            if not self.applied_once and self.docker_seen:
+                self.applied_once = True
+                logger.info(
+                    "ready: first snapshot applied (%d routes)",
+                    len(desired.routes),
+                    extra={"action": "ready"},
+                )
+
+    async def _retry_binds(self) -> None:
+        """A route whose bind failed is planned again every few seconds until it binds."""
+        while True:
+            await anyio.sleep(BIND_RETRY_INTERVAL)
+            if self.reconciler is not None and self.reconciler.bind_problems:
+                self.wake()
+
+    async def _cancel_on_stop(self, scope: anyio.CancelScope) -> None:
+        assert self._stop_requested is not None
+        await self._stop_requested.wait()
+        scope.cancel()
+
+    async def _watch_routes_file(self) -> None:
+        """Reload on change of the file's mtime (SIGHUP reloads at once)."""
+        path = self.settings.routes_file
+        assert path is not None
+        while True:
+            await anyio.sleep(ROUTES_FILE_POLL)
+            try:
+                mtime: float | None = path.stat().st_mtime
+            except OSError:
+                mtime = None
+            if mtime != self._routes_mtime:
+                self._routes_mtime = mtime
+                self.load_routes_file()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            stopping = False
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    logger.info("SIGHUP: reloading the routes file", extra={"action": "reload"})
+                    self.load_routes_file()
+                    self.wake()
+                elif not stopping:
+                    stopping = True
+                    logger.info(
+                        "%s: stopping (send it again to exit at once)",
+                        signal.Signals(signum).name,
+                        extra={"action": "shutdown"},
+                    )
+                    if self._stop_requested is not None:
+                        self._stop_requested.set()
+                else:
+                    logger.warning("second signal: exiting now", extra={"action": "exit"})
+                    logging.shutdown()
+                    os._exit(FORCED_EXIT_STATUS)
+
+
+def run(settings: Settings, *, argv: Sequence[str] = ()) -> int:
+    """Blocking entry point: anyio on asyncio with uvloop when available."""
+    del argv
+    runtime = Runtime(settings)
+    options: dict[str, object] = {}
+    try:
+        import uvloop  # noqa: F401, PLC0415
+
+        options["use_uvloop"] = True
+    except ImportError:  # pragma: no cover - non-Linux
+        pass
+    return anyio.run(runtime.serve, backend="asyncio", backend_options=options)

@@ -1,0 +1,363 @@
+"""The UDP relay's hot path: sessions keyed by client address, driven by event-loop readers.
+
+`UdpRelay` owns a route's listening socket and its sessions. Both directions run in plain
+callbacks registered with the asyncio (uvloop) loop's `add_reader`: each callback drains its
+non-blocking socket with `recvfrom_into`/`recv_into` into one preallocated 64 KiB buffer and
+forwards `memoryview` slices of it, so a datagram costs two system calls and no copy.
+Counters are updated once per batch; hooks that want per-chunk sizes (other than the metrics
+hook, whose work is done inline with the same totals) are called per datagram.
+
+A session is created by the first datagram from a new client address: admission hooks (ACL,
+session cap), backend choice, then its own connected upstream socket (a backend given by host
+name is resolved in a task first; up to `PENDING_LIMIT` datagrams wait for it). Replies go
+back to the client from the listening socket. A session ends when it is idle for the route's
+`idle_timeout` (traffic either way resets it) or the listener stops; `live.release` is called
+exactly once and one access-log record is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+
+from labelproxy.spec import Backend
+from labelproxy.streams.hooks import BaseHook, ConnInfo, Hook, MetricsHook
+from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.udp_sockets import (
+    MAX_DATAGRAM,
+    SockAddr,
+    local_address_towards,
+    open_upstream,
+    proxy_v2_header,
+    unmapped_host,
+)
+
+logger = logging.getLogger(__name__)
+access_log = logging.getLogger("labelproxy.access")
+
+#: Datagrams handled per readiness callback before yielding to the loop (fairness).
+BATCH = 256
+#: Datagrams kept per session while its backend's host name is being resolved.
+PENDING_LIMIT = 32
+
+Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
+
+
+class UdpSession:
+    """One client address, its upstream socket and its accounting."""
+
+    __slots__ = ("addr", "closed", "conn", "header", "last_active", "pending", "sock")
+
+    def __init__(self, addr: SockAddr, conn: ConnInfo, header: bytes | None) -> None:
+        self.addr = addr
+        self.conn = conn
+        self.header = header
+        self.sock: socket.socket | None = None
+        self.pending: list[bytes] | None = None
+        self.last_active = time.monotonic()
+        self.closed = False
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+class UdpRelay:
+    """A route's listening socket and sessions; see the module docstring."""
+
+    def __init__(
+        self,
+        live: LiveRoute,
+        listener: socket.socket,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        spawn: Spawn,
+    ) -> None:
+        self.live = live
+        self.listener = listener
+        self.loop = loop
+        self._spawn = spawn
+        self.sessions: dict[SockAddr, UdpSession] = {}
+        self._buf = bytearray(MAX_DATAGRAM + 1)
+        self._view = memoryview(self._buf)
+        name = listener.getsockname()
+        self.bound: tuple[str, int] = (str(name[0]), int(name[1]))
+        self._hooks_seen: tuple[Hook, ...] = ()
+        self._chunk_hooks: tuple[Hook, ...] = ()
+        self._listening = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self.loop.add_reader(self.listener.fileno(), self._on_client_readable)
+        self._listening = True
+
+    def stop_listening(self) -> None:
+        """Stop reading and close the listening socket: the port is free afterwards."""
+        if self._listening:
+            self._listening = False
+            self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
+
+    def close_all(self, reason: str) -> None:
+        for session in list(self.sessions.values()):
+            self.close_session(session, reason)
+
+    async def expire_idle_sessions(self) -> None:
+        """Close sessions idle (both ways) for the route's idle_timeout; runs until cancelled."""
+        while True:
+            idle = self.live.idle_timeout
+            now = time.monotonic()
+            if idle is None or idle <= 0:
+                await anyio.sleep(30.0)
+                continue
+            earliest = now + idle
+            for session in list(self.sessions.values()):
+                deadline = session.last_active + idle
+                if deadline <= now:
+                    self.close_session(session, "idle")
+                elif deadline < earliest:
+                    earliest = deadline
+            await anyio.sleep(min(max(earliest - now, min(idle / 20, 1.0)), 30.0))
+
+    # -- sessions ------------------------------------------------------------------------
+    def _chunk_hooks_now(self) -> tuple[Hook, ...]:
+        hooks = self.live.hooks
+        if hooks is not self._hooks_seen:
+            self._hooks_seen = hooks
+            self._chunk_hooks = tuple(
+                h
+                for h in hooks
+                if not isinstance(h, MetricsHook)
+                and getattr(type(h), "on_chunk", BaseHook.on_chunk) is not BaseHook.on_chunk
+            )
+        return self._chunk_hooks
+
+    def _open_session(self, addr: SockAddr) -> UdpSession | None:
+        live = self.live
+        client = (unmapped_host(addr[0]), addr[1])
+        conn = ConnInfo(
+            route=live.spec.alias, transport="udp", client=client, peer=client, listen=self.bound
+        )
+        if live.admit(conn) is not None:
+            logger.debug("udp datagram from %s refused on %s", client, live.spec.key)
+            return None
+        backend = live.pick_backend(client[0])
+        if backend is None:
+            conn.close_reason = "no_backend"
+            live.release(conn)
+            live.counters.drop("no_backend")
+            return None
+        conn.backend = backend
+        live.backend_opened(backend)
+        header = None
+        if live.spec.options.proxy_protocol == "v2":
+            conn.listen = local_address_towards(client, self.bound)
+            header = proxy_v2_header(client, conn.listen)
+        session = UdpSession(addr, conn, header)
+        self.sessions[addr] = session
+        logger.debug(
+            "udp session open %s -> %s on %s",
+            client,
+            backend,
+            live.spec.key,
+            extra={"route": conn.route, "protocol": "udp", "dst": str(backend), "action": "open"},
+        )
+        if _is_ip(backend.host):
+            try:
+                self._attach(session, open_upstream(backend.host, backend.port))
+            except OSError as exc:
+                live.counters.drop("upstream_error")
+                logger.debug("udp upstream %s unusable: %s", backend, exc)
+                self.close_session(session, "upstream_error")
+                return None
+        else:
+            session.pending = []
+            self._spawn(lambda: self._resolve(session, backend))
+        return session
+
+    def _attach(self, session: UdpSession, sock: socket.socket) -> None:
+        session.sock = sock
+        self.loop.add_reader(sock.fileno(), self._on_upstream_readable, session)
+
+    async def _resolve(self, session: UdpSession, backend: Backend) -> None:
+        try:
+            infos = await anyio.getaddrinfo(backend.host, backend.port, type=socket.SOCK_DGRAM)
+            host = str(infos[0][4][0])
+            sock = open_upstream(host, backend.port)
+        except OSError as exc:
+            if not session.closed:
+                self.live.counters.drop("upstream_error", max(1, len(session.pending or ())))
+                logger.error("udp upstream %s: cannot resolve or connect: %s", backend, exc)
+                self.close_session(session, "upstream_error")
+            return
+        if session.closed:
+            sock.close()
+            return
+        self._attach(session, sock)
+        pending, session.pending = session.pending or [], None
+        for payload in pending:
+            self._send_upstream(session, sock, memoryview(payload))
+
+    def _send_upstream(self, session: UdpSession, sock: socket.socket, data: memoryview) -> None:
+        counters = self.live.counters
+        try:
+            if session.header is None:
+                sock.send(data)
+            else:
+                sock.sendmsg((session.header, data))
+        except OSError:
+            counters.drop("upstream_error")
+            return
+        n = len(data)
+        counters.udp_datagrams_in += 1
+        counters.bytes_in += n
+        session.conn.bytes_in += n
+        for hook in self._chunk_hooks_now():
+            hook.on_chunk(session.conn, "in", n)
+
+    def close_session(self, session: UdpSession, reason: str) -> None:
+        """End `session` once: unregister, close its socket, release, access-log."""
+        if session.closed:
+            return
+        session.closed = True
+        if self.sessions.get(session.addr) is session:
+            del self.sessions[session.addr]
+        if session.sock is not None:
+            self.loop.remove_reader(session.sock.fileno())
+            session.sock.close()
+        conn = session.conn
+        conn.close_reason = reason
+        self.live.release(conn)
+        duration = time.monotonic() - conn.started
+        access_log.info(
+            "udp %s:%d -> %s route=%s in=%d out=%d duration=%.3fs reason=%s",
+            conn.client[0],
+            conn.client[1],
+            conn.backend,
+            conn.route,
+            conn.bytes_in,
+            conn.bytes_out,
+            duration,
+            reason,
+            extra={
+                "route": conn.route,
+                "protocol": "udp",
+                "listen": str(self.live.spec.key),
+                "dst": str(conn.backend),
+                "action": "close",
+                "client": f"{conn.client[0]}:{conn.client[1]}",
+                "bytes_in": conn.bytes_in,
+                "bytes_out": conn.bytes_out,
+                "duration": round(duration, 6),
+                "reason": reason,
+            },
+        )
+
+    # -- hot path ------------------------------------------------------------------------
+    def _on_client_readable(self) -> None:
+        recvfrom_into = self.listener.recvfrom_into
+        buf, view, sessions = self._buf, self._view, self.sessions
+        counters = self.live.counters
+        chunk_hooks = self._chunk_hooks_now()
+        now = time.monotonic()
+        count = nbytes = errors = 0
+        try:
+            for _ in range(BATCH):
+                try:
+                    n, addr = recvfrom_into(buf)
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # e.g. a queued ICMP error; never fatal
+                    logger.debug("udp listener %s: %s", self.live.spec.key, exc)
+                    continue
+                session = sessions.get(addr)
+                if session is None:
+                    session = self._open_session(addr)
+                    if session is None:
+                        continue
+                session.last_active = now
+                sock = session.sock
+                if sock is None:
+                    if session.pending is not None and len(session.pending) < PENDING_LIMIT:
+                        session.pending.append(bytes(view[:n]))
+                    else:
+                        errors += 1
+                    continue
+                try:
+                    if session.header is None:
+                        sock.send(view[:n])
+                    else:
+                        sock.sendmsg((session.header, view[:n]))
+                except OSError:  # refused (ICMP), buffer full, too large with the header
+                    errors += 1
+                    continue
+                count += 1
+                nbytes += n
+                session.conn.bytes_in += n
+                for hook in chunk_hooks:
+                    hook.on_chunk(session.conn, "in", n)
+        finally:
+            counters.udp_datagrams_in += count
+            counters.bytes_in += nbytes
+            if errors:
+                counters.drop("upstream_error", errors)
+
+    def _on_upstream_readable(self, session: UdpSession) -> None:
+        sock = session.sock
+        if sock is None or session.closed:
+            return
+        recv_into = sock.recv_into
+        sendto = self.listener.sendto
+        buf, view, client = self._buf, self._view, session.addr
+        conn = session.conn
+        counters = self.live.counters
+        chunk_hooks = self._chunk_hooks_now()
+        count = nbytes = errors = 0
+        try:
+            for _ in range(BATCH):
+                try:
+                    n = recv_into(buf)
+                except BlockingIOError:
+                    break
+                except ConnectionRefusedError:  # ICMP port unreachable from the backend
+                    errors += 1
+                    continue
+                except OSError as exc:
+                    errors += 1
+                    logger.debug("udp upstream %s: %s", conn.backend, exc)
+                    break
+                try:
+                    sendto(view[:n], client)
+                except OSError:  # the client's side is full or gone: the datagram is lost
+                    continue
+                count += 1
+                nbytes += n
+                for hook in chunk_hooks:
+                    hook.on_chunk(conn, "out", n)
+        finally:
+            if count:
+                session.last_active = time.monotonic()
+                counters.udp_datagrams_out += count
+                counters.bytes_out += nbytes
+                conn.bytes_out += nbytes
+            if errors:
+                counters.drop("upstream_error", errors)
+                self._rearm(session, sock)
+
+    def _rearm(self, session: UdpSession, sock: socket.socket) -> None:
+        """Register the reader again after a socket error: libuv (uvloop) stops a poll
+        handle that reported POLLERR, which would silence the session for good."""
+        if not session.closed and session.sock is sock:
+            self.loop.remove_reader(sock.fileno())
+            self.loop.add_reader(sock.fileno(), self._on_upstream_readable, session)

@@ -1,0 +1,151 @@
+"""Socket plumbing for the UDP data plane: the listener bind, upstream sockets, PROXY v2 headers.
+
+Everything here is synchronous and small: `bind_udp_listener` opens a route's listening socket
+by its scheme's family (IPv4; IPv6 only; dual-stack `::` with a fallback to IPv4 on hosts
+without IPv6), `open_upstream` makes a session's connected, non-blocking upstream socket, and
+`proxy_v2_header` builds the PROXY protocol v2 header (command PROXY, transport DGRAM) that
+is put in front of every datagram of a session when its route asks for it. Headers are built
+with the `proxy-protocol` package, never by hand.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from ipaddress import IPv4Address, IPv6Address
+
+from proxyprotocol.result import ProxyResult, ProxyResultIPv4, ProxyResultIPv6
+from proxyprotocol.v2 import ProxyProtocolV2
+
+from labelproxy.spec import RouteSpec
+
+logger = logging.getLogger(__name__)
+
+#: Largest UDP payload over IPv6 without jumbograms; also covers IPv4's 65,507.
+MAX_DATAGRAM = 65_535
+LISTENER_BUFFER_BYTES = 4 * 1024 * 1024
+UPSTREAM_BUFFER_BYTES = 1024 * 1024
+
+SockAddr = tuple[str, int] | tuple[str, int, int, int]
+
+
+def _set_buffers(sock: socket.socket, *, size: int) -> None:
+    """Ask for `size`-byte kernel buffers; as root go past net.core.[rw]mem_max."""
+    for force, plain in (
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+    ):
+        try:
+            if force is None:
+                raise PermissionError
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+            except OSError:
+                logger.debug("could not set socket buffer %d to %d bytes", plain, size)
+
+
+def bind_udp_listener(spec: RouteSpec) -> socket.socket:
+    """Open and bind the non-blocking UDP socket of `spec`; raises OSError on failure.
+
+    ipv4: AF_INET; ipv6: AF_INET6 with IPV6_V6ONLY=1; dual: AF_INET6 with IPV6_V6ONLY=0 when
+    the bind address is `::` (AF_INET `0.0.0.0` when the host has no IPv6). SO_REUSEADDR is
+    not set: on Linux it would let two UDP listeners share one port.
+    """
+    host, port = spec.key.bind, spec.key.port
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if ip.version == 4:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sockaddr: SockAddr = (host, port)
+    else:
+        dual = spec.family == "dual" and ip.is_unspecified
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        except OSError:
+            if not dual:
+                raise
+            logger.info("no IPv6 on this host: %s listens on IPv4 only", spec.key)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sockaddr = ("0.0.0.0", port)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
+            info = socket.getaddrinfo(
+                host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST
+            )
+            sockaddr = info[0][4]  # type: ignore[assignment]
+    try:
+        sock.setblocking(False)
+        _set_buffers(sock, size=LISTENER_BUFFER_BYTES)
+        sock.bind(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def open_upstream(host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket connected to `host` (an IP literal) and `port`.
+
+    Connected, so the kernel delivers only that backend's replies to it and reports ICMP
+    errors (port unreachable) as ConnectionRefusedError on the next send or receive.
+    """
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        _set_buffers(sock, size=UPSTREAM_BUFFER_BYTES)
+        sock.connect((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def unmapped_host(host: str) -> str:
+    """`::ffff:10.0.0.1` -> `10.0.0.1`; other addresses unchanged (cheap string test)."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
+def local_address_towards(client: tuple[str, int], bound: tuple[str, int]) -> tuple[str, int]:
+    """The listener address a client most likely sent to, in the client's address family.
+
+    A specific bind address is the answer; for a wildcard bind the kernel's source address
+    towards the client (a connected probe socket, no packet sent) is.
+    """
+    client_ip = ipaddress.ip_address(client[0].split("%", 1)[0])
+    bound_ip = ipaddress.ip_address(unmapped_host(bound[0]).split("%", 1)[0])
+    if not bound_ip.is_unspecified and bound_ip.version == client_ip.version:
+        return str(bound_ip), bound[1]
+    family = socket.AF_INET if client_ip.version == 4 else socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((str(client_ip), client[1] or 9))
+            local = str(probe.getsockname()[0])
+    except OSError:
+        local = "0.0.0.0" if client_ip.version == 4 else "::"
+    return local, bound[1]
+
+
+def proxy_v2_header(client: tuple[str, int], listener: tuple[str, int]) -> bytes:
+    """The PROXY v2 header (PROXY command, DGRAM transport) for datagrams from `client`.
+
+    Both addresses must be of one family (see `local_address_towards`).
+    """
+    src = ipaddress.ip_address(client[0].split("%", 1)[0])
+    dst = ipaddress.ip_address(listener[0].split("%", 1)[0])
+    result: ProxyResult
+    if isinstance(src, IPv4Address) and isinstance(dst, IPv4Address):
+        result = ProxyResultIPv4((src, client[1]), (dst, listener[1]), protocol=socket.SOCK_DGRAM)
+    else:
+        src6 = src if isinstance(src, IPv6Address) else IPv6Address(f"::ffff:{src}")
+        dst6 = dst if isinstance(dst, IPv6Address) else IPv6Address(f"::ffff:{dst}")
+        result = ProxyResultIPv6(
+            (src6, client[1]), (dst6, listener[1]), protocol=socket.SOCK_DGRAM
+        )
+    header: bytes = ProxyProtocolV2().pack(result)
+    return header

@@ -1,0 +1,90 @@
+"""Suite-wide fixtures: the private Docker engine, the busybox image, per-test container cleanup.
+
+`dockerd` (session) starts one private engine for the whole run (tests/support/dockerd.py) and
+removes it at the end; `busybox_image` (session) builds `labelproxy-test/busybox` on it once;
+`docker_client` (per test) makes sure the engine is up, hands out a docker-py client and, after
+the test, removes every container (and network) the test created. When `dockerd` is not
+installed, tests that need it are skipped with the reason, or fail when the env var CI is set.
+Tests that use `dockerd` are marked `docker` automatically (`pytest -m "not docker"`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import docker
+import docker.errors
+import pytest
+
+from tests.support.dockerd import PrivateDockerd, build_busybox_image, missing_requirements
+
+logger = logging.getLogger(__name__)
+
+PREDEFINED_NETWORKS = frozenset({"bridge", "host", "none"})
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"the private Docker engine is required in CI: {reason}", pytrace=False)
+    pytest.skip(f"no private Docker engine: {reason}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "dockerd" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.docker)
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[PrivateDockerd]:
+    """The suite's private engine: `.host`, `.client()`, `.restart()`, `.stop()`, `.start()`."""
+    reason = missing_requirements()
+    if reason is not None:
+        _unavailable(reason)
+    engine = PrivateDockerd()
+    try:
+        engine.start()
+        yield engine
+    finally:
+        engine.cleanup()
+
+
+@pytest.fixture(scope="session")
+def busybox_image(dockerd: PrivateDockerd) -> str:
+    """The tag of the busybox test image, built once on the private engine."""
+    dockerd.ensure_running()
+    with contextlib.closing(dockerd.client()) as client:
+        tag: str = build_busybox_image(client)
+        return tag
+
+
+@pytest.fixture
+def docker_client(dockerd: PrivateDockerd) -> Iterator[docker.DockerClient]:
+    """A client of the private engine; the test's containers and networks are removed after."""
+    dockerd.ensure_running()
+    client = dockerd.client()
+    containers_before = {c.id for c in client.containers.list(all=True, ignore_removed=True)}
+    networks_before = {n.id for n in client.networks.list()}
+    try:
+        yield client
+    finally:
+        try:
+            dockerd.ensure_running()
+            for container in client.containers.list(all=True, ignore_removed=True):
+                if container.id not in containers_before:
+                    with contextlib.suppress(docker.errors.NotFound):
+                        container.remove(force=True, v=True)
+            for network in client.networks.list():
+                if network.id not in networks_before and network.name not in PREDEFINED_NETWORKS:
+                    with contextlib.suppress(docker.errors.APIError):
+                        network.remove()
+        finally:
+            client.close()

@@ -1,0 +1,1 @@
+"""Helpers shared by the test modules: the private Docker engine (`dockerd`) and friends."""

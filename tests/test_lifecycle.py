@@ -1,0 +1,231 @@
+"""A real labelproxy process with a routes file and no Docker engine: relaying, metrics,
+reloads, bind retries, logs, and the SIGTERM drain."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.lp import (
+    LabelproxyProcess,
+    TcpEcho,
+    accepts,
+    echo_roundtrip,
+    free_port,
+    labelproxy,
+    recv_exact,
+    wait_for,
+    write_routes,
+)
+
+
+@pytest.fixture
+def echo() -> Iterator[TcpEcho]:
+    server = TcpEcho()
+    yield server
+    server.close()
+
+
+def tcp_route(port: int, upstream: int, **extra: object) -> dict[str, object]:
+    return {"scheme": "tcp4", "bind": "127.0.0.1", "port": f"{port}:{upstream}",
+            "host": "127.0.0.1", **extra}
+
+
+def static_env(routes_file: Path, **extra: str) -> dict[str, str]:
+    return {"LABELPROXY_DOCKER_HOST": "none", "LABELPROXY_ROUTES_FILE": str(routes_file), **extra}
+
+
+def test_static_route_relays_and_counts(tmp_path: Path, echo: TcpEcho) -> None:
+    port = free_port()
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {"echo": tcp_route(port, echo.port)})
+    with labelproxy(static_env(routes)) as lp:
+        payload = bytes(range(256)) * 4000  # 1,024,000 bytes
+        assert echo_roundtrip(port, payload) == payload
+        wait_for(lambda: lp.metric("labelproxy_connections_active", route="echo") == 0,
+                 what="connection closed in metrics")
+        assert lp.metric("labelproxy_bytes_total", route="echo", direction="in") == len(payload)
+        assert lp.metric("labelproxy_bytes_total", route="echo", direction="out") == len(payload)
+        assert lp.metric("labelproxy_connections_total", route="echo") == 1
+        assert lp.metric("labelproxy_route_up", route="echo") == 1
+        assert lp.metric(
+            "labelproxy_route_info", route="echo", scheme="tcp4",
+            listen=f"tcp://127.0.0.1:{port}", targets=f"127.0.0.1:{echo.port}",
+        ) == 1
+        assert lp.metric("labelproxy_docker_connected") == 0
+        route = lp.route("echo")
+        assert route is not None and route["state"] == "up"
+        assert route["counters"]["bytes_in"] == len(payload)
+        assert lp.get("/healthz")[0] == 200
+
+
+def test_reload_on_sighup_and_on_change_keeps_unchanged_routes(
+    tmp_path: Path, echo: TcpEcho
+) -> None:
+    port_a, port_b, port_c = free_port(), free_port(), free_port()
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {"a": tcp_route(port_a, echo.port)})
+    with labelproxy(static_env(routes)) as lp:
+        held = socket.create_connection(("127.0.0.1", port_a), timeout=5)
+        held.sendall(b"before")
+        assert recv_exact(held, 6) == b"before"
+
+        write_routes(routes, {"a": tcp_route(port_a, echo.port),
+                              "b": tcp_route(port_b, echo.port)})
+        lp.signal(signal.SIGHUP)
+        wait_for(lambda: accepts(port_b), what="route b after SIGHUP")
+
+        # without a signal: the file watcher notices the change
+        write_routes(routes, {"a": tcp_route(port_a, echo.port),
+                              "c": tcp_route(port_c, echo.port)})
+        wait_for(lambda: accepts(port_c) and not accepts(port_b), what="reload on change")
+
+        # the untouched route's connection lived through both reloads
+        held.sendall(b"after")
+        assert recv_exact(held, 5) == b"after"
+        held.close()
+
+
+def test_broken_routes_file_keeps_previous_routes(tmp_path: Path, echo: TcpEcho) -> None:
+    port = free_port()
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {"a": tcp_route(port, echo.port)})
+    with labelproxy(static_env(routes)) as lp:
+        routes.write_text("routes: [this is: not, a mapping\n")
+        lp.signal(signal.SIGHUP)
+        wait_for(lambda: lp.metric("labelproxy_routes_file_reloads_total", result="error"),
+                 what="failed reload counted")
+        assert accepts(port)
+        assert str(routes) in lp.log()
+
+
+def test_bad_route_is_contained(tmp_path: Path, echo: TcpEcho) -> None:
+    good = free_port()
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {"good": tcp_route(good, echo.port),
+                          "bad": tcp_route(free_port(), echo.port, scheme="sctp")})
+    with labelproxy(static_env(routes)) as lp:
+        assert echo_roundtrip(good, b"fine") == b"fine"
+        problems = lp.routes()["problems"]
+        assert any("sctp" in p["text"] and "bad" in p["text"] for p in problems), problems
+        assert lp.metric("labelproxy_route_errors", route="bad", reason="label") == 1
+
+
+def test_bind_failure_is_reported_and_retried(tmp_path: Path, echo: TcpEcho) -> None:
+    port = free_port()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen(1)
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {"late": tcp_route(port, echo.port)})
+    with labelproxy(static_env(routes)) as lp:
+        route: dict[str, Any] = wait_for(lambda: lp.route("late"), what="route listed")
+        assert route["state"] == "error"
+        assert "in use" in " ".join(route["errors"]).lower()
+        assert lp.metric("labelproxy_route_errors", route="late", reason="bind") == 1
+        assert lp.metric("labelproxy_route_up", route="late") == 0
+        squatter.close()
+        wait_for(lambda: (lp.route("late") or {}).get("state") == "up", timeout=20,
+                 what="bind retried")
+        assert echo_roundtrip(port, b"x") == b"x"
+
+
+def test_engine_unreachable_still_serves_static_routes(tmp_path: Path, echo: TcpEcho) -> None:
+    port = free_port()
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {"a": tcp_route(port, echo.port)})
+    env = {"LABELPROXY_DOCKER_HOST": f"unix://{tmp_path}/no-such.sock",
+           "LABELPROXY_ROUTES_FILE": str(routes)}
+    with labelproxy(env, ready=False) as lp:
+        wait_for(lambda: accepts(port), what="static route without engine")
+        assert lp.get("/healthz")[0] == 200
+        assert lp.get("/readyz")[0] == 503
+        assert lp.metric("labelproxy_docker_connected") == 0
+
+
+def test_sigterm_drains_then_exits_zero(tmp_path: Path, echo: TcpEcho) -> None:
+    port = free_port()
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {"a": tcp_route(port, echo.port)})
+    lp = LabelproxyProcess(static_env(routes, LABELPROXY_DRAIN_TIMEOUT="20s"))
+    try:
+        lp.wait_ready()
+        held = socket.create_connection(("127.0.0.1", port), timeout=5)
+        held.sendall(b"ping")
+        assert recv_exact(held, 4) == b"ping"
+        lp.signal(signal.SIGTERM)
+        wait_for(lambda: not accepts(port), what="listener closed on SIGTERM")
+        held.sendall(b"still here")  # the live connection keeps working while draining
+        assert recv_exact(held, 10) == b"still here"
+        assert lp.proc.poll() is None
+        held.close()  # last connection done -> the process exits without waiting 20 s
+        assert lp.proc.wait(timeout=10) == 0
+    finally:
+        lp.stop()
+
+
+def test_drain_deadline_then_exit(tmp_path: Path, echo: TcpEcho) -> None:
+    port = free_port()
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {"a": tcp_route(port, echo.port)})
+    lp = LabelproxyProcess(static_env(routes, LABELPROXY_DRAIN_TIMEOUT="1s"))
+    try:
+        lp.wait_ready()
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.sendall(b"x")
+        assert recv_exact(held, 1) == b"x"
+        lp.signal(signal.SIGTERM)
+        assert lp.proc.wait(timeout=15) == 0
+        assert held.recv(10) == b""  # the proxy closed it at the deadline
+        held.close()
+    finally:
+        lp.stop()
+
+
+def test_second_sigterm_exits_at_once(tmp_path: Path, echo: TcpEcho) -> None:
+    port = free_port()
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {"a": tcp_route(port, echo.port)})
+    lp = LabelproxyProcess(static_env(routes, LABELPROXY_DRAIN_TIMEOUT="60s"))
+    try:
+        lp.wait_ready()
+        held = socket.create_connection(("127.0.0.1", port), timeout=5)
+        held.sendall(b"x")
+        assert recv_exact(held, 1) == b"x"
+        lp.signal(signal.SIGTERM)
+        wait_for(lambda: not accepts(port), what="draining")
+        started = time.monotonic()
+        lp.signal(signal.SIGTERM)
+        assert lp.proc.wait(timeout=10) != 0
+        assert time.monotonic() - started < 10
+        held.close()
+    finally:
+        lp.stop()
+
+
+def test_json_logs_and_access_log(tmp_path: Path, echo: TcpEcho) -> None:
+    port = free_port()
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {"a": tcp_route(port, echo.port)})
+    with labelproxy(static_env(routes, LABELPROXY_LOG_FORMAT="json",
+                               LABELPROXY_LOG_LEVEL="info")) as lp:
+        assert echo_roundtrip(port, b"hello") == b"hello"
+
+        def access_record() -> dict[str, Any] | None:
+            for line in lp.log().splitlines():
+                record = json.loads(line)  # every line is one JSON object
+                if record.get("logger") == "labelproxy.access":
+                    return dict(record)
+            return None
+
+        record: dict[str, Any] = wait_for(access_record, what="access log record")
+        assert record["route"] == "a"
+        assert record["bytes_in"] == 5 and record["bytes_out"] == 5
+        assert str(record["client"]).startswith("127.0.0.1")

@@ -1,0 +1,85 @@
+"""Settings: defaults, parsing, and one clear line for each bad setting."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+
+import pytest
+
+from labelproxy.settings import SettingsError, load_settings
+
+
+def test_defaults() -> None:
+    s = load_settings({})
+    assert s.docker_host == "unix:///var/run/docker.sock"
+    assert s.label_prefix == "proxy"
+    assert s.http_addr == "0.0.0.0:9464"
+    assert (s.drain_timeout, s.connect_timeout, s.udp_idle_timeout) == (30.0, 5.0, 300.0)
+    assert s.accept_proxy_protocol == "off"
+    assert s.resync_interval == 60.0
+
+
+def test_docker_host_falls_back_to_docker_host_variable() -> None:
+    assert load_settings({"DOCKER_HOST": "tcp://127.0.0.1:2375"}).docker_host == (
+        "tcp://127.0.0.1:2375"
+    )
+    assert load_settings({"LABELPROXY_DOCKER_HOST": "none"}).discovery_enabled is False
+
+
+def test_values_parse() -> None:
+    s = load_settings(
+        {
+            "LABELPROXY_ALLOW": "10.0.0.0/8, fd00::/8",
+            "LABELPROXY_DENY": "10.9.0.0/16",
+            "LABELPROXY_DRAIN_TIMEOUT": "1m30s",
+            "LABELPROXY_UDP_IDLE_TIMEOUT": "90",
+            "LABELPROXY_LOG_FORMAT": "JSON",
+            "LABELPROXY_ACCEPT_PROXY_PROTOCOL": "required",
+            "LABELPROXY_TRUSTED_PROXIES": "127.0.0.1",
+        }
+    )
+    assert s.allow == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+    assert s.drain_timeout == 90.0
+    assert s.udp_idle_timeout == 90.0
+    assert s.log_format == "json"
+    edge = s.edge_policy()
+    assert edge.accept_proxy_protocol == "required"
+    assert edge.trusted_proxies == (ipaddress.ip_network("127.0.0.1/32"),)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("LABELPROXY_DRAIN_TIMEOUT", "soon", "duration"),
+        ("LABELPROXY_ALLOW", "10.0.0.0/33", "CIDR"),
+        ("LABELPROXY_LOG_LEVEL", "loud", "debug"),
+        ("LABELPROXY_LOG_FORMAT", "xml", "text"),
+        ("LABELPROXY_HTTP_ADDR", "9464", "HOST:PORT"),
+        ("LABELPROXY_DOCKER_HOST", "docker.sock", "unix://"),
+        ("LABELPROXY_ACCEPT_PROXY_PROTOCOL", "yes", "optional"),
+        ("LABELPROXY_LABEL_PREFIX", "my prefix", "prefix"),
+    ],
+)
+def test_bad_setting_names_the_variable(name: str, value: str, expected: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({name: value})
+    message = str(info.value)
+    assert "\n" not in message
+    assert name in message and repr(value) in message and expected in message
+
+
+def test_bad_setting_stops_startup_with_one_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "labelproxy"],
+        env={"LABELPROXY_CONNECT_TIMEOUT": "fast", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "LABELPROXY_CONNECT_TIMEOUT" in lines[0] and "'fast'" in lines[0]

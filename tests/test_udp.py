@@ -1,0 +1,172 @@
+"""UDP data plane, relay behaviour: echo per client, whole large datagrams, idle expiry, stop.
+
+Real loopback sockets and a UDP upstream owned by the test; every route runs `serve_udp`.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import anyio
+import pytest
+
+from labelproxy.metrics import Metrics
+from labelproxy.spec import EdgePolicy
+from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.udp import serve_udp
+from tests.test_udp_support import (
+    access_log,
+    ask,
+    client_of,
+    running_route,
+    udp_spec,
+    udp_upstream,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=[pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"), "asyncio"])
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+async def test_each_client_gets_only_its_own_replies_and_counters_match() -> None:
+    async with udp_upstream() as up, running_route(udp_spec(up.port)) as live:
+        clients = 4
+        rounds = 5
+        sizes = 0
+
+        async def talk(i: int) -> None:
+            nonlocal sizes
+            async with client_of(live) as client:
+                for r in range(rounds):
+                    payload = f"client {i} round {r} ".encode() * (i + 1)
+                    assert await ask(client, payload) == payload
+                    sizes += len(payload)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(clients):
+                tg.start_soon(talk, i)
+
+        c = live.counters
+        assert c.udp_datagrams_in == c.udp_datagrams_out == clients * rounds
+        assert c.bytes_in == c.bytes_out == sizes
+        assert c.udp_sessions_active == clients
+        # one upstream source (connected socket) per client
+        assert len(up.sources()) == clients
+
+
+@pytest.mark.parametrize("size", [65_000, 65_507])
+async def test_largest_ipv4_datagram_arrives_whole_both_ways(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    async with udp_upstream() as up, running_route(udp_spec(up.port)) as live:
+        async with client_of(live) as client:
+            assert await ask(client, payload) == payload
+        assert up.received[0][0] == payload
+        assert live.counters.bytes_in == live.counters.bytes_out == size
+
+
+async def test_large_datagram_over_ipv6_loopback() -> None:
+    payload = b"\x5a" * 65_000
+    async with udp_upstream("::1") as up:
+        spec = udp_spec(up.port, bind="::1", scheme="udp6", backend_host="::1")
+        async with running_route(spec) as live, client_of(live) as client:
+            assert await ask(client, payload) == payload
+            assert up.received[0][0] == payload
+
+
+async def test_dual_stack_listener_serves_ipv4_and_ipv6_clients() -> None:
+    async with udp_upstream() as up, running_route(udp_spec(up.port, bind="::", scheme="udp")) as live:
+        for remote in ("127.0.0.1", "::1"):
+            async with client_of(live, remote_host=remote) as client:
+                assert await ask(client, remote.encode()) == remote.encode()
+        assert live.counters.udp_sessions_active == 2
+
+
+async def test_idle_session_expires_and_next_datagram_opens_a_new_one() -> None:
+    async with (
+        access_log() as log,
+        udp_upstream() as up,
+        running_route(udp_spec(up.port, idle_timeout=0.3)) as live,
+        client_of(live) as client,
+    ):
+        assert await ask(client, b"one") == b"one"
+        await log.wait_closed(reason="idle")
+        assert live.counters.udp_sessions_active == 0
+        record = log.closed("idle")[0]
+        assert (record.bytes_in, record.bytes_out) == (3, 3)  # type: ignore[attr-defined]
+        assert await ask(client, b"two") == b"two"
+        assert live.counters.udp_sessions_active == 1
+        # a new session dials from a new upstream socket
+        assert up.received[0][1] != up.received[1][1]
+
+
+async def test_traffic_in_either_direction_keeps_the_session() -> None:
+    idle = 1.0
+    async with (
+        access_log() as log,
+        udp_upstream(echo=False) as up,
+        running_route(udp_spec(up.port, idle_timeout=idle)) as live,
+        client_of(live) as client,
+    ):
+        # client -> upstream only, for longer than the idle timeout
+        for _ in range(5):
+            await client.send(b"ping")
+            await anyio.sleep(idle / 4)
+        await up.wait_for(5)
+        assert log.closed() == []
+        # upstream -> client only (pushed to the session's upstream socket), as long again
+        session_source = up.received[0][1]
+        assert up.sources() == {session_source}
+        for i in range(5):
+            await up.sock.sendto(b"push %d" % i, *session_source)
+            with anyio.fail_after(5):
+                assert await client.receive() == b"push %d" % i
+            await anyio.sleep(idle / 4)
+        assert log.closed() == []
+        assert live.counters.udp_sessions_active == 1
+        await log.wait_closed(reason="idle")
+
+
+async def test_close_ends_sessions_and_frees_the_port() -> None:
+    async with access_log() as log, udp_upstream() as up:
+        async with running_route(udp_spec(up.port)) as live, client_of(live) as client:
+            assert await ask(client, b"hi") == b"hi"
+            port = live.bound[0][1]
+            live.close()
+            with anyio.fail_after(5):
+                await live.listener_closed.wait()
+                await live.finished.wait()
+            assert live.counters.udp_sessions_active == 0
+            assert [r.reason for r in log.closed()] == ["closed"]  # type: ignore[attr-defined]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+            again.bind(("127.0.0.1", port))
+
+
+async def test_outside_cancellation_closes_everything() -> None:
+    async with access_log() as log, udp_upstream() as up:
+        live = LiveRoute(udp_spec(up.port), counters=Metrics().route("echo"), edge=EdgePolicy())
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_udp, live)
+            async with client_of(live) as client:
+                assert await ask(client, b"hi") == b"hi"
+            tg.cancel_scope.cancel()
+        assert live.listener_closed.is_set()
+        assert live.finished.is_set()
+        assert live.counters.udp_sessions_active == 0
+        assert [r.reason for r in log.closed()] == ["cancelled"]  # type: ignore[attr-defined]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+            again.bind(live.bound[0])
+
+
+async def test_bind_failure_raises_before_started() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        taken = holder.getsockname()[1]
+        live = LiveRoute(udp_spec(1, port=taken), counters=Metrics().route("echo"), edge=EdgePolicy())
+        async with anyio.create_task_group() as tg:
+            with pytest.raises(OSError):
+                await tg.start(serve_udp, live)
+        assert live.bound == []

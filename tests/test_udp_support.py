@@ -1,0 +1,187 @@
+"""Helpers for the UDP data-plane tests: a test-owned UDP upstream, a running route, log capture.
+
+No tests live here; `tests/test_udp.py` and `tests/test_udp_policy.py` import it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from labelproxy.metrics import Metrics
+from labelproxy.spec import Backend, EdgePolicy, ListenKey, RouteOptions, RouteSpec, Scheme
+from labelproxy.streams.hooks import Hook
+from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.udp import serve_udp
+
+logger = logging.getLogger(__name__)
+
+DEADLINE = 5.0
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def strip_proxy_v2(data: bytes) -> bytes:
+    """The payload after a PROXY v2 header (or `data` itself when there is none)."""
+    if not data.startswith(V2_SIGNATURE):
+        return data
+    return data[16 + int.from_bytes(data[14:16], "big") :]
+
+
+class UdpUpstream:
+    """A UDP server owned by the test: records every datagram and its source, may echo."""
+
+    def __init__(self, sock: anyio.abc.UDPSocket, *, echo: bool, strip_proxy: bool) -> None:
+        self.sock = sock
+        self.echo = echo
+        self.strip_proxy = strip_proxy
+        self.received: list[tuple[bytes, tuple[str, int]]] = []
+        self._arrived = anyio.Event()
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.extra(anyio.abc.SocketAttribute.local_port))
+
+    def sources(self) -> set[tuple[str, int]]:
+        return {src for _, src in self.received}
+
+    async def serve(self) -> None:
+        async for data, addr in self.sock:
+            source = (str(addr[0]), int(addr[1]))
+            self.received.append((data, source))
+            self._arrived.set()
+            self._arrived = anyio.Event()
+            if self.echo:
+                payload = strip_proxy_v2(data) if self.strip_proxy else data
+                await self.sock.sendto(payload, source[0], source[1])
+
+    async def wait_for(self, count: int, *, timeout: float = DEADLINE) -> None:
+        """Wait until at least `count` datagrams have arrived."""
+        with anyio.fail_after(timeout):
+            while len(self.received) < count:
+                await self._arrived.wait()
+
+
+@asynccontextmanager
+async def udp_upstream(
+    host: str = "127.0.0.1", *, port: int = 0, echo: bool = True, strip_proxy: bool = False
+) -> AsyncIterator[UdpUpstream]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = await anyio.create_udp_socket(family=family, local_host=host, local_port=port)
+    async with sock, anyio.create_task_group() as tg:
+        upstream = UdpUpstream(sock, echo=echo, strip_proxy=strip_proxy)
+        tg.start_soon(upstream.serve)
+        yield upstream
+        tg.cancel_scope.cancel()
+
+
+def udp_spec(
+    backend_port: int | None,
+    *,
+    bind: str = "127.0.0.1",
+    scheme: Scheme = "udp4",
+    backend_host: str = "127.0.0.1",
+    port: int = 0,
+    **options: Any,
+) -> RouteSpec:
+    backends = () if backend_port is None else (Backend(backend_host, backend_port),)
+    return RouteSpec(
+        alias="echo",
+        scheme=scheme,
+        key=ListenKey("udp", bind, port),
+        backends=backends,
+        options=RouteOptions(**options),
+    )
+
+
+@asynccontextmanager
+async def running_route(
+    spec: RouteSpec, *, edge: EdgePolicy | None = None, extra_hooks: tuple[Hook, ...] = ()
+) -> AsyncIterator[LiveRoute]:
+    """serve_udp for `spec` on a fresh Metrics; closed (and awaited) on exit."""
+    metrics = Metrics()
+    live = LiveRoute(
+        spec, counters=metrics.route(spec.alias), edge=edge or EdgePolicy(), extra_hooks=extra_hooks
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(serve_udp, live)
+        try:
+            yield live
+        finally:
+            live.close()
+            with anyio.fail_after(DEADLINE):
+                await live.finished.wait()
+
+
+@asynccontextmanager
+async def client_of(
+    live: LiveRoute, *, local_host: str | None = None, remote_host: str | None = None
+) -> AsyncIterator[anyio.abc.ConnectedUDPSocket]:
+    host, port = live.bound[0]
+    remote = remote_host or ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
+    family = socket.AF_INET6 if ":" in remote else socket.AF_INET
+    sock = await anyio.create_connected_udp_socket(
+        remote, port, family=family, local_host=local_host
+    )
+    async with sock:
+        yield sock
+
+
+async def ask(client: anyio.abc.ConnectedUDPSocket, payload: bytes) -> bytes:
+    """Send `payload` and return the next datagram received, within the deadline."""
+    await client.send(payload)
+    with anyio.fail_after(DEADLINE):
+        return await client.receive()
+
+
+async def wait_until(predicate: Callable[[], bool], *, timeout: float = DEADLINE) -> None:
+    """For state with no event to await (plain counters): check often, up to a deadline."""
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+class AccessLog(logging.Handler):
+    """Collects `labelproxy.access` records; `wait_for` awaits one matching a predicate."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._event = anyio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self._event.set()
+
+    def closed(self, reason: str | None = None) -> list[logging.LogRecord]:
+        return [
+            r
+            for r in self.records
+            if getattr(r, "action", "") == "close"
+            and (reason is None or getattr(r, "reason", "") == reason)
+        ]
+
+    async def wait_closed(self, count: int = 1, *, reason: str | None = None) -> None:
+        with anyio.fail_after(DEADLINE):
+            while len(self.closed(reason)) < count:
+                self._event = anyio.Event()
+                await self._event.wait()
+
+
+@asynccontextmanager
+async def access_log() -> AsyncIterator[AccessLog]:
+    handler = AccessLog()
+    log = logging.getLogger("labelproxy.access")
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
