@@ -42,6 +42,7 @@ NETWORK_ACTIONS = ("connect", "disconnect")  # a container joined or left a netw
 EVENT_FILTERS = {"type": ["container", "network"], "event": [*CONTAINER_ACTIONS, *NETWORK_ACTIONS]}
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 RELIST_THROTTLE = 0.05  # at most one list per 50 ms; events in between are coalesced
+SETTLE_DELAY = 0.5  # one more list this long after the last event
 DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
 _HEALTH_IN_STATUS = re.compile(r"\((healthy|unhealthy|health: starting)\)")
 _CONTAINER_ID = re.compile(r"\b([0-9a-f]{64})\b")
@@ -299,10 +300,16 @@ class Discovery:
     async def _relist_forever(
         self, client: Any, session: _Session, scope: anyio.CancelScope
     ) -> None:
+        """Re-list on events (then once more after SETTLE_DELAY: Docker sends some events, such
+        as network connect, just before the change shows in its list) and on the resync timer."""
+        settle_at: float | None = None
         while True:
-            with anyio.move_on_after(self._resync_interval):
+            wait = self._resync_interval if settle_at is None else settle_at - anyio.current_time()
+            with anyio.move_on_after(max(wait, 0.0)):
                 await session.dirty.wait()
-            full = not session.dirty.is_set()  # the timer, not an event: re-inspect everything
+            event = session.dirty.is_set()
+            full = not event and settle_at is None  # the timer: re-inspect everything
+            settle_at = anyio.current_time() + SETTLE_DELAY if event else None
             session.dirty = anyio.Event()
             if not await self._publish(client, session, scope, full=full):
                 return

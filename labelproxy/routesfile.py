@@ -91,7 +91,7 @@ def _parse_route(
         return Problem("label", name, source, label_of(field), _text(value), message)
 
     if not name:
-        return [], [problem("", entry, "expected a non-empty route name")]
+        return [], [Problem("label", "", source, "routes", "", "expected a non-empty route name")]
     if not isinstance(entry, dict):
         message = "expected a mapping of fields (port, host, scheme, ...)"
         return [], [Problem("label", name, source, f"routes.{name}", _text(entry), message)]

@@ -213,7 +213,7 @@ def test_engine_restart_reconnects_and_keeps_connections(
     events_before = lp.metric("labelproxy_reconcile_total", result="ok") or 0
 
     dockerd.restart()
-    wait_for(lambda: "disconnected" in lp.log().lower(), what="disconnect noticed")
+    wait_for(lambda: "action=disconnect" in lp.log(), what="disconnect noticed")
     wait_for(lambda: lp.metric("labelproxy_docker_connected") == 1, timeout=30,
              what="reconnected")
 

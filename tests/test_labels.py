@@ -41,8 +41,8 @@ def parse(
     return by_alias, problems
 
 
-def only_route(labels: Mapping[str, str], **kw: tuple[PortBinding, ...]) -> RouteSpec:
-    routes, problems = parse(labels, **kw)
+def only_route(labels: Mapping[str, str], *, ports: tuple[PortBinding, ...] = ()) -> RouteSpec:
+    routes, problems = parse(labels, ports=ports)
     assert problems == ()
     [specs] = routes.values()
     [spec] = specs

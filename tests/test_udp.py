@@ -78,11 +78,13 @@ async def test_large_datagram_over_ipv6_loopback() -> None:
 
 
 async def test_dual_stack_listener_serves_ipv4_and_ipv6_clients() -> None:
-    async with udp_upstream() as up, running_route(udp_spec(up.port, bind="::", scheme="udp")) as live:
-        for remote in ("127.0.0.1", "::1"):
-            async with client_of(live, remote_host=remote) as client:
-                assert await ask(client, remote.encode()) == remote.encode()
-        assert live.counters.udp_sessions_active == 2
+    async with udp_upstream() as up:
+        spec = udp_spec(up.port, bind="::", scheme="udp")
+        async with running_route(spec) as live:
+            for remote in ("127.0.0.1", "::1"):
+                async with client_of(live, remote_host=remote) as client:
+                    assert await ask(client, remote.encode()) == remote.encode()
+            assert live.counters.udp_sessions_active == 2
 
 
 async def test_idle_session_expires_and_next_datagram_opens_a_new_one() -> None:
@@ -165,8 +167,22 @@ async def test_bind_failure_raises_before_started() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
         holder.bind(("127.0.0.1", 0))
         taken = holder.getsockname()[1]
-        live = LiveRoute(udp_spec(1, port=taken), counters=Metrics().route("echo"), edge=EdgePolicy())
+        spec = udp_spec(1, port=taken)
+        live = LiveRoute(spec, counters=Metrics().route("echo"), edge=EdgePolicy())
         async with anyio.create_task_group() as tg:
             with pytest.raises(OSError):
                 await tg.start(serve_udp, live)
         assert live.bound == []
+
+
+async def test_backend_by_host_name_is_resolved_and_early_datagrams_wait_for_it() -> None:
+    async with udp_upstream("::") as up:  # dual-stack: whichever address localhost gives
+        spec = udp_spec(up.port, backend_host="localhost")
+        async with running_route(spec) as live, client_of(live) as client:
+            for i in range(3):  # sent before the name is resolved: they wait, in order
+                await client.send(b"early %d" % i)
+            with anyio.fail_after(5):
+                replies = [await client.receive() for _ in range(3)]
+            assert replies == [b"early 0", b"early 1", b"early 2"]
+            assert await ask(client, b"later") == b"later"
+            assert live.counters.udp_datagrams_in == live.counters.udp_datagrams_out == 4

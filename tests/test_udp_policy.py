@@ -35,46 +35,53 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
 
 
 async def test_new_sources_beyond_the_cap_are_dropped_and_existing_sessions_keep_working() -> None:
-    async with udp_upstream() as up, running_route(udp_spec(up.port, max_connections=2)) as live:
-        async with client_of(live) as a, client_of(live) as b, client_of(live) as c:
-            assert await ask(a, b"a1") == b"a1"
-            assert await ask(b, b"b1") == b"b1"
-            await c.send(b"c1")
-            # the listener handles datagrams in arrival order: once a's reply is back,
-            # c's datagram has been dealt with
-            assert await ask(a, b"a2") == b"a2"
-            assert live.counters.udp_dropped["limit"] == 1
-            assert await ask(b, b"b2") == b"b2"
-            assert live.counters.udp_sessions_active == 2
-            assert b"c1" not in {data for data, _ in up.received}
-            assert len(up.sources()) == 2
+    async with (
+        udp_upstream() as up,
+        running_route(udp_spec(up.port, max_connections=2)) as live,
+        client_of(live) as a,
+        client_of(live) as b,
+        client_of(live) as c,
+    ):
+        assert await ask(a, b"a1") == b"a1"
+        assert await ask(b, b"b1") == b"b1"
+        await c.send(b"c1")
+        # the listener handles datagrams in arrival order: once a's reply is back,
+        # c's datagram has been dealt with
+        assert await ask(a, b"a2") == b"a2"
+        assert live.counters.udp_dropped["limit"] == 1
+        assert await ask(b, b"b2") == b"b2"
+        assert live.counters.udp_sessions_active == 2
+        assert b"c1" not in {data for data, _ in up.received}
+        assert len(up.sources()) == 2
 
 
 async def test_acl_denied_source_creates_no_session_and_reaches_nothing() -> None:
     deny = (ipaddress.ip_network("127.0.0.3/32"),)
-    async with udp_upstream() as up, running_route(udp_spec(up.port, deny=deny)) as live:
-        async with (
-            client_of(live, local_host="127.0.0.3") as denied,
-            client_of(live, local_host="127.0.0.1") as allowed,
-        ):
-            await denied.send(b"let me in")
-            assert await ask(allowed, b"hello") == b"hello"
-            assert live.counters.udp_dropped["acl"] == 1
-            assert live.counters.udp_sessions_active == 1
-            assert [data for data, _ in up.received] == [b"hello"]
+    async with (
+        udp_upstream() as up,
+        running_route(udp_spec(up.port, deny=deny)) as live,
+        client_of(live, local_host="127.0.0.3") as denied,
+        client_of(live, local_host="127.0.0.1") as allowed,
+    ):
+        await denied.send(b"let me in")
+        assert await ask(allowed, b"hello") == b"hello"
+        assert live.counters.udp_dropped["acl"] == 1
+        assert live.counters.udp_sessions_active == 1
+        assert [data for data, _ in up.received] == [b"hello"]
 
 
 async def test_global_acl_applies_to_udp() -> None:
     edge = EdgePolicy(allow=(ipaddress.ip_network("127.0.0.1/32"),))
-    async with udp_upstream() as up, running_route(udp_spec(up.port), edge=edge) as live:
-        async with (
-            client_of(live, local_host="127.0.0.2") as outsider,
-            client_of(live) as insider,
-        ):
-            await outsider.send(b"x")
-            assert await ask(insider, b"y") == b"y"
-            assert live.counters.udp_dropped["acl"] == 1
-            assert [data for data, _ in up.received] == [b"y"]
+    async with (
+        udp_upstream() as up,
+        running_route(udp_spec(up.port), edge=edge) as live,
+        client_of(live, local_host="127.0.0.2") as outsider,
+        client_of(live) as insider,
+    ):
+        await outsider.send(b"x")
+        assert await ask(insider, b"y") == b"y"
+        assert live.counters.udp_dropped["acl"] == 1
+        assert [data for data, _ in up.received] == [b"y"]
 
 
 async def test_no_backend_drops_and_counts() -> None:

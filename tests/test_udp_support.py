@@ -71,8 +71,9 @@ class UdpUpstream:
 async def udp_upstream(
     host: str = "127.0.0.1", *, port: int = 0, echo: bool = True, strip_proxy: bool = False
 ) -> AsyncIterator[UdpUpstream]:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = await anyio.create_udp_socket(family=family, local_host=host, local_port=port)
+    sock = await anyio.create_udp_socket(
+        family=socket.AF_INET6 if ":" in host else socket.AF_INET, local_host=host, local_port=port
+    )
     async with sock, anyio.create_task_group() as tg:
         upstream = UdpUpstream(sock, echo=echo, strip_proxy=strip_proxy)
         tg.start_soon(upstream.serve)
@@ -124,9 +125,11 @@ async def client_of(
 ) -> AsyncIterator[anyio.abc.ConnectedUDPSocket]:
     host, port = live.bound[0]
     remote = remote_host or ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
-    family = socket.AF_INET6 if ":" in remote else socket.AF_INET
     sock = await anyio.create_connected_udp_socket(
-        remote, port, family=family, local_host=local_host
+        remote,
+        port,
+        family=socket.AF_INET6 if ":" in remote else socket.AF_INET,
+        local_host=local_host,
     )
     async with sock:
         yield sock

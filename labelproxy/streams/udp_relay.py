@@ -272,15 +272,17 @@ class UdpRelay:
         chunk_hooks = self._chunk_hooks_now()
         now = time.monotonic()
         count = nbytes = errors = 0
+        rearm = False
         try:
             for _ in range(BATCH):
                 try:
                     n, addr = recvfrom_into(buf)
                 except BlockingIOError:
                     break
-                except OSError as exc:  # e.g. a queued ICMP error; never fatal
+                except OSError as exc:  # never fatal; see _rearm
                     logger.debug("udp listener %s: %s", self.live.spec.key, exc)
-                    continue
+                    rearm = True
+                    break
                 session = sessions.get(addr)
                 if session is None:
                     session = self._open_session(addr)
@@ -312,6 +314,9 @@ class UdpRelay:
             counters.bytes_in += nbytes
             if errors:
                 counters.drop("upstream_error", errors)
+            if rearm and self._listening:
+                self.loop.remove_reader(self.listener.fileno())
+                self.loop.add_reader(self.listener.fileno(), self._on_client_readable)
 
     def _on_upstream_readable(self, session: UdpSession) -> None:
         sock = session.sock
@@ -323,7 +328,7 @@ class UdpRelay:
         conn = session.conn
         counters = self.live.counters
         chunk_hooks = self._chunk_hooks_now()
-        count = nbytes = errors = 0
+        count = nbytes = errors = dropped = 0
         try:
             for _ in range(BATCH):
                 try:
@@ -340,6 +345,7 @@ class UdpRelay:
                 try:
                     sendto(view[:n], client)
                 except OSError:  # the client's side is full or gone: the datagram is lost
+                    dropped += 1
                     continue
                 count += 1
                 nbytes += n
@@ -353,11 +359,14 @@ class UdpRelay:
                 conn.bytes_out += nbytes
             if errors:
                 counters.drop("upstream_error", errors)
+            if errors or not (count or dropped):
+                # an error, or woken with nothing to read (its error was taken by a send)
                 self._rearm(session, sock)
 
     def _rearm(self, session: UdpSession, sock: socket.socket) -> None:
         """Register the reader again after a socket error: libuv (uvloop) stops a poll
-        handle that reported POLLERR, which would silence the session for good."""
+        handle that reported POLLERR (after one last callback), which would silence the
+        session for good. Costs two epoll_ctl calls, only on errors or empty wake-ups."""
         if not session.closed and session.sock is sock:
             self.loop.remove_reader(sock.fileno())
             self.loop.add_reader(sock.fileno(), self._on_upstream_readable, session)

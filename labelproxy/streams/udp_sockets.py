@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import sys
 from ipaddress import IPv4Address, IPv6Address
 
 from proxyprotocol.result import ProxyResult, ProxyResultIPv4, ProxyResultIPv6
@@ -29,13 +30,15 @@ UPSTREAM_BUFFER_BYTES = 1024 * 1024
 
 SockAddr = tuple[str, int] | tuple[str, int, int, int]
 
+# Linux's SO_*BUFFORCE (CAP_NET_ADMIN may exceed net.core.[rw]mem_max); Python lacks the names.
+_LINUX = sys.platform.startswith("linux")
+_SO_SNDBUFFORCE: int | None = getattr(socket, "SO_SNDBUFFORCE", 32 if _LINUX else None)
+_SO_RCVBUFFORCE: int | None = getattr(socket, "SO_RCVBUFFORCE", 33 if _LINUX else None)
+
 
 def _set_buffers(sock: socket.socket, *, size: int) -> None:
     """Ask for `size`-byte kernel buffers; as root go past net.core.[rw]mem_max."""
-    for force, plain in (
-        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
-        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
-    ):
+    for force, plain in ((_SO_RCVBUFFORCE, socket.SO_RCVBUF), (_SO_SNDBUFFORCE, socket.SO_SNDBUF)):
         try:
             if force is None:
                 raise PermissionError

@@ -1,0 +1,225 @@
+"""What the benchmark measures (sections and metrics) and how results are reported.
+
+`Results` collects every sample (metric -> target -> values over repetitions), the raw tool
+output per run and every error. `render_markdown` prints one table per metric, grouped by
+section: target | median | min-max | vs direct | vs best peer, under a header naming the
+machine, the versions and the command; `to_json` keeps the raw samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PEERS = ("haproxy", "nginx", "socat")
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    key: str
+    title: str
+    unit: str
+    higher_is_better: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    key: str
+    title: str
+    metrics: tuple[Metric, ...]
+    note: str = ""
+
+
+def _m(key: str, title: str, unit: str, *, higher: bool) -> Metric:
+    return Metric(key=key, title=title, unit=unit, higher_is_better=higher)
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section(
+        "tcp_bulk",
+        "TCP bulk throughput (iperf3)",
+        (
+            _m("tcp_bulk_1_gbps", "1 stream", "Gbit/s", higher=True),
+            _m("tcp_bulk_1_cpu_s_per_gb", "1 stream, proxy CPU", "CPU s/GB", higher=False),
+            _m("tcp_bulk_8_gbps", "8 streams", "Gbit/s", higher=True),
+            _m("tcp_bulk_8_cpu_s_per_gb", "8 streams, proxy CPU", "CPU s/GB", higher=False),
+        ),
+        "CPU = utime+stime of the proxy's processes (/proc/PID/stat) over the transfer / GB.",
+    ),
+    Section(
+        "short_conns",
+        "Short connections",
+        (_m("short_conns_per_s", "connect, 64 B, echo, close; 50 clients", "conn/s", higher=True),),
+        "C epoll client and C epoll echo upstream.",
+    ),
+    Section(
+        "http",
+        "HTTP through the proxy (wrk -t1 -c50, nginx upstream)",
+        (
+            _m("http_keepalive_rps", "keep-alive", "req/s", higher=True),
+            _m("http_keepalive_p50_ms", "keep-alive p50", "ms", higher=False),
+            _m("http_keepalive_p99_ms", "keep-alive p99", "ms", higher=False),
+            _m("http_close_rps", "Connection: close", "req/s", higher=True),
+            _m("http_close_p50_ms", "Connection: close p50", "ms", higher=False),
+            _m("http_close_p99_ms", "Connection: close p99", "ms", higher=False),
+        ),
+    ),
+    Section(
+        "pingpong",
+        "64 B ping-pong over one TCP connection",
+        (
+            _m("pingpong_p50_us", "round trip p50", "us", higher=False),
+            _m("pingpong_p99_us", "round trip p99", "us", higher=False),
+        ),
+    ),
+    Section(
+        "udp",
+        "UDP",
+        (
+            _m("udp_delivered_per_s", "512 B datagrams delivered", "datagrams/s", higher=True),
+            _m("udp_loss_pct", "512 B datagrams lost", "%", higher=False),
+            _m("udp_rtt_p50_us", "64 B echo round trip p50", "us", higher=False),
+            _m("udp_rtt_p99_us", "64 B echo round trip p99", "us", higher=False),
+        ),
+        "Flood: a C sender at its max rate for a fixed count (sendmmsg) into a counting sink; "
+        "delivered/s = received / (last arrival - first send).",
+    ),
+    Section(
+        "memory",
+        "Idle TCP connections",
+        (_m("memory_bytes_per_conn", "proxy PSS per idle connection", "bytes", higher=False),),
+        "PSS (/proc/PID/smaps_rollup, all the proxy's processes) before and after opening the "
+        "connections; each connection carried one 1 B echo, then sat idle.",
+    ),
+    Section(
+        "convergence",
+        "Convergence (labelproxy, private dockerd)",
+        (
+            _m("start_accept_p50_ms", "docker start returned -> accepting, p50", "ms", higher=False),
+            _m("start_accept_p99_ms", "docker start returned -> accepting, p99", "ms", higher=False),
+            _m("start_call_accept_p99_ms", "start call issued -> accepting, p99", "ms", higher=False),
+            _m("sync_ready_s", "initial sync: spawn -> /readyz 200", "s", higher=False),
+            _m("sync_accepting_s", "initial sync: spawn -> every listener accepting", "s",
+               higher=False),
+        ),
+    ),
+)
+SECTION_KEYS = tuple(section.key for section in SECTIONS)
+
+
+@dataclass
+class Results:
+    """Every sample, raw record, not-applicable cell and error of one run."""
+
+    targets: list[str]
+    samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    not_applicable: dict[str, dict[str, str]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, *, section: str, target: str, rep: int, values: dict[str, float],
+            raw: dict[str, Any]) -> None:
+        for key, value in values.items():
+            self.samples.setdefault(key, {}).setdefault(target, []).append(value)
+        self.records.append(
+            {"section": section, "target": target, "rep": rep, "values": values, "raw": raw}
+        )
+
+    def skip(self, *, section: Section, target: str, reason: str) -> None:
+        for metric in section.metrics:
+            self.not_applicable.setdefault(metric.key, {})[target] = reason
+
+    def error(self, *, section: str, target: str, rep: int, message: str) -> None:
+        self.errors.append(f"{section} / {target} / rep {rep + 1}: {message}")
+        self.records.append({"section": section, "target": target, "rep": rep, "error": message})
+
+
+def fmt(value: float) -> str:
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:,.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _ratio(value: float, reference: float | None) -> str:
+    if reference is None or reference == 0:
+        return "n/a"
+    return f"{value / reference:.2f}x"
+
+
+def render_metric(metric: Metric, results: Results) -> list[str]:
+    by_target = results.samples.get(metric.key, {})
+    medians = {t: statistics.median(v) for t, v in by_target.items() if v}
+    peer_medians = [medians[p] for p in PEERS if p in medians]
+    best_peer = (max if metric.higher_is_better else min)(peer_medians) if peer_medians else None
+    direction = "higher is better" if metric.higher_is_better else "lower is better"
+    lines = [
+        f"#### {metric.title} ({metric.unit}, {direction})",
+        "",
+        "| target | median | min-max | vs direct | vs best peer |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    skipped = results.not_applicable.get(metric.key, {})
+    for target in results.targets:
+        values = by_target.get(target)
+        if values:
+            span = f"{fmt(min(values))}-{fmt(max(values))}"
+            median = medians[target]
+            vs_direct = _ratio(median, medians.get("direct"))
+            lines.append(
+                f"| {target} | {fmt(median)} | {span} | {vs_direct} | {_ratio(median, best_peer)} |"
+            )
+        else:
+            reason = skipped.get(target, "error (see Errors)")
+            lines.append(f"| {target} | {reason} | | | |")
+    return [*lines, ""]
+
+
+def render_markdown(*, header: dict[str, str], notes: dict[str, str], results: Results,
+                    sections: list[str]) -> str:
+    out = [
+        "# labelproxy side-by-side benchmark",
+        "",
+        f"- machine: {header['cpu']}, {header['cores']} cores, Linux {header['kernel']}",
+        f"- versions: {header['versions']}; labelproxy {header['labelproxy']}",
+        f"- date: {header['date']}",
+        f"- command: `{header['command']}`",
+        f"- plan: {header['plan']}",
+        "- everything on 127.0.0.1; targets interleaved round robin within each repetition; "
+        "median and min-max over the repetitions; ratios = target median / reference median "
+        "(for lower-is-better metrics a ratio below 1.00x is better); best peer = the best of "
+        "haproxy, nginx and socat for that metric.",
+        "- targets:",
+    ]
+    out += [f"  - {name}: {note}" for name, note in notes.items()]
+    out.append("")
+    for section in SECTIONS:
+        if section.key not in sections:
+            continue
+        out += [f"### {section.title}", ""]
+        if section.note:
+            out += [section.note, ""]
+        for metric in section.metrics:
+            out += render_metric(metric, results)
+    if results.errors:
+        out += ["### Errors", ""] + [f"- {message}" for message in results.errors] + [""]
+    return "\n".join(out)
+
+
+def to_json(*, header: dict[str, str], notes: dict[str, str], results: Results) -> dict[str, Any]:
+    return {
+        "header": header,
+        "targets": notes,
+        "samples": results.samples,
+        "records": results.records,
+        "not_applicable": results.not_applicable,
+        "errors": results.errors,
+    }

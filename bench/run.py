@@ -1,0 +1,107 @@
+"""The order of a benchmark run: upstreams, targets, then each section interleaving targets.
+
+`run_data_plane` repeats every selected section `plan.reps` times; within a repetition it goes
+round robin over the running targets (the starting target rotates each repetition), so slow
+drifts of the machine spread over all targets instead of favouring one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench import measure
+from bench.measure import Env, Measured
+from bench.procs import BenchError
+from bench.report import SECTIONS, Results, Section
+from bench.targets import STARTERS, StartContext, Target
+
+logger = logging.getLogger(__name__)
+
+Measurement = Callable[[Env, Target], Measured]
+
+
+@dataclass(frozen=True, slots=True)
+class SectionRun:
+    """The measurements of a section and which targets they apply to."""
+
+    measurements: tuple[Measurement, ...]
+    needs_udp: bool = False
+    needs_proxy: bool = False
+
+
+def _bulk(streams: int) -> Measurement:
+    return lambda env, target: measure.tcp_bulk(env, target, streams=streams)
+
+
+def _http(*, close: bool) -> Measurement:
+    return lambda env, target: measure.http(env, target, close=close)
+
+
+SECTION_RUNS: dict[str, SectionRun] = {
+    "tcp_bulk": SectionRun((_bulk(1), _bulk(8))),
+    "short_conns": SectionRun((measure.short_conns,)),
+    "http": SectionRun((_http(close=False), _http(close=True))),
+    "pingpong": SectionRun((measure.pingpong,)),
+    "udp": SectionRun((measure.udp_flood, measure.udp_rtt), needs_udp=True),
+    "memory": SectionRun((measure.idle_memory,), needs_proxy=True),
+}
+NO_PROXY_METRICS = ("tcp_bulk_1_cpu_s_per_gb", "tcp_bulk_8_cpu_s_per_gb")
+
+
+def start_targets(ctx: StartContext, names: list[str], results: Results) -> list[Target]:
+    """Start each target; one that fails is reported and left out of every section."""
+    running = []
+    for name in names:
+        logger.info("starting %s", name)
+        try:
+            running.append(STARTERS[name](ctx))
+        except (BenchError, OSError) as exc:
+            logger.error("%s failed to start: %s", name, exc)
+            results.errors.append(f"{name} failed to start: {exc}")
+            for section in SECTIONS:
+                results.skip(section=section, target=name, reason="did not start")
+    return running
+
+
+def _section(key: str) -> Section:
+    return next(section for section in SECTIONS if section.key == key)
+
+
+def run_data_plane(env: Env, targets: list[Target], sections: list[str], results: Results) -> None:
+    for target in targets:
+        if not target.roots:
+            for metric_key in NO_PROXY_METRICS:
+                results.not_applicable.setdefault(metric_key, {})[target.name] = "n/a (no proxy)"
+    for key in sections:
+        run = SECTION_RUNS.get(key)
+        if run is None:
+            continue
+        section = _section(key)
+        eligible = []
+        for target in targets:
+            if run.needs_udp and not target.udp:
+                results.skip(section=section, target=target.name, reason="n/a (no UDP)")
+            elif run.needs_proxy and not target.roots:
+                results.skip(section=section, target=target.name, reason="n/a (no proxy)")
+            else:
+                eligible.append(target)
+        for rep in range(env.plan.reps):
+            shift = rep % max(1, len(eligible))
+            for target in eligible[shift:] + eligible[:shift]:
+                logger.info("%s rep %d/%d: %s", key, rep + 1, env.plan.reps, target.name)
+                for measurement in run.measurements:
+                    try:
+                        measured = measurement(env, target)
+                    except (BenchError, OSError, KeyError, ValueError) as exc:
+                        logger.error("%s / %s failed: %s", key, target.name, exc)
+                        results.error(section=key, target=target.name, rep=rep, message=str(exc))
+                        continue
+                    results.add(
+                        section=key,
+                        target=target.name,
+                        rep=rep,
+                        values=measured.values,
+                        raw=measured.raw,
+                    )
