@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -23,10 +24,15 @@ from bench import convergence
 from bench.measure import Env, Plan
 from bench.procs import BenchError, Children, free_port, raise_nofile_limit
 from bench.report import SECTION_KEYS, Results, render_markdown, to_json
-from bench.run import run_data_plane, start_targets
+from bench.run import observed_threads, run_data_plane, start_targets
 from bench.targets import ALL_TARGETS, StartContext, default_labelproxy_cmd
-from bench.toolchain import build_tools, default_cache_dir, find_missing, install_peers
-from bench.toolchain import machine_header
+from bench.toolchain import (
+    build_tools,
+    default_cache_dir,
+    find_missing,
+    install_peers,
+    machine_header,
+)
 from bench.upstreams import TCP_ROUTES, UDP_ROUTES, start_upstreams
 
 logger = logging.getLogger(__name__)
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{plan.containers} containers"
     )
     results = Results(targets=targets)
+    began = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="labelproxy-bench-"))
     children = Children(log_dir=workdir)
     labelproxy_cmd = shlex.split(args.labelproxy_cmd)
@@ -134,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         notes = {t.name: t.note for t in running}
         env = Env(plan=plan, tools=tools, upstreams=upstreams, children=children)
         run_data_plane(env, running, sections, results)
+        for target in running:
+            observed = observed_threads(target)
+            notes[target.name] += f"; {observed}" if observed else ""
         children.stop_all()
         if "convergence" in sections:
             convergence.run(plan=plan, workdir=workdir, repo=REPO, labelproxy_cmd=labelproxy_cmd,
@@ -146,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     for name in targets:
         notes.setdefault(name, "did not start")
+    header["plan"] += f"; run took {time.monotonic() - began:.0f}s"
     text = render_markdown(header=header, notes=notes, results=results, sections=sections)
     print(text)
     write_results(args.out, text, to_json(header=header, notes=notes, results=results))

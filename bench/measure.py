@@ -7,6 +7,7 @@ output for the JSON file. A load that fails raises `BenchError`; the caller reco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -224,10 +225,8 @@ def idle_memory(env: Env, target: Target) -> Measured:
     finally:
         if proc.stdin is not None:
             proc.stdin.close()  # the client closes its connections and exits
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
         env.children.stop(proc)
     ready = int(data["ready"])
     if ready < count:

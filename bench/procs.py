@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -232,10 +233,15 @@ def pss_bytes(roots: Iterable[int]) -> int:
     return total
 
 
-def raise_nofile_limit() -> None:
-    """Raise our RLIMIT_NOFILE soft limit to the hard limit; children inherit it."""
-    import resource
+def raise_nofile_limit(*, wanted: int = 65536) -> int:
+    """Raise RLIMIT_NOFILE (the hard limit too when root may) to `wanted`; children inherit it.
 
+    Returns the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return max(soft, hard)

@@ -99,9 +99,9 @@ SECTIONS: tuple[Section, ...] = (
         "convergence",
         "Convergence (labelproxy, private dockerd)",
         (
-            _m("start_accept_p50_ms", "docker start returned -> accepting, p50", "ms", higher=False),
-            _m("start_accept_p99_ms", "docker start returned -> accepting, p99", "ms", higher=False),
-            _m("start_call_accept_p99_ms", "start call issued -> accepting, p99", "ms", higher=False),
+            _m("start_accept_p50_ms", "start returned -> accepting, p50", "ms", higher=False),
+            _m("start_accept_p99_ms", "start returned -> accepting, p99", "ms", higher=False),
+            _m("start_call_accept_p99_ms", "start issued -> accepting, p99", "ms", higher=False),
             _m("sync_ready_s", "initial sync: spawn -> /readyz 200", "s", higher=False),
             _m("sync_accepting_s", "initial sync: spawn -> every listener accepting", "s",
                higher=False),

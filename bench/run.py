@@ -7,13 +7,15 @@ drifts of the machine spread over all targets instead of favouring one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench import measure
 from bench.measure import Env, Measured
-from bench.procs import BenchError
+from bench.procs import BenchError, process_tree
 from bench.report import SECTIONS, Results, Section
 from bench.targets import STARTERS, StartContext, Target
 
@@ -63,6 +65,20 @@ def start_targets(ctx: StartContext, names: list[str], results: Results) -> list
             for section in SECTIONS:
                 results.skip(section=section, target=name, reason="did not start")
     return running
+
+
+def observed_threads(target: Target) -> str:
+    """`P processes, T threads` of a target's process tree right now ("" for direct)."""
+    if not target.roots:
+        return ""
+    pids = process_tree(target.roots)
+    threads = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("Threads:"):
+                    threads += int(line.split()[1])
+    return f"{len(pids)} process(es), {threads} thread(s) observed after the data-plane sections"
 
 
 def _section(key: str) -> Section:

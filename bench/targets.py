@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import sys
 import time
 import urllib.error
@@ -73,7 +74,8 @@ def _wait_ready(ctx: StartContext, target: Target, name: str) -> Target:
         if target.udp:
             wait_until_udp_bound([target.ports[r] for r in UDP_ROUTES], deadline=deadline)
     except BenchError as exc:
-        raise BenchError(f"{name} did not start: {exc}; log: {ctx.children.log_tail(name)}") from None
+        tail = ctx.children.log_tail(name)
+        raise BenchError(f"{name} did not start: {exc}; log: {tail}") from None
     return target
 
 
@@ -90,10 +92,12 @@ def start_haproxy(ctx: StartContext) -> Target:
             f"    default_backend b_{route}\n"
             f"backend b_{route}\n    server s1 127.0.0.1:{ctx.upstream[route]}\n"
         )
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    maxconn = min(20_000, int((soft - 100) / 2.6))  # haproxy wants about 2.5 fds per maxconn
     conf = ctx.workdir / "haproxy.cfg"
     conf.write_text(
-        "global\n    nbthread 1\n    maxconn 20000\n\n"
-        "defaults\n    mode tcp\n    option splice-auto\n    maxconn 20000\n"
+        f"global\n    nbthread 1\n    maxconn {maxconn}\n\n"
+        f"defaults\n    mode tcp\n    option splice-auto\n    maxconn {maxconn}\n"
         "    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n\n"
         + "\n".join(sections)
     )
@@ -235,7 +239,8 @@ def start_labelproxy(ctx: StartContext) -> Target:
         name="labelproxy",
         ports=ports,
         roots=[proc.pid],
-        note="single process, one event loop; metrics and an allow-all ACL on",
+        note="run as a user runs it (python -m labelproxy, a routes file); metrics and an "
+        "allow-all ACL on",
     )
     return _wait_ready(ctx, target, "labelproxy")
 

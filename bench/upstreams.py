@@ -87,7 +87,9 @@ http {{
 """
 
 
-def _start_c_server(children: Children, tools: Tools, mode: str, port: int) -> subprocess.Popen[bytes]:
+def _start_c_server(
+    children: Children, tools: Tools, mode: str, port: int
+) -> subprocess.Popen[bytes]:
     proc = children.start(
         [str(tools.server), mode, str(port)], name=f"upstream-{mode}", stdout_pipe=True
     )

@@ -138,7 +138,12 @@ def check_running(*, docker_host: str, label_prefix: str) -> CheckResult:
             client.close()
     except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
         raise CheckError(f"cannot list the containers of {docker_host}: {exc}") from None
-    own = own_networks(views, own_container_hints())
+    hints = own_container_hints(
+        cgroup=_read("/proc/self/cgroup"),
+        mountinfo=_read("/proc/self/mountinfo"),
+        hostname=socket.gethostname(),
+    )
+    own = own_networks(views, hints)
     ctx = DiscoveryContext(
         label_prefix=label_prefix, own_networks=own, daemon_host=daemon_host_of(docker_host)
     )
@@ -149,6 +154,13 @@ def check_running(*, docker_host: str, label_prefix: str) -> CheckResult:
         state=state,
         warnings=tuple(_network_warnings(views, ctx, own_on_host=local and not own)),
     )
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _own_networks(project: ComposeProject) -> frozenset[str]:

@@ -3,8 +3,10 @@
 Level-triggered: on each connection it subscribes to the engine's events first, then lists the
 running containers and publishes the whole list as `ContainerView`s (`on_snapshot`). Any
 relevant event, and a timer every `resync_interval`, triggers another full list (coalesced and
-throttled: a burst of events gives few lists, the latest state wins). When the event stream
-ends or a call fails, it reports `on_connected(False)` and reconnects with exponential backoff.
+throttled: a burst of events gives few lists, the latest state wins). A list inspects only the
+containers that are new or changed since the last one; the timer re-inspects them all. When the
+event stream ends or a call fails, it reports `on_connected(False)` and reconnects with
+exponential backoff (0.1 s doubling up to 5 s), then lists again.
 
 docker-py is blocking: its calls run in worker threads; the event-reading thread talks to the
 event loop only through `anyio.from_thread`. Cancelling `serve` closes the event stream, which
@@ -46,6 +48,7 @@ SETTLE_DELAY = 0.5  # one more list this long after the last event
 DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
 _HEALTH_IN_STATUS = re.compile(r"\((healthy|unhealthy|health: starting)\)")
 _CONTAINER_ID = re.compile(r"\b([0-9a-f]{64})\b")
+_DOCKER_MOUNTED_FILES = frozenset({"/etc/hostname", "/etc/hosts", "/etc/resolv.conf"})
 
 
 def view_from_attrs(attrs: Mapping[str, Any]) -> ContainerView:
@@ -159,27 +162,48 @@ def _list_running(
         except docker.errors.NotFound:
             continue  # gone between list and inspect
         state = attrs.get("State") or {}
-        if state.get("Running") and not state.get("Paused"):
+        if not state.get("Running") or state.get("Paused"):
+            continue
+        try:
             fresh[cid] = _Cached(fingerprint, view_from_attrs(attrs))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            name = str(attrs.get("Name", cid)).lstrip("/")
+            logger.error("container %s skipped: unreadable inspect data (%r)", name, exc,
+                         extra={"container": name, "action": "inspect"})  # fmt: skip
     views = sorted((c.view for c in fresh.values()), key=lambda v: (v.created, v.id))
     return tuple(views), fresh
 
 
-def own_container_hints() -> frozenset[str]:
-    """Ids (or the 12-char id prefix) that labelproxy's own container may have; empty on a host."""
+def own_container_hints(*, cgroup: str, mountinfo: str, hostname: str) -> frozenset[str]:
+    """Ids (or the 12-char id prefix) labelproxy's own container may have; empty on a host.
+
+    Evidence: a docker cgroup path (cgroup v1), the `/etc/hostname`-like files Docker mounts
+    from `.../containers/<id>/` (cgroup v2), and a hostname that looks like a short id."""
     hints: set[str] = set()
-    for path in ("/proc/self/cgroup", "/proc/self/mountinfo"):
-        try:
-            text = Path(path).read_text(errors="replace")
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if "docker" in line or "/containers/" in line:
-                hints.update(_CONTAINER_ID.findall(line))
-    hostname = socket.gethostname()
+    for line in cgroup.splitlines():
+        if "docker" in line:
+            hints.update(_CONTAINER_ID.findall(line))
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4] in _DOCKER_MOUNTED_FILES and "/containers/" in fields[3]:
+            hints.update(_CONTAINER_ID.findall(fields[3]))
     if re.fullmatch(r"[0-9a-f]{12}", hostname):
         hints.add(hostname)
     return frozenset(hints)
+
+
+def _read_own_hints() -> frozenset[str]:
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    return own_container_hints(
+        cgroup=read("/proc/self/cgroup"),
+        mountinfo=read("/proc/self/mountinfo"),
+        hostname=socket.gethostname(),
+    )
 
 
 def own_networks(views: Iterable[ContainerView], hints: frozenset[str]) -> frozenset[str]:
@@ -229,12 +253,15 @@ class Discovery:
     ) -> None:
         """Watch the engine until cancelled; an unreachable engine is retried, never fatal."""
         task_status.started()
-        self._hints = await anyio.to_thread.run_sync(own_container_hints)
+        self._hints = await anyio.to_thread.run_sync(_read_own_hints)
         delay, last_error = BACKOFF_MIN, ""
         while True:
             try:
                 reason = await self._serve_connection()
             except DOCKER_ERRORS as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # a bug must not end discovery: log it and reconnect
+                logger.exception("discovery failed", extra={"action": "disconnect"})
                 reason = f"{type(exc).__name__}: {exc}"
             if self._connected:
                 delay, last_error = BACKOFF_MIN, ""
@@ -280,7 +307,7 @@ class Discovery:
                 self._pump_events, stream, session, abandon_on_cancel=True
             )
             session.lost = session.lost or "event stream ended"
-        except (*DOCKER_ERRORS, ValueError) as exc:
+        except Exception as exc:  # whatever broke the stream, the cure is to reconnect
             session.lost = f"event stream failed: {type(exc).__name__}: {exc}"
         scope.cancel()
 
@@ -338,20 +365,12 @@ class Discovery:
 
     def _log_changes(self, views: tuple[ContainerView, ...]) -> None:
         current = {v.id: v for v in views}
-        for cid, view in current.items():
-            if cid not in self._published:
-                logger.info(
-                    "container seen: %s",
-                    view.name,
-                    extra={"container": view.name, "action": "seen"},
-                )
-        for cid, view in self._published.items():
-            if cid not in current:
-                logger.info(
-                    "container gone: %s",
-                    view.name,
-                    extra={"container": view.name, "action": "gone"},
-                )
+        seen = [v for cid, v in current.items() if cid not in self._published]
+        gone = [v for cid, v in self._published.items() if cid not in current]
+        for action, changed in (("seen", seen), ("gone", gone)):
+            for view in changed:
+                logger.info("container %s: %s", action, view.name,
+                            extra={"container": view.name, "action": action})  # fmt: skip
         self._published = current
 
     def _set_connected(self, connected: bool, detail: str) -> None:

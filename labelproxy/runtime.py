@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Sequence
@@ -229,9 +230,26 @@ class Runtime:
                     os._exit(FORCED_EXIT_STATUS)
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one: every connection holds two sockets
+    (and a pipe pair while data flows), every UDP session one socket."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open-files limit from %d: %s", soft, exc)
+    return soft
+
+
 def run(settings: Settings, *, argv: Sequence[str] = ()) -> int:
     """Blocking entry point: anyio on asyncio with uvloop when available."""
     del argv
+    limit = raise_fd_limit()
+    logger.info("labelproxy %s starting (open files limit %d)", __version__, limit,
+                extra={"action": "start"})
     runtime = Runtime(settings)
     options: dict[str, object] = {}
     try:

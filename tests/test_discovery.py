@@ -7,12 +7,14 @@ event loop (and Discovery on it) keeps running.
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -23,6 +25,7 @@ from labelproxy.containers import ContainerView, DiscoveryContext, PortBinding
 from labelproxy.discovery import (
     Discovery,
     daemon_host_of,
+    own_container_hints,
     own_networks,
     service_of,
     view_from_attrs,
@@ -80,8 +83,10 @@ class Recorder:
                     await self._changed.wait()
         except TimeoutError:
             names = sorted(v.name for v in self.latest().values())
-            pytest.fail(f"timed out waiting for {what}; connected={self.connected} "
-                        f"events={self.events[-10:]} latest={names}")  # fmt: skip
+            raise AssertionError(
+                f"timed out waiting for {what}; connected={self.connected} "
+                f"events={self.events[-10:]} latest={names}"
+            ) from None
 
 
 @asynccontextmanager
@@ -239,7 +244,8 @@ async def test_cancelling_serve_returns_promptly_and_frees_the_event_thread(
     with anyio.fail_after(DEADLINE):
         async with discovering(dockerd.host) as rec:
             await rec.until(lambda: rec.connected == [True], what="connected")
-            assert _event_reader_threads()
+            while not _event_reader_threads():  # nothing signals a thread entering a function
+                await anyio.sleep(0.02)
         # serve() was cancelled on leaving the block; its event thread must end by itself
         while _event_reader_threads():
             await anyio.sleep(0.02)
@@ -251,15 +257,15 @@ async def test_view_from_attrs_on_real_inspect_output(
     network = await anyio.to_thread.run_sync(
         partial(docker_client.networks.create, f"lp-attrs-{free_port()}", driver="bridge")
     )
-    published = free_port()
+    published, published_udp = free_port(), free_port(kind=socket.SOCK_DGRAM)
     cases: list[tuple[dict[str, Any], Callable[[ContainerView], object]]] = [
         ({}, lambda v: v.network_mode == "host" and v.ports == () and v.health == "none"),
         ({"network_mode": "none"}, lambda v: v.networks == {"none": ""}),
         (
             {"network_mode": network.name,
-             "ports": {"22/tcp": ("127.0.0.1", published), "53/udp": None}},
+             "ports": {"22/tcp": ("127.0.0.1", published), "53/udp": ("127.0.0.1", published_udp)}},
             lambda v: v.ports == (PortBinding(22, "tcp", "127.0.0.1", published),
-                                  PortBinding(53, "udp"))
+                                  PortBinding(53, "udp", "127.0.0.1", published_udp))
             and v.networks[network.name] != "",
         ),
         (
@@ -335,3 +341,34 @@ def test_own_networks_come_from_the_own_container_view() -> None:
     assert own_networks([other, own], frozenset({"c" * 64})) == {"front", "back"}
     assert own_networks([other, own], frozenset()) == frozenset()
     assert service_of({}) == ""
+
+
+async def test_own_container_is_recognised_from_inside_it(
+    docker_client: docker.DockerClient, busybox_image: str
+) -> None:
+    network = await anyio.to_thread.run_sync(
+        partial(docker_client.networks.create, f"lp-own-{free_port()}", driver="bridge")
+    )
+    container = await start_container(docker_client, busybox_image, network_mode=network.name)
+
+    def read_inside(path: str) -> str:
+        result = container.exec_run(["cat", path])
+        assert result.exit_code == 0, result.output
+        return str(result.output.decode())
+
+    cgroup, mountinfo, hostname = await anyio.to_thread.run_sync(
+        lambda: (read_inside("/proc/self/cgroup"), read_inside("/proc/self/mountinfo"),
+                 read_inside("/etc/hostname").strip())
+    )  # fmt: skip
+    hints = own_container_hints(cgroup=cgroup, mountinfo=mountinfo, hostname=hostname)
+    assert container.id in hints
+    attrs = await anyio.to_thread.run_sync(docker_client.api.inspect_container, container.id)
+    assert own_networks([view_from_attrs(attrs)], hints) == {network.name}
+
+    # this test process runs on the host: the engine's container mounts must not fool it
+    on_host = own_container_hints(
+        cgroup=Path("/proc/self/cgroup").read_text(),
+        mountinfo=Path("/proc/self/mountinfo").read_text(),
+        hostname=socket.gethostname(),
+    )
+    assert container.id not in on_host

@@ -186,3 +186,17 @@ async def test_backend_by_host_name_is_resolved_and_early_datagrams_wait_for_it(
             assert replies == [b"early 0", b"early 1", b"early 2"]
             assert await ask(client, b"later") == b"later"
             assert live.counters.udp_datagrams_in == live.counters.udp_datagrams_out == 4
+
+
+@pytest.mark.parametrize(("scheme", "ipv4_port_taken"), [("udp6", False), ("udp", True)])
+async def test_ipv6_listener_is_v6_only_and_dual_stack_takes_ipv4_too(
+    scheme: Any, ipv4_port_taken: bool
+) -> None:
+    async with running_route(udp_spec(1, bind="::", scheme=scheme)) as live:
+        port = live.bound[0][1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as v4:
+            if ipv4_port_taken:
+                with pytest.raises(OSError):
+                    v4.bind(("127.0.0.1", port))
+            else:
+                v4.bind(("127.0.0.1", port))

@@ -168,3 +168,18 @@ async def test_hooks_see_every_datagram_with_the_counters_totals() -> None:
             assert hook.sizes == {"in": counters.bytes_in, "out": counters.bytes_out}
             assert counters.bytes_in == sum(range(1, 21))
         assert (hook.opened, hook.closed) == (2, 2)
+
+
+async def test_sessions_move_off_a_backend_that_left_the_route() -> None:
+    async with (
+        udp_upstream() as old,
+        udp_upstream() as new,
+        running_route(udp_spec(old.port)) as live,
+        client_of(live) as client,
+    ):
+        assert await ask(client, b"to old") == b"to old"
+        live.update(udp_spec(new.port))
+        assert await ask(client, b"to new") == b"to new"
+        assert [d for d, _ in old.received] == [b"to old"]
+        assert [d for d, _ in new.received] == [b"to new"]
+        assert live.counters.udp_sessions_active == 1

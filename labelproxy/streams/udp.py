@@ -14,6 +14,11 @@ Behaviour a user sees:
 - Idle expiry (`idle_timeout`, default `LABELPROXY_UDP_IDLE_TIMEOUT` = 5m): a session is
   closed after that long without a datagram in either direction; the next datagram from that
   address opens a new session (possibly to another backend).
+- Backends change (`live.update`): new sessions use the new backends; a session whose backend
+  left the route (container stopped, unhealthy, replaced) is ended (reason `backend_gone`)
+  when the change is seen, and the client's next datagram opens a session to a current
+  backend. A UDP session has nothing to drain, and would otherwise stick to a dead backend
+  for as long as its client keeps talking.
 - Upstream errors (an ICMP "port unreachable" from the backend, a send that fails) count as
   `upstream_error` drops and never end the session or the listener.
 - `proxy_protocol: v2` puts a PROXY v2 header (command PROXY, transport DGRAM, the real client
@@ -73,7 +78,7 @@ async def serve_udp(
 
             relay = UdpRelay(live, sock, loop=loop, spawn=spawn)
             relay.start()
-            logger.info(
+            logger.debug(
                 "udp listener up on %s for route %s",
                 spec.key,
                 spec.alias,
@@ -93,7 +98,7 @@ async def serve_udp(
         if relay is not None:
             relay.close_all(reason)
         live.finished.set()
-        logger.info(
+        logger.debug(
             "udp listener down on %s for route %s",
             spec.key,
             spec.alias,

@@ -18,7 +18,6 @@ exactly once and one access-log record is written.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import time
@@ -28,8 +27,15 @@ from typing import Any
 import anyio
 
 from labelproxy.spec import Backend
-from labelproxy.streams.hooks import BaseHook, ConnInfo, Hook, MetricsHook
+from labelproxy.streams.hooks import ConnInfo, Hook
 from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.udp_session import (
+    UdpSession,
+    hooks_wanting_chunks,
+    is_ip_literal,
+    log_session_closed,
+    log_session_opened,
+)
 from labelproxy.streams.udp_sockets import (
     MAX_DATAGRAM,
     SockAddr,
@@ -40,7 +46,6 @@ from labelproxy.streams.udp_sockets import (
 )
 
 logger = logging.getLogger(__name__)
-access_log = logging.getLogger("labelproxy.access")
 
 #: Datagrams handled per readiness callback before yielding to the loop (fairness).
 BATCH = 256
@@ -48,29 +53,6 @@ BATCH = 256
 PENDING_LIMIT = 32
 
 Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
-
-
-class UdpSession:
-    """One client address, its upstream socket and its accounting."""
-
-    __slots__ = ("addr", "closed", "conn", "header", "last_active", "pending", "sock")
-
-    def __init__(self, addr: SockAddr, conn: ConnInfo, header: bytes | None) -> None:
-        self.addr = addr
-        self.conn = conn
-        self.header = header
-        self.sock: socket.socket | None = None
-        self.pending: list[bytes] | None = None
-        self.last_active = time.monotonic()
-        self.closed = False
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return True
 
 
 class UdpRelay:
@@ -93,6 +75,7 @@ class UdpRelay:
         self._view = memoryview(self._buf)
         name = listener.getsockname()
         self.bound: tuple[str, int] = (str(name[0]), int(name[1]))
+        self._spec_seen = live.spec
         self._hooks_seen: tuple[Hook, ...] = ()
         self._chunk_hooks: tuple[Hook, ...] = ()
         self._listening = False
@@ -116,6 +99,8 @@ class UdpRelay:
     async def expire_idle_sessions(self) -> None:
         """Close sessions idle (both ways) for the route's idle_timeout; runs until cancelled."""
         while True:
+            if self.live.spec is not self._spec_seen:
+                self._adopt_spec()
             idle = self.live.idle_timeout
             now = time.monotonic()
             if idle is None or idle <= 0:
@@ -131,16 +116,19 @@ class UdpRelay:
             await anyio.sleep(min(max(earliest - now, min(idle / 20, 1.0)), 30.0))
 
     # -- sessions ------------------------------------------------------------------------
+    def _adopt_spec(self) -> None:
+        """The route's spec changed: end sessions whose backend left it (see udp.py)."""
+        self._spec_seen = spec = self.live.spec
+        current = set(spec.backends)
+        for session in list(self.sessions.values()):
+            if session.conn.backend not in current:
+                self.close_session(session, "backend_gone")
+
     def _chunk_hooks_now(self) -> tuple[Hook, ...]:
         hooks = self.live.hooks
         if hooks is not self._hooks_seen:
             self._hooks_seen = hooks
-            self._chunk_hooks = tuple(
-                h
-                for h in hooks
-                if not isinstance(h, MetricsHook)
-                and getattr(type(h), "on_chunk", BaseHook.on_chunk) is not BaseHook.on_chunk
-            )
+            self._chunk_hooks = hooks_wanting_chunks(hooks)
         return self._chunk_hooks
 
     def _open_session(self, addr: SockAddr) -> UdpSession | None:
@@ -166,14 +154,8 @@ class UdpRelay:
             header = proxy_v2_header(client, conn.listen)
         session = UdpSession(addr, conn, header)
         self.sessions[addr] = session
-        logger.debug(
-            "udp session open %s -> %s on %s",
-            client,
-            backend,
-            live.spec.key,
-            extra={"route": conn.route, "protocol": "udp", "dst": str(backend), "action": "open"},
-        )
-        if _is_ip(backend.host):
+        log_session_opened(conn, listen=str(live.spec.key))
+        if is_ip_literal(backend.host):
             try:
                 self._attach(session, open_upstream(backend.host, backend.port))
             except OSError as exc:
@@ -239,36 +221,15 @@ class UdpRelay:
         conn = session.conn
         conn.close_reason = reason
         self.live.release(conn)
-        duration = time.monotonic() - conn.started
-        access_log.info(
-            "udp %s:%d -> %s route=%s in=%d out=%d duration=%.3fs reason=%s",
-            conn.client[0],
-            conn.client[1],
-            conn.backend,
-            conn.route,
-            conn.bytes_in,
-            conn.bytes_out,
-            duration,
-            reason,
-            extra={
-                "route": conn.route,
-                "protocol": "udp",
-                "listen": str(self.live.spec.key),
-                "dst": str(conn.backend),
-                "action": "close",
-                "client": f"{conn.client[0]}:{conn.client[1]}",
-                "bytes_in": conn.bytes_in,
-                "bytes_out": conn.bytes_out,
-                "duration": round(duration, 6),
-                "reason": reason,
-            },
-        )
+        log_session_closed(conn, listen=str(self.live.spec.key), reason=reason)
 
     # -- hot path ------------------------------------------------------------------------
     def _on_client_readable(self) -> None:
         recvfrom_into = self.listener.recvfrom_into
         buf, view, sessions = self._buf, self._view, self.sessions
         counters = self.live.counters
+        if self.live.spec is not self._spec_seen:
+            self._adopt_spec()
         chunk_hooks = self._chunk_hooks_now()
         now = time.monotonic()
         count = nbytes = errors = 0

@@ -1,0 +1,100 @@
+"""A UDP session's state and its logs: `UdpSession`, the access-log record, hook selection.
+
+`UdpSession` is what the relay keeps per client address (its upstream socket, the PROXY
+header built once for it, the last activity time). The access log is one INFO record on
+logger `labelproxy.access` per ended session, with structured context (`extra`) for the JSON
+log format; session opens are logged at DEBUG.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+
+from labelproxy.streams.hooks import BaseHook, ConnInfo, Hook, MetricsHook
+from labelproxy.streams.udp_sockets import SockAddr
+
+logger = logging.getLogger(__name__)
+access_log = logging.getLogger("labelproxy.access")
+
+
+class UdpSession:
+    """One client address, its upstream socket and its accounting."""
+
+    __slots__ = ("addr", "closed", "conn", "header", "last_active", "pending", "sock")
+
+    def __init__(self, addr: SockAddr, conn: ConnInfo, header: bytes | None) -> None:
+        self.addr = addr
+        self.conn = conn
+        self.header = header
+        self.sock: socket.socket | None = None
+        self.pending: list[bytes] | None = None  # datagrams waiting for name resolution
+        self.last_active = time.monotonic()
+        self.closed = False
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def hooks_wanting_chunks(hooks: tuple[Hook, ...]) -> tuple[Hook, ...]:
+    """The hooks whose `on_chunk` does something, except the metrics hook: the relay adds
+    the same sizes to the route's counters itself, once per batch."""
+    return tuple(
+        h
+        for h in hooks
+        if not isinstance(h, MetricsHook)
+        and getattr(type(h), "on_chunk", BaseHook.on_chunk) is not BaseHook.on_chunk
+    )
+
+
+def log_session_opened(conn: ConnInfo, *, listen: str) -> None:
+    logger.debug(
+        "udp session open %s:%d -> %s on %s",
+        conn.client[0],
+        conn.client[1],
+        conn.backend,
+        listen,
+        extra={
+            "route": conn.route,
+            "protocol": "udp",
+            "listen": listen,
+            "dst": str(conn.backend),
+            "action": "open",
+        },
+    )
+
+
+def log_session_closed(conn: ConnInfo, *, listen: str, reason: str) -> None:
+    """The access-log record of an ended session."""
+    duration = time.monotonic() - conn.started
+    access_log.info(
+        "udp %s:%d -> %s route=%s in=%d out=%d duration=%.3fs reason=%s",
+        conn.client[0],
+        conn.client[1],
+        conn.backend,
+        conn.route,
+        conn.bytes_in,
+        conn.bytes_out,
+        duration,
+        reason,
+        extra={
+            "route": conn.route,
+            "protocol": "udp",
+            "listen": listen,
+            "dst": str(conn.backend),
+            "action": "close",
+            "client": f"{conn.client[0]}:{conn.client[1]}",
+            "backend": str(conn.backend),
+            "bytes_in": conn.bytes_in,
+            "bytes_out": conn.bytes_out,
+            "duration": round(duration, 6),
+            "reason": reason,
+        },
+    )

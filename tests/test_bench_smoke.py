@@ -1,0 +1,82 @@
+"""Smoke test of the side-by-side benchmark: `python -m bench --quick` runs and reports.
+
+It runs the real benchmark (real peers, real labelproxy, the C load generators, a private
+dockerd for the convergence section when dockerd is installed) with tiny loads, and checks what
+a user sees: exit status 0, a Markdown table for every metric with a row for every target, and
+the report written to the results directory. It asserts no timing: speed belongs in bench/.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.report import SECTIONS
+from bench.targets import ALL_TARGETS
+from bench.toolchain import find_missing
+from tests.support.dockerd import missing_requirements
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT = 240
+
+
+def _require_peers() -> None:
+    missing = find_missing()
+    if not missing:
+        return
+    message = f"benchmark peers missing: {', '.join(missing)} (apt-get install them)"
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def _tables(markdown: str) -> dict[str, str]:
+    """Metric table title -> its text, for every `####` table in the report."""
+    blocks = re.split(r"^#### ", markdown, flags=re.MULTILINE)[1:]
+    return {block.splitlines()[0]: block for block in blocks}
+
+
+def test_quick_benchmark_prints_every_target_in_every_table(tmp_path: Path) -> None:
+    _require_peers()
+    args = [sys.executable, "-m", "bench", "--quick", "--no-install", "--out", str(tmp_path)]
+    with_docker = missing_requirements() is None
+    if not with_docker:
+        args.append("--skip-docker")
+    done = subprocess.run(
+        args, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
+    )
+    assert done.returncode == 0, f"bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    out = done.stdout
+    assert out.startswith("# labelproxy side-by-side benchmark")
+    assert "- machine: " in out and "- command: `python" in out
+    assert "### Errors" not in out
+
+    tables = _tables(out)
+    expected = [
+        metric.title
+        for section in SECTIONS
+        if with_docker or section.key != "convergence"
+        for metric in section.metrics
+    ]
+    assert [title.split(" (")[0] for title in tables] == expected
+    for title, table in tables.items():
+        assert "| target | median | min-max | vs direct | vs best peer |" in table
+        for target in ALL_TARGETS:
+            assert re.search(rf"^\| {target} \| \S", table, re.MULTILINE), (title, target)
+
+    # labelproxy measured every section it takes part in (a number, not n/a or an error)
+    for title, table in tables.items():
+        row = re.search(r"^\| labelproxy \| ([^|]+)\|", table, re.MULTILINE)
+        assert row is not None and re.match(r"[\d,.]+ $", row.group(1)), (title, row)
+
+    saved = (tmp_path / "latest.md").read_text()
+    assert saved.strip() == out.strip()
+    assert (tmp_path / "latest.json").is_file()
