@@ -153,7 +153,9 @@ class Children:
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], *, timeout: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout`; always reaps the child."""
+        """SIGTERM, then SIGKILL after `timeout`; always reaps the child. Its descendants
+        (socat's per-client forks) get SIGTERM too, by PID, so none outlives the bench."""
+        descendants = process_tree([proc.pid])[1:] if proc.poll() is None else []
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGTERM)
@@ -163,6 +165,9 @@ class Children:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=timeout)
+        for pid in descendants:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
         for stream in (proc.stdin, proc.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):

@@ -28,7 +28,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from labelproxy.compose import ComposeError, ComposeProject, load_compose, views_of
 from labelproxy.containers import ContainerView, DiscoveryContext
@@ -113,40 +113,13 @@ def check_running(*, docker_host: str, label_prefix: str) -> CheckResult:
     """Lint the running containers of the engine at `docker_host`."""
     if docker_host == "none":
         raise CheckError("discovery is off (LABELPROXY_DOCKER_HOST=none): use --compose FILE")
-    import docker  # noqa: PLC0415 - only this path needs the engine
-    import docker.errors  # noqa: PLC0415
-    import requests.exceptions  # noqa: PLC0415
-
-    from labelproxy.discovery import (  # noqa: PLC0415
-        daemon_host_of,
-        own_container_hints,
-        own_networks,
-        view_from_attrs,
-    )
+    from labelproxy.discovery import DiscoveryError, list_once  # noqa: PLC0415
 
     try:
-        client: Any = docker.DockerClient(base_url=docker_host, timeout=30)
-        try:
-            summaries = client.api.containers(filters={"status": "running"})
-            views = []
-            for summary in summaries:
-                try:
-                    views.append(view_from_attrs(client.api.inspect_container(summary["Id"])))
-                except docker.errors.NotFound:
-                    continue  # gone between list and inspect
-        finally:
-            client.close()
-    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
-        raise CheckError(f"cannot list the containers of {docker_host}: {exc}") from None
-    hints = own_container_hints(
-        cgroup=_read("/proc/self/cgroup"),
-        mountinfo=_read("/proc/self/mountinfo"),
-        hostname=socket.gethostname(),
-    )
-    own = own_networks(views, hints)
-    ctx = DiscoveryContext(
-        label_prefix=label_prefix, own_networks=own, daemon_host=daemon_host_of(docker_host)
-    )
+        views, ctx = list_once(docker_host=docker_host, label_prefix=label_prefix)
+    except DiscoveryError as exc:
+        raise CheckError(str(exc)) from None
+    own = ctx.own_networks
     state = build_desired(views, ctx)
     local = ctx.daemon_host is None
     return CheckResult(
@@ -154,13 +127,6 @@ def check_running(*, docker_host: str, label_prefix: str) -> CheckResult:
         state=state,
         warnings=tuple(_network_warnings(views, ctx, own_on_host=local and not own)),
     )
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError:
-        return ""
 
 
 def _own_networks(project: ComposeProject) -> frozenset[str]:

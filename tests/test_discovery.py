@@ -22,8 +22,8 @@ import docker
 import pytest
 
 from labelproxy.containers import ContainerView, DiscoveryContext, PortBinding
-from labelproxy.discovery import (
-    Discovery,
+from labelproxy.discovery import Discovery
+from labelproxy.dockerviews import (
     daemon_host_of,
     own_container_hints,
     own_networks,
