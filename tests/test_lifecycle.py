@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,3 +231,34 @@ def test_json_logs_and_access_log(tmp_path: Path, echo: TcpEcho) -> None:
         assert record["route"] == "a"
         assert record["bytes_in"] == 5 and record["bytes_out"] == 5
         assert str(record["client"]).startswith("127.0.0.1")
+
+
+def test_routes_command_prints_the_table(tmp_path: Path, echo: TcpEcho) -> None:
+    port = free_port()
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {"shown": tcp_route(port, echo.port),
+                          "broken": {**tcp_route(free_port(), echo.port), "port": "99999"}})
+    with labelproxy(static_env(routes)) as lp:
+        assert echo_roundtrip(port, b"abc") == b"abc"
+        proc = subprocess.run(
+            [sys.executable, "-m", "labelproxy", "routes", "--url", lp.base],
+            capture_output=True, text=True, timeout=30, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines[0].split()[:4] == ["ROUTE", "LISTEN", "SCHEME", "STATE"]
+        row = next(line for line in lines if line.startswith("shown"))
+        assert f"tcp://127.0.0.1:{port}" in row and " up " in row
+        assert f"127.0.0.1:{echo.port}" in row
+        assert "PROBLEMS" in proc.stdout and "99999" in proc.stdout
+    down = subprocess.run(
+        [sys.executable, "-m", "labelproxy", "routes", "--url", lp.base],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert down.returncode == 1 and "cannot read" in down.stderr
+
+
+def test_version() -> None:
+    proc = subprocess.run([sys.executable, "-m", "labelproxy", "--version"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith("labelproxy ")
