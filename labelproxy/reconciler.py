@@ -195,12 +195,12 @@ class Reconciler:
 
 
 def _ctx(spec: RouteSpec, *, action: str) -> dict[str, str]:
+    containers = sorted({b.container_name for b in spec.backends if b.container_name})
     return {
         "route": spec.alias,
         "protocol": spec.scheme,
         "listen": str(spec.key),
         "dst": ",".join(str(b) for b in spec.backends) or "-",
-        "container": ",".join(sorted({b.container_name for b in spec.backends if b.container_name}))
-        or spec.source,
+        "container": ",".join(containers),
         "action": action,
     }

@@ -24,7 +24,6 @@ from tests.test_tcp_support import (
     connect,
     free_port,
     ping,
-    recv_exactly,
     recv_until_eof,
     running_route,
     tcp_spec,
@@ -56,7 +55,12 @@ async def test_echo_and_counters_match_bytes_relayed(caplog: pytest.LogCaptureFi
         records = [r for r in caplog.records if r.name == "labelproxy.access"]
         assert len(records) == 1
         rec: Any = records[0]
-        assert (rec.route, rec.bytes_in, rec.bytes_out, rec.reason) == ("echo", 100_005, 100_005, "eof")
+        assert (rec.route, rec.bytes_in, rec.bytes_out, rec.reason) == (
+            "echo",
+            100_005,
+            100_005,
+            "eof",
+        )
         assert rec.backend == f"127.0.0.1:{up.port}"
         assert rec.client.startswith("127.0.0.1:")
 
@@ -338,7 +342,9 @@ async def test_bind_conflict_raises_before_started() -> None:
         taken.listen(1)
         spec = tcp_spec(1)
         spec = type(spec)(
-            alias="t", scheme="tcp4", key=type(spec.key)("tcp", "127.0.0.1", taken.getsockname()[1]),
+            alias="t",
+            scheme="tcp4",
+            key=type(spec.key)("tcp", "127.0.0.1", taken.getsockname()[1]),
             backends=spec.backends,
         )
         live = LiveRoute(spec, counters=Metrics().route("t"), edge=EdgePolicy())
@@ -366,3 +372,19 @@ async def test_dual_stack_listener_takes_ipv4_and_ipv6_clients() -> None:
             async with stream:
                 assert await ping(stream) == b"ping"
         assert len(up.peers) == 2
+
+
+async def test_copy_relay_fallback_echoes_and_half_closes() -> None:
+    data = os.urandom(5_000_000)
+    async with upstream() as up, running_route(tcp_spec(up.port), zero_copy=False) as live:
+        stream = await connect(live)
+        async with stream, anyio.create_task_group() as tg:
+
+            async def send() -> None:
+                await stream.send(data)
+                await stream.send_eof()
+
+            tg.start_soon(send)
+            assert await recv_until_eof(stream) == data
+        await wait_for(lambda: live.counters.connections_active == 0)
+        assert (live.counters.bytes_in, live.counters.bytes_out) == (len(data), len(data))

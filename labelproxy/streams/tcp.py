@@ -73,6 +73,7 @@ class _TcpServer:
         self.pool = PipePool() if zero_copy else None
         self.hooks: Callable[[], tuple[Hook, ...]] = lambda: live.hooks
         self.tg: anyio.abc.TaskGroup | None = None
+        self._last_listen: tuple[str, int] = ("", 0)
 
     @property
     def active(self) -> int:
@@ -164,9 +165,7 @@ class _TcpServer:
         try:
             client.setblocking(False)
             set_nodelay(client)
-            peer = (unmap(peer_addr[0]), int(peer_addr[1]))
-            listen = bound_address(client)
-            listen = (unmap(listen[0]), listen[1])
+            peer, listen = self._addresses(client, peer_addr)
             source, dest, rest, sniff = peer, listen, b"", False
             mode = live.edge.accept_proxy_protocol
             if mode != "off":
@@ -216,6 +215,24 @@ class _TcpServer:
                 if conn is not None:
                     self._release(conn)
             self._settled()
+
+    def _addresses(
+        self, client: socket.socket, peer_addr: tuple[str, int]
+    ) -> tuple[tuple[str, int], tuple[str, int]]:
+        """(client, listener) addresses, IPv4-mapped ones unwrapped; the listener tuple is
+        shared between connections that hit the same address (idle connections stay small)."""
+        if client.family == socket.AF_INET6:
+            peer = (unmap(peer_addr[0]), int(peer_addr[1]))
+            name = bound_address(client)
+            listen = (unmap(name[0]), name[1])
+        else:
+            peer = (peer_addr[0], peer_addr[1])
+            listen = bound_address(client)
+        if listen == self._last_listen:
+            listen = self._last_listen
+        else:
+            self._last_listen = listen
+        return peer, listen
 
     def _relay(
         self,
