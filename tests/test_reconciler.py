@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from labelproxy.reconciler import Plan, plan
-from labelproxy.spec import Backend, ListenKey, RouteOptions, RouteSpec, Scheme
+from labelproxy.spec import Backend, ListenKey, RouteOptions, RouteSpec, Scheme, transport_of
 
 
 def spec(
@@ -17,11 +17,10 @@ def spec(
     bind: str = "::",
     max_conn: int | None = None,
 ) -> RouteSpec:
-    transport = "udp" if scheme.startswith("udp") else "tcp"
     return RouteSpec(
         alias=alias,
         scheme=scheme,
-        key=ListenKey(transport, bind, port),
+        key=ListenKey(transport_of(scheme), bind, port),
         backends=(Backend(backend, 22),),
         options=RouteOptions(max_connections=max_conn),
     )
