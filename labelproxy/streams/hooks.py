@@ -119,4 +119,5 @@ class MetricsHook(BaseHook):
             self.counters.connections_active -= 1
         else:
             self.counters.udp_sessions_active -= 1
-        self.counters.observe_connection(time.monotonic() - conn.started)
+        if conn.backend is not None:  # only what was relayed: not a datagram with no backend
+            self.counters.observe_connection(time.monotonic() - conn.started)

@@ -86,7 +86,7 @@ class _TcpServer:
             self.tg = conns
             async with anyio.create_task_group() as acceptors:
                 acceptors.start_soon(self._accept_loop, self.sock)
-                logger.info("route %s: listening on %s", live.spec.alias, live.spec.key)
+                logger.debug("route %s: listening on %s", live.spec.alias, live.spec.key)
                 task_status.started()
                 await live.closing.wait()
                 acceptors.cancel_scope.cancel()
