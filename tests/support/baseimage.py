@@ -28,12 +28,34 @@ DEFAULT_CACHE = Path("/var/cache/labelproxy-test")
 DEFAULT_TAG = "labelproxy-test/python-base:bookworm"
 TARBALL_NAME = "bookworm-minbase-python3.tar"
 SUITE = "bookworm"
-MIRROR = "http://deb.debian.org/debian"
+APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 DEBOOTSTRAP_TIMEOUT = 900.0
 
 
 class BaseImageError(Exception):
     """The base image could not be made; the message says why."""
+
+
+def debian_mirror() -> str:
+    """The Debian archive this machine's apt uses (or `LABELPROXY_DEBIAN_MIRROR`)."""
+    override = os.environ.get("LABELPROXY_DEBIAN_MIRROR")
+    if override:
+        return override
+    files: list[Path] = []
+    for source in APT_SOURCES:
+        if source.is_dir():
+            files.extend(sorted(p for p in source.iterdir() if p.suffix in (".list", ".sources")))
+        elif source.is_file():
+            files.append(source)
+    for path in files:
+        for line in path.read_text(errors="replace").splitlines():
+            words = line.split("#", 1)[0].split()
+            urls = [w for w in words if w.startswith(("http://", "https://"))]
+            if urls and (words[0] in ("deb", "URIs:")) and urls[0].rstrip("/").endswith("/debian"):
+                return urls[0]
+    raise BaseImageError(
+        "no Debian archive found in the apt sources; set LABELPROXY_DEBIAN_MIRROR"
+    )
 
 
 def cache_dir() -> Path:
@@ -63,7 +85,7 @@ def ensure_base_tarball(*, cache: Path | None = None) -> Path:
                 "--include=python3-venv",
                 SUITE,
                 str(root),
-                MIRROR,
+                debian_mirror(),
             ]
             logger.info("making the base rootfs: %s", " ".join(cmd))
             try:
