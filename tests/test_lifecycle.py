@@ -8,8 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -152,64 +152,51 @@ def test_engine_unreachable_still_serves_static_routes(tmp_path: Path, echo: Tcp
         assert lp.metric("labelproxy_docker_connected") == 0
 
 
-def test_sigterm_drains_then_exits_zero(tmp_path: Path, echo: TcpEcho) -> None:
+@contextmanager
+def proxy_with_held_connection(
+    tmp_path: Path, echo: TcpEcho, *, drain: str
+) -> Iterator[tuple[LabelproxyProcess, int, socket.socket]]:
+    """A static-route labelproxy with drain timeout `drain` and one live, echoing connection."""
     port = free_port()
     routes = tmp_path / "routes.yaml"
     write_routes(routes, {"a": tcp_route(port, echo.port)})
-    lp = LabelproxyProcess(static_env(routes, LABELPROXY_DRAIN_TIMEOUT="20s"))
+    lp = LabelproxyProcess(static_env(routes, LABELPROXY_DRAIN_TIMEOUT=drain))
     try:
         lp.wait_ready()
-        held = socket.create_connection(("127.0.0.1", port), timeout=5)
-        held.sendall(b"ping")
-        assert recv_exact(held, 4) == b"ping"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as held:
+            held.sendall(b"ping")
+            assert recv_exact(held, 4) == b"ping"
+            yield lp, port, held
+    finally:
+        lp.stop()
+
+
+def test_sigterm_drains_then_exits_zero(tmp_path: Path, echo: TcpEcho) -> None:
+    with proxy_with_held_connection(tmp_path, echo, drain="20s") as (lp, port, held):
         lp.signal(signal.SIGTERM)
         wait_for(lambda: not accepts(port), what="listener closed on SIGTERM")
         held.sendall(b"still here")  # the live connection keeps working while draining
         assert recv_exact(held, 10) == b"still here"
         assert lp.proc.poll() is None
-        held.close()  # last connection done -> the process exits without waiting 20 s
+        held.shutdown(socket.SHUT_WR)  # last connection done -> exit without waiting 20 s
+        assert held.recv(10) == b""
         assert lp.proc.wait(timeout=10) == 0
-    finally:
-        lp.stop()
 
 
 def test_drain_deadline_then_exit(tmp_path: Path, echo: TcpEcho) -> None:
-    port = free_port()
-    routes = tmp_path / "routes.yaml"
-    write_routes(routes, {"a": tcp_route(port, echo.port)})
-    lp = LabelproxyProcess(static_env(routes, LABELPROXY_DRAIN_TIMEOUT="1s"))
-    try:
-        lp.wait_ready()
-        held = socket.create_connection(("127.0.0.1", port), timeout=10)
-        held.sendall(b"x")
-        assert recv_exact(held, 1) == b"x"
+    with proxy_with_held_connection(tmp_path, echo, drain="1s") as (lp, _, held):
         lp.signal(signal.SIGTERM)
         assert lp.proc.wait(timeout=15) == 0
         assert held.recv(10) == b""  # the proxy closed it at the deadline
-        held.close()
-    finally:
-        lp.stop()
 
 
 def test_second_sigterm_exits_at_once(tmp_path: Path, echo: TcpEcho) -> None:
-    port = free_port()
-    routes = tmp_path / "routes.yaml"
-    write_routes(routes, {"a": tcp_route(port, echo.port)})
-    lp = LabelproxyProcess(static_env(routes, LABELPROXY_DRAIN_TIMEOUT="60s"))
-    try:
-        lp.wait_ready()
-        held = socket.create_connection(("127.0.0.1", port), timeout=5)
-        held.sendall(b"x")
-        assert recv_exact(held, 1) == b"x"
+    with proxy_with_held_connection(tmp_path, echo, drain="60s") as (lp, port, _):
         lp.signal(signal.SIGTERM)
         wait_for(lambda: not accepts(port), what="draining")
-        started = time.monotonic()
         lp.signal(signal.SIGTERM)
-        assert lp.proc.wait(timeout=10) != 0
-        assert time.monotonic() - started < 10
-        held.close()
-    finally:
-        lp.stop()
+        # well before the 60 s drain deadline, and with the forced-exit status
+        assert lp.proc.wait(timeout=10) == 1
 
 
 def test_json_logs_and_access_log(tmp_path: Path, echo: TcpEcho) -> None:
