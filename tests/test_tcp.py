@@ -24,6 +24,7 @@ from tests.test_tcp_support import (
     connect,
     free_port,
     ping,
+    recv_exactly,
     recv_until_eof,
     running_route,
     tcp_spec,
@@ -388,3 +389,30 @@ async def test_copy_relay_fallback_echoes_and_half_closes() -> None:
             assert await recv_until_eof(stream) == data
         await wait_for(lambda: live.counters.connections_active == 0)
         assert (live.counters.bytes_in, live.counters.bytes_out) == (len(data), len(data))
+
+
+@pytest.mark.parametrize("zero_copy", [None, False])
+async def test_bulk_then_small_messages_on_one_connection(zero_copy: bool | None) -> None:
+    """A direction switches to splice on bulk and back to copying when it goes quiet: bytes
+    and counters stay exact across the switches, both ways."""
+    bulk = os.urandom(3_000_000)
+    async with (
+        upstream() as up,
+        running_route(tcp_spec(up.port), zero_copy=zero_copy) as live,
+    ):
+        stream = await connect(live)
+        async with stream:
+            total = 0
+            for round_ in range(2):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(stream.send, bulk)
+                    assert await recv_exactly(stream, len(bulk)) == bulk
+                total += len(bulk)
+                for i in range(50):
+                    payload = f"ping {round_} {i}".encode()
+                    assert await ping(stream, payload) == payload
+                    total += len(payload)
+            await stream.send_eof()
+            assert await recv_until_eof(stream) == b""
+        await wait_for(lambda: live.counters.connections_active == 0)
+        assert (live.counters.bytes_in, live.counters.bytes_out) == (total, total)

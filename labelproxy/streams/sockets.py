@@ -12,15 +12,19 @@ closed, so the caller can report the route in error before it says "started".
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import logging
 import socket
+import struct
+import termios
 
 from labelproxy.spec import Family, ListenKey
 
 logger = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 4096
+_ON = struct.pack("i", 1)
 
 
 def has_ipv6() -> bool:
@@ -99,3 +103,23 @@ def set_nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         logger.debug("TCP_NODELAY unavailable on %s", sock)
+
+
+def set_nonblocking(fd: int) -> None:
+    """O_NONBLOCK on a raw socket fd in one syscall (FIONBIO)."""
+    fcntl.ioctl(fd, termios.FIONBIO, _ON)
+
+
+def local_address(fd: int, family: socket.AddressFamily) -> tuple[str, int]:
+    """(host, port) a raw socket fd is bound to (a throwaway socket object, fd kept)."""
+    carrier = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    try:
+        return bound_address(carrier)
+    finally:
+        carrier.detach()
+
+
+def accept_fd(sock: socket.socket) -> tuple[int, tuple[str, int]]:
+    """`accept` returning a raw fd (for a socket without CPython's `_accept`)."""
+    client, peer = sock.accept()
+    return client.detach(), peer

@@ -1,11 +1,11 @@
-"""Zero-copy relay: `os.splice` socket -> pipe -> socket, bytes never enter Python.
+"""Zero-copy plumbing: `os.splice` socket -> pipe -> socket, bytes never enter Python.
 
-`SpliceRelay` is a `relay.Relay` whose staging area is a pipe instead of a buffer. Pipes come
-from a `PipePool` (one per listener) only while a direction has bytes in flight and go back
-to it as soon as the pipe is empty, so an idle connection holds no pipe at all; pooled pipes
-are sized once with F_SETPIPE_SZ. Sockets are non-blocking and every splice uses
-SPLICE_F_NONBLOCK | SPLICE_F_MOVE, so the event loop's readiness callbacks drive it.
-`splice_supported()` says whether this platform has it (else the copy relay is used).
+The relay (`relay.Relay`) splices a direction once it carries bulk data. Pipes come from a
+`PipePool` (one per listener) only while a direction has bytes in flight and go back to it
+as soon as the pipe is empty, so an idle connection holds no pipe at all; pooled pipes are
+sized once with F_SETPIPE_SZ. Sockets are non-blocking and every splice uses
+SPLICE_F_NONBLOCK | SPLICE_F_MOVE (`SPLICE_FLAGS`), so readiness events drive it.
+`splice_supported()` says whether this platform has it (else the relay only copies).
 """
 
 from __future__ import annotations
@@ -14,16 +14,13 @@ import contextlib
 import fcntl
 import logging
 import os
-from typing import Any
-
-from labelproxy.streams.relay import Half, Relay
 
 logger = logging.getLogger(__name__)
 
 PIPE_SIZE = 1024 * 1024
 POOL_MAX = 128
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
 def splice_supported() -> bool:
@@ -38,7 +35,7 @@ def splice_supported() -> bool:
         r2, w2 = os.pipe()
         try:
             os.write(w, b"x")
-            return os.splice(r, w2, 1, flags=_FLAGS) == 1
+            return os.splice(r, w2, 1, flags=SPLICE_FLAGS) == 1
         finally:
             os.close(r2)
             os.close(w2)
@@ -80,33 +77,3 @@ class PipePool:
             r, w = self._free.pop()
             os.close(r)
             os.close(w)
-
-
-class SpliceRelay(Relay):
-    """`Relay` that moves bytes through a pooled pipe with `os.splice`."""
-
-    __slots__ = ("pool",)
-
-    def __init__(self, *args: Any, pool: PipePool, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.pool = pool
-
-    def _pull(self, half: Half) -> int:
-        pipe = half.pipe
-        if pipe is None:
-            pipe = half.pipe = self.pool.acquire()
-        n = os.splice(half.src.fileno(), pipe[1], self.pool.size, flags=_FLAGS)
-        half.staged = n
-        return n
-
-    def _push(self, half: Half) -> int:
-        assert half.pipe is not None
-        n = os.splice(half.pipe[0], half.dst.fileno(), half.staged, flags=_FLAGS)
-        half.staged -= n
-        return n
-
-    def _release_staging(self, half: Half) -> None:
-        pipe = half.pipe
-        if pipe is not None:
-            half.pipe = None
-            self.pool.release(pipe, clean=half.staged == 0)

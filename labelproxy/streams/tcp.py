@@ -1,12 +1,15 @@
 """The TCP listener of one route: bind, accept, admit, dial, relay, drain.
 
-`serve_tcp(live)` binds `live.spec.key` (raising OSError before "started" when it cannot),
-accepts in batches (backing off on EMFILE/ENFILE/ENOBUFS/ENOMEM, never dying on them) and
-gives each connection a short setup task: the client's PROXY header when accepted from
-trusted proxies, the hooks (`live.admit`: ACL, cap, metrics), backend choice and dial with
-failover, the PROXY header for the upstream. The setup task then hands both sockets to a
-callback-driven relay (zero-copy `SpliceRelay`, or the copy `Relay` where splice is missing)
-and ends, so an idle connection costs two sockets and a few small objects, no coroutine.
+`serve_tcp(live)` binds `live.spec.key` (raising OSError before "started" when it cannot)
+and accepts in batches from an event-loop reader callback (backing off on EMFILE/ENFILE/
+ENOBUFS/ENOMEM, never dying on them). The common path has no task per connection: accept ->
+hooks (`live.admit`: ACL, cap, metrics) -> backend pick -> a `dialer.Connector` (non-blocking
+connect with failover, timeout as a timer) -> `relay.Relay`, all in loop callbacks, every
+socket watched by the listener's edge-triggered `Poller`. Where a coroutine is simpler, a
+short setup task does the same steps (`tcp_setup`): a trusted client's PROXY header must be
+read first, or a backend is a hostname to resolve. An idle connection costs two socket
+fds, a few small objects and two epoll entries. It needs epoll (Linux); elsewhere
+`serve_tcp` raises OSError, like a bind failure.
 
 On `live.close()` the listening socket closes at once (`live.listener_closed`), live
 connections get `live.drain_timeout` seconds to end, the rest are closed, `live.finished`.
@@ -16,29 +19,37 @@ connection logs one INFO record on `labelproxy.access`.
 
 from __future__ import annotations
 
-import errno
+import asyncio
 import logging
+import os
 import socket
-import time
-from collections.abc import Callable
 
 import anyio
 import anyio.abc
 
-from labelproxy.streams.handshake import HeaderRefusedError, dial, read_client_header
-from labelproxy.streams.hooks import ConnInfo, Hook
+from labelproxy.spec import Backend, RouteSpec
+from labelproxy.streams.accept import Acceptor
+from labelproxy.streams.dialer import Address, Connector, literal_addresses
+from labelproxy.streams.hooks import BaseHook, ConnInfo, Hook
+from labelproxy.streams.poller import Poller
+from labelproxy.streams.poller import available as poller_available
 from labelproxy.streams.proxyproto import build_header
 from labelproxy.streams.relay import Relay
 from labelproxy.streams.route import LiveRoute
-from labelproxy.streams.sockets import bind_socket, bound_address, set_nodelay, unmap
-from labelproxy.streams.splice import PipePool, SpliceRelay, splice_supported
+from labelproxy.streams.sockets import (
+    bind_socket,
+    bound_address,
+    local_address,
+    set_nodelay,
+    set_nonblocking,
+    unmap,
+)
+from labelproxy.streams.splice import PipePool, splice_supported
+from labelproxy.streams.tcp_setup import log_access, setup_task
 
 logger = logging.getLogger(__name__)
-access_log = logging.getLogger("labelproxy.access")
 
-_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_ACCEPT_BATCH = 128
-_BACKOFF_MIN, _BACKOFF_MAX = 0.01, 1.0
+_UNSPECIFIED = frozenset({"0.0.0.0", "::"})
 
 
 async def serve_tcp(
@@ -49,11 +60,18 @@ async def serve_tcp(
 ) -> None:
     """Serve `live`'s TCP listener until it is closed and drained (or this task is cancelled).
 
-    `zero_copy`: None picks splice where the platform has it; False forces the copy relay.
+    `zero_copy`: None splices bulk transfers where the platform can; False only copies.
     """
+    if not poller_available():
+        raise OSError("the TCP relay needs epoll (Linux)")
     sock = bind_socket(live.spec.key, live.spec.family)
+    set_nodelay(sock)  # accepted sockets inherit TCP_NODELAY (Linux): no syscall each
     use_splice = splice_supported() if zero_copy is None else zero_copy
-    server = _TcpServer(live, sock, zero_copy=use_splice)
+    try:
+        server = _TcpServer(live, sock, zero_copy=use_splice)
+    except BaseException:
+        sock.close()
+        raise
     try:
         live.bound = [bound_address(sock)]
         await server.run(task_status)
@@ -66,30 +84,39 @@ class _TcpServer:
 
     def __init__(self, live: LiveRoute, sock: socket.socket, *, zero_copy: bool) -> None:
         self.live = live
-        self.sock: socket.socket | None = sock
-        self.relays: set[Relay] = set()
-        self.setups = 0
-        self._empty: anyio.Event | None = None
+        self.loop = asyncio.get_running_loop()
+        self.acceptor = Acceptor(
+            self.loop, sock, self._admit, name=f"route {live.spec.alias} on {live.spec.key}"
+        )
+        self.poller = Poller(self.loop)
         self.pool = PipePool() if zero_copy else None
-        self.hooks: Callable[[], tuple[Hook, ...]] = lambda: live.hooks
+        self.conns: set[Relay | Connector] = set()  # dialing or relaying, for drain/abort
+        self.setups = 0  # setup tasks (tcp_setup)
         self.tg: anyio.abc.TaskGroup | None = None
+        self.idle_timeout: float | None = live.idle_timeout
+        self._empty: anyio.Event | None = None
+        self._hooks_seen: tuple[Hook, ...] | None = None
+        self._chunk_hooks: tuple[Hook, ...] = ()
+        self._spec_seen: RouteSpec | None = None
+        self._addrs: dict[Backend, Address] | None = None
         self._last_listen: tuple[str, int] = ("", 0)
+        bound = bound_address(sock)
+        self._family = sock.family
+        fixed = sock.family == socket.AF_INET and bound[0] not in _UNSPECIFIED
+        self._fixed_listen = bound if fixed else None
 
     @property
     def active(self) -> int:
-        return self.setups + len(self.relays)
+        return self.setups + len(self.conns)
 
     async def run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         live = self.live
-        assert self.sock is not None
-        async with anyio.create_task_group() as conns:
-            self.tg = conns
-            async with anyio.create_task_group() as acceptors:
-                acceptors.start_soon(self._accept_loop, self.sock)
-                logger.debug("route %s: listening on %s", live.spec.alias, live.spec.key)
-                task_status.started()
-                await live.closing.wait()
-                acceptors.cancel_scope.cancel()
+        async with anyio.create_task_group() as tg:
+            self.tg = tg
+            self.acceptor.start()
+            logger.debug("route %s: listening on %s", live.spec.alias, live.spec.key)
+            task_status.started()
+            await live.closing.wait()
             self._close_listener()
             if self.active:
                 logger.info(
@@ -102,139 +129,147 @@ class _TcpServer:
                 while self.active:
                     self._empty = anyio.Event()
                     await self._empty.wait()
-            conns.cancel_scope.cancel()
+            tg.cancel_scope.cancel()
         self._abort_all("drain_timeout")
 
     def shutdown(self) -> None:
         self._close_listener()
         self._abort_all("shutdown")
+        self.poller.close()
         if self.pool is not None:
             self.pool.close()
         self.live.finished.set()
 
     def _close_listener(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        self.acceptor.close()
         self.live.listener_closed.set()
 
     def _abort_all(self, reason: str) -> None:
-        for relay in list(self.relays):
-            relay.abort(reason)
+        for conn in list(self.conns):
+            conn.abort(reason)
 
-    def _settled(self) -> None:
+    def settled(self) -> None:
         if self._empty is not None and not self.active:
             self._empty.set()
 
-    # -- accept ----------------------------------------------------------------------------
-    async def _accept_loop(self, sock: socket.socket) -> None:
-        assert self.tg is not None
-        backoff = 0.0
-        while True:
-            await anyio.wait_readable(sock)
-            for _ in range(_ACCEPT_BATCH):
-                try:
-                    client, peer = sock.accept()
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno in _RESOURCE_ERRNOS:
-                        if not backoff:
-                            logger.error(
-                                "route %s: accept failed on %s: %s; backing off",
-                                self.live.spec.alias,
-                                self.live.spec.key,
-                                exc,
-                            )
-                        backoff = min(max(backoff * 2, _BACKOFF_MIN), _BACKOFF_MAX)
-                        await anyio.sleep(backoff)
-                        break
-                    logger.debug("route %s: accept: %s", self.live.spec.alias, exc)
-                    continue
-                backoff = 0.0
-                self.setups += 1
-                self.tg.start_soon(self._setup, client, peer)
-
-    # -- one connection --------------------------------------------------------------------
-    async def _setup(self, client: socket.socket, peer_addr: tuple[str, int]) -> None:
-        live = self.live
-        spec = live.spec
-        upstream: socket.socket | None = None
-        conn: ConnInfo | None = None
-        handed_off = False
-        try:
-            client.setblocking(False)
-            set_nodelay(client)
-            peer, listen = self._addresses(client, peer_addr)
-            source, dest, rest, sniff = peer, listen, b"", False
-            mode = live.edge.accept_proxy_protocol
-            if mode != "off":
-                trusted = live.trusted_proxies is not None and live.trusted_proxies.permits(peer[0])
-                if trusted:
-                    try:
-                        header = await read_client_header(
-                            client, mode=mode, timeout=live.edge.proxy_header_timeout
-                        )
-                    except HeaderRefusedError as exc:
-                        live.counters.reject("proxy_header")
-                        logger.info("route %s: refused client %s: %s", spec.alias, peer[0], exc)
-                        return
-                    source = header.source or peer
-                    dest = header.dest or listen
-                    rest = header.rest
-                else:
-                    sniff = True
-            conn = ConnInfo(
-                route=spec.alias, transport="tcp", client=source, peer=peer, listen=dest
+    # -- what the relays ask for -----------------------------------------------------------
+    def chunk_hooks(self) -> tuple[Hook, ...]:
+        """The hooks that want `on_chunk` (re-read when the route's hooks change)."""
+        hooks = self.live.hooks
+        if hooks is not self._hooks_seen:
+            self._hooks_seen = hooks
+            self._chunk_hooks = tuple(
+                h for h in hooks if getattr(type(h), "on_chunk", None) is not BaseHook.on_chunk
             )
-            reason = live.admit(conn)
-            if reason is not None:
-                logger.debug("route %s: refused client %s (%s)", spec.alias, source[0], reason)
-                conn = None
-                return
-            upstream = await self._dial(conn)
-            if upstream is None:
-                return
-            version = live.spec.options.proxy_protocol
-            if version is not None:
-                rest = build_header(version, source, dest) + rest
-            relay = self._relay(client, upstream, conn, prefix=rest, sniff=sniff)
-            self.relays.add(relay)
-            handed_off = True
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("route %s: %s -> %s open", spec.alias, source[0], conn.backend)
-            relay.start()
-        except Exception:
-            logger.exception("route %s: connection setup failed", spec.alias)
-        finally:
-            self.setups -= 1
-            if not handed_off:
-                client.close()
-                if upstream is not None:
-                    upstream.close()
-                if conn is not None:
-                    self._release(conn)
-            self._settled()
+            self.idle_timeout = self.live.idle_timeout
+        return self._chunk_hooks
 
-    def _addresses(
-        self, client: socket.socket, peer_addr: tuple[str, int]
+    def relay_done(self, relay: Relay) -> None:
+        self.conns.discard(relay)
+        conn = relay.conn
+        if conn.close_reason == "proxy_header":
+            self.live.counters.reject("proxy_header")
+        self.release(conn)
+        self.settled()
+
+    def release(self, conn: ConnInfo) -> None:
+        self.live.release(conn)
+        log_access(conn)
+
+    # -- one connection, the callback path -------------------------------------------------
+    def _admit(self, client: int, peer_addr: tuple[str, int]) -> None:
+        live = self.live
+        set_nonblocking(client)
+        peer, listen = self.addresses(client, peer_addr)
+        sniff = False
+        if live.edge.accept_proxy_protocol != "off":
+            trusted = live.trusted_proxies is not None and live.trusted_proxies.permits(peer[0])
+            sniff = not trusted
+        addrs = self._addresses_of(live.spec)
+        if addrs is None or (live.edge.accept_proxy_protocol != "off" and not sniff):
+            self._spawn(client, peer, listen)
+            return
+        spec = live.spec
+        conn = ConnInfo(route=spec.alias, transport="tcp", client=peer, peer=peer, listen=listen)
+        reason = live.admit(conn)
+        if reason is not None:
+            logger.debug("route %s: refused client %s (%s)", spec.alias, peer[0], reason)
+            os.close(client)
+            return
+        first = live.pick_backend(peer[0])
+        if first is None:
+            live.counters.reject("no_backend")
+            conn.close_reason = "no_backend"
+            os.close(client)
+            self.release(conn)
+            return
+        order = [(first, addrs[first])]
+        if len(spec.backends) > 1:
+            order += [(b, addrs[b]) for b in spec.backends if b != first]
+        version = spec.options.proxy_protocol
+        prefix = build_header(version, peer, listen) if version is not None else b""
+        connector = Connector(self, client, conn, order, prefix=prefix, sniff=sniff)
+        self.conns.add(connector)
+        connector.start()
+
+    def _addresses_of(self, spec: RouteSpec) -> dict[Backend, Address] | None:
+        if spec is not self._spec_seen:
+            self._spec_seen = spec
+            self._addrs = literal_addresses(spec.backends)
+        return self._addrs
+
+    def connected(self, connector: Connector, upstream: int, events: int) -> None:
+        self.conns.discard(connector)
+        relay = Relay(
+            self,
+            connector.client,
+            upstream,
+            connector.conn,
+            prefix=connector.prefix,
+            sniff=connector.sniff,
+        )
+        self.conns.add(relay)
+        if logger.isEnabledFor(logging.DEBUG):
+            conn = relay.conn
+            logger.debug("route %s: %s -> %s open", conn.route, conn.client[0], conn.backend)
+        relay.start(upstream_events=events)
+
+    def failed(self, connector: Connector) -> None:
+        self.conns.discard(connector)
+        os.close(connector.client)
+        self.release(connector.conn)
+        self.settled()
+
+    def addresses(
+        self, client: int, peer_addr: tuple[str, int]
     ) -> tuple[tuple[str, int], tuple[str, int]]:
         """(client, listener) addresses, IPv4-mapped ones unwrapped; the listener tuple is
         shared between connections that hit the same address (idle connections stay small)."""
-        if client.family == socket.AF_INET6:
+        if self._fixed_listen is not None:
+            return peer_addr, self._fixed_listen
+        if self._family == socket.AF_INET6:
             peer = (unmap(peer_addr[0]), int(peer_addr[1]))
-            name = bound_address(client)
+            name = local_address(client, self._family)
             listen = (unmap(name[0]), name[1])
         else:
             peer = (peer_addr[0], peer_addr[1])
-            listen = bound_address(client)
+            listen = local_address(client, self._family)
         if listen == self._last_listen:
             listen = self._last_listen
         else:
             self._last_listen = listen
         return peer, listen
 
-    def _relay(
+    # -- one connection, the task path -----------------------------------------------------
+    def _spawn(self, client: int, peer: tuple[str, int], listen: tuple[str, int]) -> None:
+        if self.tg is None:
+            os.close(client)
+            return
+        self.setups += 1
+        sock = socket.socket(self._family, socket.SOCK_STREAM, 0, client)
+        self.tg.start_soon(setup_task, self, sock, peer, listen)
+
+    def start_relay(
         self,
         client: socket.socket,
         upstream: socket.socket,
@@ -242,89 +277,8 @@ class _TcpServer:
         *,
         prefix: bytes,
         sniff: bool,
-    ) -> Relay:
-        idle = self.live.idle_timeout
-        if self.pool is not None:
-            return SpliceRelay(
-                client,
-                upstream,
-                conn=conn,
-                hooks=self.hooks,
-                on_done=self._relay_done,
-                prefix=prefix,
-                idle_timeout=idle,
-                sniff=sniff,
-                pool=self.pool,
-            )
-        return Relay(
-            client,
-            upstream,
-            conn=conn,
-            hooks=self.hooks,
-            on_done=self._relay_done,
-            prefix=prefix,
-            idle_timeout=idle,
-            sniff=sniff,
-        )
-
-    async def _dial(self, conn: ConnInfo) -> socket.socket | None:
-        """Connect to the picked backend, then to the others in turn; None if all fail."""
-        live = self.live
-        first = live.pick_backend(conn.client[0])
-        if first is None:
-            live.counters.reject("no_backend")
-            conn.close_reason = "no_backend"
-            return None
-        backends = live.spec.backends
-        order = [first] + [b for b in backends if b != first]
-        for backend in order:
-            conn.backend = backend
-            live.backend_opened(backend)
-            started = time.monotonic()
-            try:
-                sock = await dial(backend, timeout=live.connect_timeout)
-            except (OSError, TimeoutError) as exc:
-                live.backend_closed(backend)
-                conn.backend = None
-                live.counters.dial_errors += 1
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timeout"
-                logger.error("route %s: dial %s failed: %s", conn.route, backend, why)
-                continue
-            live.counters.observe_dial(time.monotonic() - started)
-            return sock
-        conn.close_reason = "dial_error"
-        return None
-
-    def _relay_done(self, relay: Relay) -> None:
-        self.relays.discard(relay)
-        conn = relay.conn
-        if conn.close_reason == "proxy_header":
-            self.live.counters.reject("proxy_header")
-        self._release(conn)
-        self._settled()
-
-    def _release(self, conn: ConnInfo) -> None:
-        self.live.release(conn)
-        if access_log.isEnabledFor(logging.INFO):
-            duration = time.monotonic() - conn.started
-            backend = str(conn.backend) if conn.backend is not None else ""
-            access_log.info(
-                "%s %s:%d -> %s in=%d out=%d %.3fs %s",
-                conn.route,
-                conn.client[0],
-                conn.client[1],
-                backend or "-",
-                conn.bytes_in,
-                conn.bytes_out,
-                duration,
-                conn.close_reason or "closed",
-                extra={
-                    "client": f"{conn.client[0]}:{conn.client[1]}",
-                    "route": conn.route,
-                    "backend": backend,
-                    "bytes_in": conn.bytes_in,
-                    "bytes_out": conn.bytes_out,
-                    "duration": round(duration, 6),
-                    "reason": conn.close_reason or "closed",
-                },
-            )
+    ) -> None:
+        """Hand a task-path connection to a relay (both sockets connected)."""
+        relay = Relay(self, client.detach(), upstream.detach(), conn, prefix=prefix, sniff=sniff)
+        self.conns.add(relay)
+        relay.start()

@@ -1,0 +1,207 @@
+"""Dialing a connection's upstream from event-loop callbacks (no task per connection).
+
+`Connector` tries the route's backends in order (the picked one first): a non-blocking
+`connect_ex`, the socket added to the listener's `Poller`, the connect timeout as a
+`loop.call_later` handle. The first backend that accepts wins and the connector hands the
+socket to its owner (`connected`), which starts the relay; when every backend failed, or
+on `abort`, it tells the owner (`failed`), which closes the client and releases the
+connection. Dial accounting (in-flight per backend, dial errors, the dial histogram, the
+error log) matches the task path in `handshake.dial` / `tcp._TcpServer._dial`.
+
+Backends must be IP literals here (`literal_address`); a hostname goes the task path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+from typing import Protocol
+
+from labelproxy.spec import Backend
+from labelproxy.streams.hooks import ConnInfo
+from labelproxy.streams.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, WRITABLE, Poller
+from labelproxy.streams.route import LiveRoute
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[socket.AddressFamily, tuple[str, int]]
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+_FAILED = EPOLLERR | EPOLLHUP
+
+
+def literal_address(backend: Backend) -> Address | None:
+    """(family, sockaddr) of a backend whose host is an IP literal; None for a hostname."""
+    host = backend.host
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    return family, (host, backend.port)
+
+
+def literal_addresses(backends: Iterable[Backend]) -> dict[Backend, Address] | None:
+    """Each backend's socket address when all are IP literals, else None (task path)."""
+    addrs: dict[Backend, Address] = {}
+    for backend in backends:
+        addr = literal_address(backend)
+        if addr is None:
+            return None
+        addrs[backend] = addr
+    return addrs
+
+
+class Owner(Protocol):
+    loop: asyncio.AbstractEventLoop
+    poller: Poller
+    live: LiveRoute
+
+    def connected(self, connector: Connector, upstream: int, events: int) -> None: ...
+
+    def failed(self, connector: Connector) -> None: ...
+
+
+class Connector:
+    """Connects one admitted client (a raw socket fd) to the first backend of `order` that
+    answers."""
+
+    __slots__ = (
+        "_order",
+        "_sock",
+        "_started",
+        "_timer",
+        "addresses",
+        "client",
+        "conn",
+        "done",
+        "owner",
+        "prefix",
+        "sniff",
+    )
+
+    def __init__(
+        self,
+        owner: Owner,
+        client: int,
+        conn: ConnInfo,
+        order: list[tuple[Backend, Address]],
+        *,
+        prefix: bytes,
+        sniff: bool,
+    ) -> None:
+        self.owner = owner
+        self.client = client
+        self.conn = conn
+        self._order = order
+        self.prefix = prefix
+        self.sniff = sniff
+        self._sock: socket.socket | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._started = 0.0
+        self.done = False
+
+    def start(self) -> None:
+        """Dial the next backend; call from the loop (never from a poller dispatch)."""
+        owner = self.owner
+        live = owner.live
+        while self._order and not self.done:
+            backend, (family, addr) = self._order.pop(0)
+            self.conn.backend = backend
+            live.backend_opened(backend)
+            self._started = time.monotonic()
+            try:  # SOCK_NONBLOCK: born non-blocking, no extra syscall
+                sock = socket.socket(family, _STREAM_NONBLOCK)
+            except OSError as exc:
+                self._dial_error(exc.strerror or str(exc))
+                continue
+            try:  # noqa: SIM105 (hot path: no context manager)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            err = sock.connect_ex(addr)
+            if err == 0:
+                self._sock = sock
+                owner.poller.add(sock.fileno(), self)
+                self._connected(EPOLLIN | EPOLLOUT)
+                return
+            if err != errno.EINPROGRESS:
+                sock.close()
+                self._dial_error(os.strerror(err))
+                continue
+            self._sock = sock
+            owner.poller.add(sock.fileno(), self)
+            self._timer = owner.loop.call_later(live.connect_timeout, self._timed_out)
+            return
+        if not self.done:
+            self.done = True
+            self.conn.close_reason = "dial_error"
+            owner.failed(self)
+
+    def on_event(self, fd: int, events: int) -> None:
+        sock = self._sock
+        if self.done or sock is None or not events & WRITABLE:
+            return
+        if not events & _FAILED:  # writable and no error: connected (no SO_ERROR syscall)
+            self._connected(events)
+            return
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == 0:
+            self._connected(events)
+            return
+        self._drop_socket()
+        self._dial_error(os.strerror(err))
+        self.owner.loop.call_soon(self.start)  # not inside the poller's dispatch (fd reuse)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self.done:
+            return
+        self._drop_socket()
+        self._dial_error("timeout")
+        self.start()
+
+    def _connected(self, events: int) -> None:
+        sock = self._sock
+        assert sock is not None
+        self._sock = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.done = True
+        self.owner.live.counters.observe_dial(time.monotonic() - self._started)
+        self.owner.connected(self, sock.detach(), events)
+
+    def _dial_error(self, why: str) -> None:
+        live = self.owner.live
+        backend = self.conn.backend
+        if backend is not None:
+            live.backend_closed(backend)
+        self.conn.backend = None
+        live.counters.dial_errors += 1
+        logger.error("route %s: dial %s failed: %s", self.conn.route, backend, why)
+
+    def _drop_socket(self) -> None:
+        sock = self._sock
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if sock is not None:
+            self._sock = None
+            self.owner.poller.forget(sock.fileno())
+            sock.close()
+
+    def abort(self, reason: str) -> None:
+        """Give up (drain deadline, shutdown): the owner closes the client (idempotent)."""
+        if self.done:
+            return
+        self.done = True
+        self._drop_socket()
+        if not self.conn.close_reason:
+            self.conn.close_reason = reason
+        self.owner.failed(self)
