@@ -3,20 +3,20 @@
 Level-triggered: on each connection it subscribes to the engine's events first, then lists the
 running containers and publishes the whole list as `ContainerView`s (`on_snapshot`). Any
 relevant event, and a timer every `resync_interval`, triggers another full list (coalesced and
-throttled: a burst of events gives few lists, the latest state wins). A list inspects only the
-containers that are new or changed since the last one; the timer re-inspects them all. When the
+throttled: a burst of events gives few lists, the latest state wins). Views are built from the
+list itself (one request however many containers); a container is inspected only when the list
+cannot describe it exactly, once (`dockerviews.needing_details`). When the
 event stream ends or a call fails, it reports `on_connected(False)` and reconnects with
 exponential backoff (0.1 s doubling up to 5 s), then lists again.
 
 docker-py is blocking: its calls run in worker threads; the event-reading thread talks to the
 event loop only through `anyio.from_thread`. Cancelling `serve` closes the event stream, which
-ends that thread. `view_from_attrs` (inspect JSON -> view) is pure and usable without an engine.
+ends that thread. The JSON -> view conversion (`dockerviews`) is pure and usable without an engine.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +31,15 @@ import requests.exceptions
 
 from labelproxy.containers import ContainerView, DiscoveryContext
 from labelproxy.dockerviews import (
+    InspectDetails,
     daemon_host_of,
+    details_from_attrs,
+    needing_details,
     own_networks,
     read_own_hints,
-    view_from_attrs,
+    view_from_summary,
 )
+from labelproxy.labels import LabelFacts
 
 logger = logging.getLogger(__name__)
 
@@ -48,54 +52,60 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 RELIST_THROTTLE = 0.05  # at most one list per 50 ms; events in between are coalesced
 SETTLE_DELAY = 0.5  # one more list this long after the last event
 DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
-_HEALTH_IN_STATUS = re.compile(r"\((healthy|unhealthy|health: starting)\)")
 
 
-def _fingerprint(summary: Mapping[str, Any]) -> tuple[str, ...]:
-    """What in a `containers` list entry changes when a container's view changes."""
-    status = _HEALTH_IN_STATUS.search(str(summary.get("Status") or ""))
-    nets = (summary.get("NetworkSettings") or {}).get("Networks") or {}
-    return (
-        ",".join(summary.get("Names") or ()),
-        str(summary.get("State")),
-        status.group(1) if status else "",
-        repr(sorted((k, v.get("IPAddress"), v.get("GlobalIPv6Address")) for k, v in nets.items())),
-        repr(sorted(repr(sorted(p.items())) for p in summary.get("Ports") or ())),
-    )
+@dataclass(slots=True)
+class ListMemo:
+    """What discovery remembers per running container between lists (all fixed per container):
+    inspected details, and the label facts that decide whether to inspect."""
+
+    details: dict[str, InspectDetails] = field(default_factory=dict)
+    facts: dict[str, LabelFacts] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class _Cached:
-    fingerprint: tuple[str, ...]
-    view: ContainerView
-
-
-def _list_running(
-    client: Any, cache: Mapping[str, _Cached], *, full: bool
-) -> tuple[tuple[ContainerView, ...], dict[str, _Cached]]:
-    """Worker thread: list the running containers; inspect only new or changed ones."""
-    fresh: dict[str, _Cached] = {}
+def list_running(
+    client: Any, known: ListMemo, *, label_prefix: str
+) -> tuple[tuple[ContainerView, ...], ListMemo]:
+    """Worker thread: list the running containers and build their views from the list alone;
+    inspect only the few the list cannot describe exactly (`needing_details`), once each."""
+    summaries: dict[str, Mapping[str, Any]] = {}
+    views: dict[str, ContainerView] = {}
+    fresh = ListMemo()
+    details = fresh.details
     for summary in client.api.containers(filters={"status": "running"}):
-        cid, fingerprint = str(summary["Id"]), _fingerprint(summary)
-        hit = cache.get(cid)
-        if hit is not None and hit.fingerprint == fingerprint and not full:
-            fresh[cid] = hit
-            continue
+        cid = str(summary.get("Id"))
+        summaries[cid] = summary
+        if cid in known.details:
+            details[cid] = known.details[cid]
+        if cid in known.facts:
+            fresh.facts[cid] = known.facts[cid]
+        _add_view(views, summary, details.get(cid))
+    need = needing_details(
+        views.values(), label_prefix=label_prefix, known=details, memo=fresh.facts
+    )
+    for cid in sorted(need):
         try:
             attrs = client.api.inspect_container(cid)
+            details[cid] = details_from_attrs(attrs)
         except docker.errors.NotFound:
-            continue  # gone between list and inspect
-        state = attrs.get("State") or {}
-        if not state.get("Running") or state.get("Paused"):
+            del views[cid]  # gone between list and inspect
             continue
-        try:
-            fresh[cid] = _Cached(fingerprint, view_from_attrs(attrs))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            name = str(attrs.get("Name", cid)).lstrip("/")
-            logger.error("container %s skipped: unreadable inspect data (%r)", name, exc,
-                         extra={"container": name, "action": "inspect"})  # fmt: skip
-    views = sorted((c.view for c in fresh.values()), key=lambda v: (v.created, v.id))
-    return tuple(views), fresh
+        _add_view(views, summaries[cid], details[cid])
+    ordered = sorted(views.values(), key=lambda v: (v.created, v.id))
+    return tuple(ordered), fresh
+
+
+def _add_view(
+    views: dict[str, ContainerView], summary: Mapping[str, Any], details: InspectDetails | None
+) -> None:
+    try:
+        view = view_from_summary(summary, details=details)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        name = ",".join(summary.get("Names") or ()).lstrip("/") or str(summary.get("Id"))
+        logger.error("container %s skipped: unreadable list data (%r)", name, exc,
+                     extra={"container": name, "action": "list"})  # fmt: skip
+        return
+    views[view.id] = view
 
 
 @dataclass(slots=True)
@@ -128,7 +138,7 @@ class Discovery:
         self._on_event = on_event
         self._api_timeout = api_timeout
         self._connected: bool | None = None
-        self._cache: dict[str, _Cached] = {}
+        self._known = ListMemo()
         self._published: dict[str, ContainerView] = {}
         self._hints: frozenset[str] = frozenset()
 
@@ -172,7 +182,7 @@ class Discovery:
             session = _Session()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._follow_events, stream, session, tg.cancel_scope)
-                if await self._publish(client, session, tg.cancel_scope, full=True):
+                if await self._publish(client, session, tg.cancel_scope):
                     self._set_connected(True, f"API {client.api.api_version}")
                     await self._relist_forever(client, session, tg.cancel_scope)
             return session.lost or "connection ended"
@@ -219,20 +229,19 @@ class Discovery:
             with anyio.move_on_after(max(wait, 0.0)):
                 await session.dirty.wait()
             event = session.dirty.is_set()
-            full = not event and settle_at is None  # the timer: re-inspect everything
             settle_at = anyio.current_time() + SETTLE_DELAY if event else None
             session.dirty = anyio.Event()
-            if not await self._publish(client, session, scope, full=full):
+            if not await self._publish(client, session, scope):
                 return
             await anyio.sleep(RELIST_THROTTLE)
 
-    async def _publish(
-        self, client: Any, session: _Session, scope: anyio.CancelScope, *, full: bool
-    ) -> bool:
+    async def _publish(self, client: Any, session: _Session, scope: anyio.CancelScope) -> bool:
         """List and hand the whole snapshot over; on failure mark the session lost."""
+        prefix = self._label_prefix
         try:
-            views, self._cache = await anyio.to_thread.run_sync(
-                lambda: _list_running(client, self._cache, full=full), abandon_on_cancel=True
+            views, self._known = await anyio.to_thread.run_sync(
+                lambda: list_running(client, self._known, label_prefix=prefix),
+                abandon_on_cancel=True,
             )
         except DOCKER_ERRORS as exc:
             session.lost = f"listing containers failed: {type(exc).__name__}: {exc}"
@@ -289,7 +298,7 @@ def list_once(
     try:
         client: Any = docker.DockerClient(base_url=docker_host, timeout=timeout)
         try:
-            views, _ = _list_running(client, {}, full=True)
+            views, _ = list_running(client, ListMemo(), label_prefix=label_prefix)
         finally:
             client.close()
     except DOCKER_ERRORS as exc:

@@ -22,7 +22,7 @@ field is a problem naming the valid ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from labelproxy.containers import ContainerView, DiscoveryContext
@@ -32,6 +32,7 @@ from labelproxy.fields import (
     PortMap,
     RouteFields,
     parse_bool,
+    parse_ports,
     parse_route_fields,
     scheme_problem,
 )
@@ -41,7 +42,10 @@ from labelproxy.spec import transport_of as transport_of_scheme
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Declared", "declare_container", "parse_container", "parse_route_fields"]
+__all__ = [
+    "Declared", "LabelFacts", "declare_container", "label_facts", "parse_container",
+    "parse_route_fields",
+]  # fmt: skip
 
 CONTAINER_LABELS = ("aliases", "exclude", "network")
 # GoDoxy labels that make no sense for an L4 proxy: ignored, with their dotted sub-fields.
@@ -85,31 +89,116 @@ def declare_container(
 ) -> tuple[tuple[Declared, ...], tuple[Problem, ...]]:
     """Like `parse_container`, keeping each route's port label for conflict reports."""
     prefix = ctx.label_prefix + "."
-    ours = {k[len(prefix) :]: (k, v) for k, v in view.labels.items() if k.startswith(prefix)}
+    ours = _ours(view.labels, prefix)
     if not ours:
         return (), ()
     problems: list[Problem] = []
-
-    def problem(route: str, key: str, value: str, message: str) -> None:
-        problems.append(Problem("label", route, view.name, key, value, message))
-
     if "exclude" in ours:
         key, value = ours["exclude"]
         try:
             if parse_bool(value):
                 return (), ()
         except ValueError as exc:
-            problem("", key, value, f"{exc}; the container is skipped")
-            return (), tuple(problems)
+            message = f"{exc}; the container is skipped"
+            return (), (Problem("label", "", view.name, key, value, message),)
+    network = ours["network"][1].strip() if "network" in ours else None
+    network_label = ours["network"][0] if "network" in ours else prefix + "network"
+    grouped = _group(ours, prefix=prefix, name=view.name)
+    problems.extend(grouped.problems)
+    declared: list[Declared] = []
+    for alias in sorted(grouped.specific):
+        merged = grouped.merged(alias)
+        if merged.get("scheme", ("", ""))[1].strip().lower() in HTTP_SCHEMES:
+            logger.debug("skipping HTTP route %s of %s (not an L4 route)", alias, view.name)
+            continue
+        route, route_problems = parse_route_fields(
+            alias,
+            {field: value for field, (_, value) in merged.items()},
+            source=view.name,
+            label_of=_label_lookup(merged, prefix=prefix, alias=alias),
+        )
+        problems.extend(route_problems)
+        if route is not None:
+            specs, found = _alias_specs(
+                view, ctx, route, network=network, network_label=network_label, labels=merged
+            )
+            declared.extend(specs)
+            problems.extend(found)
+    return tuple(declared), tuple(problems)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelFacts:
+    """What a container's labels need from Docker beyond its labels (for discovery, which
+    builds views from the container list and inspects a container only when these say so).
+
+    `listen_ports`: every port one of its aliases would listen on (a superset: it ignores
+    transport, bind and whether the route resolves). `scheme_from_ports`: some alias has no
+    `scheme` label, so its scheme defaults from the container's exposed/published ports."""
+
+    listen_ports: frozenset[int] = frozenset()
+    scheme_from_ports: bool = False
+
+
+def label_facts(labels: Mapping[str, str], *, label_prefix: str, name: str = "") -> LabelFacts:
+    """The `LabelFacts` of a container's labels (pure; empty when it declares no route)."""
+    prefix = label_prefix + "."
+    ours = _ours(labels, prefix)
+    if not ours:
+        return LabelFacts()
+    if "exclude" in ours:
+        try:
+            if parse_bool(ours["exclude"][1]):
+                return LabelFacts()
+        except ValueError:
+            return LabelFacts()  # skipped as unreadable
+    grouped = _group(ours, prefix=prefix, name=name)
+    listen: set[int] = set()
+    scheme_from_ports = False
+    for alias in grouped.specific:
+        merged = grouped.merged(alias)
+        if "scheme" not in merged:
+            scheme_from_ports = True
+        elif merged["scheme"][1].strip().lower() in HTTP_SCHEMES:
+            continue
+        try:
+            listen.update(pm.listen for pm in parse_ports(merged.get("port", ("", ""))[1]))
+        except ValueError:
+            continue  # the alias fails to parse: it claims nothing
+    return LabelFacts(frozenset(listen), scheme_from_ports)
+
+
+@dataclass(slots=True)
+class _Grouped:
+    """A container's labels under the prefix, sorted into aliases (see the module doc)."""
+
+    specific: dict[str, Sourced]
+    numbered: dict[str, Sourced]
+    wildcard: Sourced
+    problems: list[Problem]
+
+    def merged(self, alias: str) -> Sourced:
+        """An alias's fields: its own over `#N` over `*`."""
+        return {**self.wildcard, **self.numbered.get(alias, {}), **self.specific[alias]}
+
+
+def _ours(labels: Mapping[str, str], prefix: str) -> dict[str, tuple[str, str]]:
+    """Labels under `prefix` (with its dot): rest of the key -> (full key, value)."""
+    return {k[len(prefix) :]: (k, v) for k, v in labels.items() if k.startswith(prefix)}
+
+
+def _group(ours: Mapping[str, tuple[str, str]], *, prefix: str, name: str) -> _Grouped:
+    """Sort the route labels into aliases; unplaceable labels become problems."""
+    grouped = _Grouped({}, {}, {}, [])
+    specific, numbered, wildcard = grouped.specific, grouped.numbered, grouped.wildcard
+
+    def problem(route: str, key: str, value: str, message: str) -> None:
+        grouped.problems.append(Problem("label", route, name, key, value, message))
+
     listed: list[str] = []
     if "aliases" in ours:
         listed = [a.strip() for a in ours["aliases"][1].split(",") if a.strip()]
-    network = ours["network"][1].strip() if "network" in ours else None
-    network_label = ours["network"][0] if "network" in ours else prefix + "network"
-
-    specific: dict[str, Sourced] = {alias: {} for alias in listed}
-    numbered: dict[str, Sourced] = {}
-    wildcard: Sourced = {}
+    specific.update({alias: {} for alias in listed})
     by_length = sorted(set(listed), key=len, reverse=True)
     for rest, (key, value) in sorted(ours.items()):
         if rest in CONTAINER_LABELS:
@@ -134,13 +223,13 @@ def declare_container(
             elif "." in rest:
                 alias, _, field = rest.partition(".")
             elif rest in GODOXY_CONTAINER_LABELS:
-                logger.debug("ignoring GoDoxy label %s on %s", key, view.name)
+                logger.debug("ignoring GoDoxy label %s on %s", key, name)
                 continue
             else:
                 problem(
                     "", key, value,
                     f"unknown label; expected {prefix}<alias>.<field> or one of "
-                    + ", ".join(prefix + name for name in CONTAINER_LABELS),
+                    + ", ".join(prefix + label for label in CONTAINER_LABELS),
                 )  # fmt: skip
                 continue
             if not alias:
@@ -148,33 +237,14 @@ def declare_container(
                 continue
             target = specific.setdefault(alias, {})
         if field not in FIELDS and field.partition(".")[0] in GODOXY_ROUTE_FIELDS:
-            logger.debug("ignoring GoDoxy HTTP label %s on %s", key, view.name)
+            logger.debug("ignoring GoDoxy HTTP label %s on %s", key, name)
             continue
         target[field] = (key, value)
 
     if wildcard and not specific:
         for key, value in sorted(wildcard.values()):
             problem("*", key, value, f"applies to every alias, but {prefix}aliases lists none")
-    declared: list[Declared] = []
-    for alias in sorted(specific):
-        merged: Sourced = {**wildcard, **numbered.get(alias, {}), **specific[alias]}
-        if merged.get("scheme", ("", ""))[1].strip().lower() in HTTP_SCHEMES:
-            logger.debug("skipping HTTP route %s of %s (not an L4 route)", alias, view.name)
-            continue
-        route, route_problems = parse_route_fields(
-            alias,
-            {field: value for field, (_, value) in merged.items()},
-            source=view.name,
-            label_of=_label_lookup(merged, prefix=prefix, alias=alias),
-        )
-        problems.extend(route_problems)
-        if route is not None:
-            specs, found = _alias_specs(
-                view, ctx, route, network=network, network_label=network_label, labels=merged
-            )
-            declared.extend(specs)
-            problems.extend(found)
-    return tuple(declared), tuple(problems)
+    return grouped
 
 
 def _alias_specs(

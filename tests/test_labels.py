@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import pytest
 
 from labelproxy.containers import ContainerView, DiscoveryContext, PortBinding
-from labelproxy.labels import parse_container
+from labelproxy.labels import LabelFacts, label_facts, parse_container
 from labelproxy.spec import Backend, ListenKey, Problem, RouteOptions, RouteSpec
 
 CTX = DiscoveryContext()
@@ -332,3 +332,28 @@ def test_proxy_network_not_joined_is_a_problem_on_the_network_label() -> None:
     assert problem.kind == "address"
     assert "app" in problem.message
     assert_names(problem, "proxy.network", "backend")
+
+
+@pytest.mark.parametrize(
+    ("labels", "listen_ports", "scheme_from_ports"),
+    [
+        ({}, set(), False),
+        ({"other.a.port": "80"}, set(), False),
+        ({"proxy.a.port": "80"}, {80}, True),
+        ({"proxy.a.port": "80:8080", "proxy.a.scheme": "udp"}, {80}, False),
+        ({"proxy.aliases": "a,b", "proxy.*.scheme": "tcp", "proxy.a.port": "1-3:11-13",
+          "proxy.#2.port": "7"}, {1, 2, 3, 7}, False),
+        ({"proxy.aliases": "a,b", "proxy.a.scheme": "tcp", "proxy.a.port": "1",
+          "proxy.b.port": "2"}, {1, 2}, True),
+        ({"proxy.a.port": "80", "proxy.exclude": "true"}, set(), False),
+        ({"proxy.a.port": "80", "proxy.exclude": "maybe"}, set(), False),
+        ({"proxy.a.port": "not-a-port", "proxy.a.scheme": "tcp"}, set(), False),
+        ({"proxy.a.port": "80", "proxy.a.scheme": "https"}, set(), False),
+    ],
+)  # fmt: skip
+def test_label_facts(
+    labels: dict[str, str], listen_ports: set[int], scheme_from_ports: bool
+) -> None:
+    """What discovery needs to know before trusting a container's list entry."""
+    facts = label_facts(labels, label_prefix="proxy")
+    assert facts == LabelFacts(frozenset(listen_ports), scheme_from_ports)
