@@ -24,7 +24,7 @@ from bench import convergence
 from bench.measure import Env, Plan
 from bench.procs import BenchError, Children, free_port, raise_nofile_limit
 from bench.report import SECTION_KEYS, Results, render_markdown, to_json
-from bench.run import observed_threads, run_data_plane, start_targets
+from bench.run import observed_threads, restart_target, run_data_plane, start_targets
 from bench.targets import ALL_TARGETS, StartContext, default_labelproxy_cmd
 from bench.toolchain import (
     build_tools,
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         running = start_targets(ctx, targets, results)
         notes = {t.name: t.note for t in running}
         env = Env(plan=plan, tools=tools, upstreams=upstreams, children=children)
-        run_data_plane(env, running, sections, results)
+        run_data_plane(env, running, sections, results,
+                       restart=lambda target: restart_target(ctx, target))
         for target in running:
             observed = observed_threads(target)
             notes[target.name] += f"; {observed}" if observed else ""

@@ -93,7 +93,8 @@ SECTIONS: tuple[Section, ...] = (
         "Idle TCP connections",
         (_m("memory_bytes_per_conn", "proxy PSS per idle connection", "bytes", higher=False),),
         "PSS (/proc/PID/smaps_rollup, all the proxy's processes) before and after opening the "
-        "connections; each connection carried one 1 B echo, then sat idle.",
+        "connections; each connection carried one 1 B echo, then sat idle. Each repetition "
+        "runs on a freshly started proxy.",
     ),
     Section(
         "convergence",

@@ -31,6 +31,9 @@ class SectionRun:
     measurements: tuple[Measurement, ...]
     needs_udp: bool = False
     needs_proxy: bool = False
+    # each repetition runs on a freshly started target: memory freed by an earlier repetition
+    # would otherwise be reused and hide what new connections cost
+    fresh_process: bool = False
 
 
 def _bulk(streams: int) -> Measurement:
@@ -47,7 +50,7 @@ SECTION_RUNS: dict[str, SectionRun] = {
     "http": SectionRun((_http(close=False), _http(close=True))),
     "pingpong": SectionRun((measure.pingpong,)),
     "udp": SectionRun((measure.udp_flood, measure.udp_rtt), needs_udp=True),
-    "memory": SectionRun((measure.idle_memory,), needs_proxy=True),
+    "memory": SectionRun((measure.idle_memory,), needs_proxy=True, fresh_process=True),
 }
 NO_PROXY_METRICS = ("tcp_bulk_1_cpu_s_per_gb", "tcp_bulk_8_cpu_s_per_gb")
 
@@ -65,6 +68,13 @@ def start_targets(ctx: StartContext, names: list[str], results: Results) -> list
             for section in SECTIONS:
                 results.skip(section=section, target=name, reason="did not start")
     return running
+
+
+def restart_target(ctx: StartContext, target: Target) -> Target:
+    """Stop `target`'s processes by PID and start a new instance of it."""
+    for proc in [p for p in ctx.children.procs if p.pid in target.roots]:
+        ctx.children.stop(proc)
+    return STARTERS[target.name](ctx)
 
 
 def observed_threads(target: Target) -> str:
@@ -85,7 +95,15 @@ def _section(key: str) -> Section:
     return next(section for section in SECTIONS if section.key == key)
 
 
-def run_data_plane(env: Env, targets: list[Target], sections: list[str], results: Results) -> None:
+def run_data_plane(
+    env: Env,
+    targets: list[Target],
+    sections: list[str],
+    results: Results,
+    *,
+    restart: Callable[[Target], Target] | None = None,
+) -> None:
+    """Run `sections` over `targets`; `targets` is updated in place when one is restarted."""
     for target in targets:
         if not target.roots:
             for metric_key in NO_PROXY_METRICS:
@@ -105,8 +123,18 @@ def run_data_plane(env: Env, targets: list[Target], sections: list[str], results
                 eligible.append(target)
         for rep in range(env.plan.reps):
             shift = rep % max(1, len(eligible))
-            for target in eligible[shift:] + eligible[:shift]:
-                logger.info("%s rep %d/%d: %s", key, rep + 1, env.plan.reps, target.name)
+            for scheduled in eligible[shift:] + eligible[:shift]:
+                logger.info("%s rep %d/%d: %s", key, rep + 1, env.plan.reps, scheduled.name)
+                target = scheduled
+                if run.fresh_process and restart is not None:
+                    try:
+                        target = restart(scheduled)
+                    except (BenchError, OSError) as exc:
+                        results.error(section=key, target=scheduled.name, rep=rep,
+                                      message=str(exc))
+                        continue
+                    targets[targets.index(scheduled)] = target
+                    eligible[eligible.index(scheduled)] = target
                 for measurement in run.measurements:
                     try:
                         measured = measurement(env, target)
