@@ -190,10 +190,19 @@ def test_replicas_share_one_listener_and_unhealthy_ones_get_no_traffic(
     assert seen == {b"replica0", b"replica1"}, "round robin reaches both replicas"
 
     sick_target = free_port()
-    run({**compose, "proxy.web.port": f"{listen}:{sick_target}", "proxy.web.bind": "127.0.0.1"},
+    sick = run(
+        {**compose, "proxy.web.port": f"{listen}:{sick_target}", "proxy.web.bind": "127.0.0.1"},
         ["nc", "-ll", "-p", str(sick_target), "-e", "echo", "sick"],
         healthcheck={"test": ["CMD", "false"], "interval": 100_000_000, "retries": 1,
-                     "timeout": 1_000_000_000})
+                     "timeout": 1_000_000_000},
+    )
+
+    def sick_is_unhealthy() -> bool:
+        sick.reload()
+        return bool(sick.attrs["State"]["Health"]["Status"] == "unhealthy")
+
+    wait_for(sick_is_unhealthy, what="the third replica's health check fails")
+    wait_for(lambda: lp.routes()["docker"]["containers"] == 3, what="labelproxy saw it")
     # starting/unhealthy replicas stay out of the pool
     assert len((lp.route("web") or {})["backends"]) == 2
     answers = {answer() for _ in range(9)}
