@@ -7,6 +7,7 @@ the runtime passes in callables that render the current state.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from collections.abc import Callable
@@ -14,13 +15,14 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.abc
-from anyio.streams.stapled import MultiListener
 
 from labelproxy.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 8192
+MAX_CONCURRENT_REQUESTS = 64
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 READ_DEADLINE = 5.0
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -113,6 +115,37 @@ async def _serve_one(stream: anyio.abc.SocketStream, state: HttpState) -> None:
             pass
 
 
+async def _accept_loop(
+    listener: anyio.abc.SocketListener, state: HttpState, tg: anyio.abc.TaskGroup
+) -> None:
+    """Accept forever; out of descriptors or buffers, back off instead of dying."""
+    limiter = anyio.CapacityLimiter(MAX_CONCURRENT_REQUESTS)
+    backoff = 0.0
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in RESOURCE_ERRNOS:
+                raise
+            if not backoff:
+                logger.error("HTTP accept failed: %s; backing off", exc, extra={"action": "accept"})
+            backoff = min(max(backoff * 2, 0.01), 1.0)
+            await anyio.sleep(backoff)
+            continue
+        backoff = 0.0
+        if limiter.available_tokens < 1:
+            await stream.aclose()  # too many scrapers at once: refuse, do not queue
+            continue
+        tg.start_soon(_serve_limited, stream, state, limiter)
+
+
+async def _serve_limited(
+    stream: anyio.abc.SocketStream, state: HttpState, limiter: anyio.CapacityLimiter
+) -> None:
+    async with limiter:
+        await _serve_one(stream, state)
+
+
 async def serve_http(
     *,
     host: str,
@@ -121,13 +154,10 @@ async def serve_http(
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the endpoints until cancelled; reports started once bound (raises if not)."""
-    listener: MultiListener[anyio.abc.SocketStream] | anyio.abc.SocketListener
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
-    async with listener:
+    multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    async with multi, anyio.create_task_group() as tg:
         logger.info("HTTP endpoints listening", extra={"listen": f"{host}:{port}"})
         task_status.started()
-
-        async def handler(stream: anyio.abc.SocketStream) -> None:
-            await _serve_one(stream, state)
-
-        await listener.serve(handler)
+        for listener in multi.listeners:
+            assert isinstance(listener, anyio.abc.SocketListener)
+            tg.start_soon(_accept_loop, listener, state, tg)

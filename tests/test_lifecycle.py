@@ -249,3 +249,43 @@ def test_version() -> None:
     proc = subprocess.run([sys.executable, "-m", "labelproxy", "--version"],
                           capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 0 and proc.stdout.startswith("labelproxy ")
+
+
+def _echoes_on(conn: socket.socket, payload: bytes) -> bool:
+    try:
+        conn.sendall(payload)
+        return recv_exact(conn, len(payload)) == payload
+    except (OSError, AssertionError):
+        return False
+
+
+def test_out_of_file_descriptors_contained_and_recovers(tmp_path: Path, echo: TcpEcho) -> None:
+    """Descriptors run out (RLIMIT_NOFILE 64, 40 clients needing two each): connections beyond
+    the limit are refused and logged, the ones being served keep working, nothing crashes, and
+    once descriptors are free again new connections are served."""
+    port = free_port()
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {"a": tcp_route(port, echo.port)})
+    lp = LabelproxyProcess(static_env(routes), max_open_files=64)
+    held: list[socket.socket] = []
+    try:
+        lp.wait_ready()
+        for _ in range(40):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            conn.settimeout(0.5)
+            held.append(conn)
+        working = [conn for conn in held if _echoes_on(conn, b"first")]
+        assert 0 < len(working) < len(held), len(working)
+        wait_for(lambda: "Too many open files" in lp.log(), what="the failure is logged")
+        assert all(_echoes_on(conn, b"still") for conn in working)
+        for conn in held:
+            conn.close()
+        held.clear()
+        wait_for(lambda: echo_roundtrip(port, b"again") == b"again", timeout=20,
+                 what="serving again after descriptors were freed")
+        assert lp.alive() and lp.get("/healthz")[0] == 200
+        assert "Traceback" not in lp.log()
+    finally:
+        for conn in held:
+            conn.close()
+        lp.stop()

@@ -139,18 +139,11 @@ def log_access(conn: ConnInfo) -> None:
     backend = str(conn.backend) if conn.backend is not None else ""
     reason = conn.close_reason or "closed"
     access_log.info(
-        "%s %s:%d -> %s in=%d out=%d %.3fs %s",
-        conn.route,
-        conn.client[0],
-        conn.client[1],
-        backend or "-",
-        conn.bytes_in,
-        conn.bytes_out,
-        duration,
-        reason,
+        "tcp connection closed",
         extra={
             "client": f"{conn.client[0]}:{conn.client[1]}",
             "route": conn.route,
+            "protocol": "tcp",
             "backend": backend,
             "bytes_in": conn.bytes_in,
             "bytes_out": conn.bytes_out,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -118,7 +119,13 @@ class UdpEcho:
 class LabelproxyProcess:
     """A labelproxy child process with its HTTP endpoints on a free loopback port."""
 
-    def __init__(self, env: dict[str, str], *, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        log_path: Path | None = None,
+        max_open_files: int | None = None,
+    ) -> None:
         self.http_port = free_port()
         self.base = f"http://127.0.0.1:{self.http_port}"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LABELPROXY_")}
@@ -132,11 +139,16 @@ class LabelproxyProcess:
         full_env.update(env)
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="labelproxy-", suffix=".log")[1])
         self._log = self.log_path.open("wb")
+        def limit_files() -> None:  # runs in the child, before exec
+            if max_open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "labelproxy"],
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            preexec_fn=limit_files if max_open_files is not None else None,  # noqa: PLW1509
         )
 
     # -- HTTP --------------------------------------------------------------------------
