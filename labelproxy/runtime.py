@@ -55,6 +55,7 @@ class Runtime:
         self.static: tuple[RouteSpec, ...] = ()
         self.static_problems: tuple[Problem, ...] = ()
         self.applied_once = False
+        self._problems_logged: set[Problem] = set()
         self._changed: anyio.Event | None = None
         self._stop_requested: anyio.Event | None = None
         self._routes_mtime: float | None = None
@@ -166,6 +167,7 @@ class Runtime:
             desired = build_desired(
                 self.views, self.ctx, static=self.static, static_problems=self.static_problems
             )
+            self._log_problem_changes(desired.problems)
             began = time.monotonic()
             await self.reconciler.apply(desired)
             logger.debug(
@@ -180,6 +182,23 @@ class Runtime:
                     len(desired.routes),
                     extra={"action": "ready"},
                 )
+
+    def _log_problem_changes(self, problems: tuple[Problem, ...]) -> None:
+        """Log each problem once when it appears and once when it is gone (not every pass)."""
+        current = set(problems)
+        for problem in sorted(current - self._problems_logged, key=str):
+            if problem.source != str(self.settings.routes_file):  # logged when the file loads
+                logger.error(
+                    "route problem (%s): %s", problem.kind, problem,
+                    extra={"route": problem.route, "container": problem.source,
+                           "action": problem.kind},
+                )  # fmt: skip
+        for problem in sorted(self._problems_logged - current, key=str):
+            logger.info(
+                "route problem resolved: %s", problem,
+                extra={"route": problem.route, "container": problem.source, "action": "resolved"},
+            )  # fmt: skip
+        self._problems_logged = current
 
     async def _retry_binds(self) -> None:
         """A route whose bind failed is planned again every few seconds until it binds."""

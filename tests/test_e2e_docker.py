@@ -146,6 +146,8 @@ def test_bad_label_is_visible_and_contained(lp: LabelproxyProcess, run: Run) -> 
     text = problems[0]["text"]
     assert "mixed" in text and "proxy.bad.port" in text and "not-a-port" in text
     assert lp.metric("labelproxy_route_errors", route="bad", reason="label") == 1
+    logged = [line for line in lp.log().splitlines() if "route problem (label)" in line]
+    assert len(logged) == 1 and "proxy.bad.port" in logged[0], logged  # once, not every pass
 
 
 def test_change_to_other_container_leaves_connection_untouched(
