@@ -18,11 +18,13 @@ from labelproxy.metrics import Direction
 from labelproxy.spec import EdgePolicy
 from labelproxy.streams.hooks import BaseHook, ConnInfo
 from tests.test_udp_support import (
+    RELAY_PATHS,
     ask,
     client_of,
     running_route,
     udp_spec,
     udp_upstream,
+    use_relay_path,
     wait_until,
 )
 
@@ -32,6 +34,13 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(params=[pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"), "asyncio"])
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
+
+
+@pytest.fixture(autouse=True, params=RELAY_PATHS)
+def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    path: str = request.param
+    use_relay_path(monkeypatch, path)
+    return path
 
 
 async def test_new_sources_beyond_the_cap_are_dropped_and_existing_sessions_keep_working() -> None:

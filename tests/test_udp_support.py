@@ -13,14 +13,31 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import pytest
 
 from labelproxy.metrics import Metrics
 from labelproxy.spec import Backend, EdgePolicy, ListenKey, RouteOptions, RouteSpec, Scheme
+from labelproxy.streams import udp_batched, udp_mmsg
 from labelproxy.streams.hooks import Hook
 from labelproxy.streams.route import LiveRoute
 from labelproxy.streams.udp import serve_udp
 
 logger = logging.getLogger(__name__)
+
+#: The relay's two hot paths; UDP tests run through each (`relay_path` fixtures).
+RELAY_PATHS = [
+    pytest.param(
+        "batched",
+        marks=pytest.mark.skipif(not udp_mmsg.available(), reason="no recvmmsg/sendmmsg here"),
+    ),
+    "plain",
+]
+
+
+def use_relay_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Make `serve_udp` use the batched (recvmmsg/sendmmsg) or the per-datagram relay."""
+    monkeypatch.setattr(udp_batched, "ENABLED", path == "batched")
+
 
 DEADLINE = 5.0
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"

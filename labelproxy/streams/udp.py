@@ -34,7 +34,8 @@ Behaviour a user sees:
   delivered once it is closed. Outside cancellation does the same, promptly.
 
 Requires the asyncio event loop (uvloop or the standard one) under anyio: the relay runs in
-`add_reader` callbacks (see `udp_relay`).
+`add_reader` callbacks (see `udp_relay`); on Linux they move datagrams in batches with
+recvmmsg/sendmmsg (`udp_batched`), elsewhere one system call per datagram.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from labelproxy.streams import udp_batched
 from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.udp_batched import BatchedUdpRelay
 from labelproxy.streams.udp_relay import UdpRelay
 from labelproxy.streams.udp_sockets import bind_udp_listener
 
@@ -76,7 +79,8 @@ async def serve_udp(
             def spawn(factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
                 tg.start_soon(factory)
 
-            relay = UdpRelay(live, sock, loop=loop, spawn=spawn)
+            relay_type = BatchedUdpRelay if udp_batched.ENABLED else UdpRelay
+            relay = relay_type(live, sock, loop=loop, spawn=spawn)
             relay.start()
             logger.debug(
                 "udp listener up on %s for route %s",

@@ -8,6 +8,7 @@ log format; session opens are logged at DEBUG.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
 import socket
@@ -23,7 +24,7 @@ access_log = logging.getLogger("labelproxy.access")
 class UdpSession:
     """One client address, its upstream socket and its accounting."""
 
-    __slots__ = ("addr", "closed", "conn", "header", "last_active", "pending", "sock")
+    __slots__ = ("addr", "closed", "conn", "header", "last_active", "pending", "raw", "sock")
 
     def __init__(self, addr: SockAddr, conn: ConnInfo, header: bytes | None) -> None:
         self.addr = addr
@@ -33,6 +34,28 @@ class UdpSession:
         self.pending: list[bytes] | None = None  # datagrams waiting for name resolution
         self.last_active = time.monotonic()
         self.closed = False
+        #: batched path only (udp_batched): the raw sockaddr and pinned C copies of it and
+        #: of the header, as (address, length) pairs for sendmmsg
+        self.raw: RawRefs | None = None
+
+
+class RawRefs:
+    """What the batched path keeps per session: the client's raw sockaddr (its key) and C
+    buffers holding it and the PROXY header, which must stay alive while the session does."""
+
+    __slots__ = ("header", "keep", "key", "name")
+
+    def __init__(self, key: bytes, header: bytes | None) -> None:
+        self.key = key
+        name_buf = ctypes.create_string_buffer(key, len(key))
+        self.name = (ctypes.addressof(name_buf), len(key))
+        self.header: tuple[int, int] | None = None
+        keep: list[ctypes.Array[ctypes.c_char]] = [name_buf]
+        if header is not None:
+            header_buf = ctypes.create_string_buffer(header, len(header))
+            self.header = (ctypes.addressof(header_buf), len(header))
+            keep.append(header_buf)
+        self.keep = keep
 
 
 def is_ip_literal(host: str) -> bool:

@@ -147,8 +147,6 @@ def proxy_v2_header(client: tuple[str, int], listener: tuple[str, int]) -> bytes
     else:
         src6 = src if isinstance(src, IPv6Address) else IPv6Address(f"::ffff:{src}")
         dst6 = dst if isinstance(dst, IPv6Address) else IPv6Address(f"::ffff:{dst}")
-        result = ProxyResultIPv6(
-            (src6, client[1]), (dst6, listener[1]), protocol=socket.SOCK_DGRAM
-        )
+        result = ProxyResultIPv6((src6, client[1]), (dst6, listener[1]), protocol=socket.SOCK_DGRAM)
     header: bytes = ProxyProtocolV2().pack(result)
     return header

@@ -1,0 +1,233 @@
+"""The relay's batched hot path: `recvmmsg`/`sendmmsg` (see `udp_mmsg`) instead of one system
+call per datagram and direction.
+
+`BatchedUdpRelay` is a `UdpRelay` whose two readiness callbacks move up to `udp_mmsg.SLOTS`
+datagrams per system call. From clients: one `recvmmsg` on the listening socket, the batch
+is cut into runs of consecutive datagrams from one source address (looked up by the raw
+sockaddr bytes, so no address tuple is built per datagram), and each run goes to its
+session's connected upstream socket in one `sendmmsg` (with the session's PROXY v2 header as
+a second iovec when the route asks for it). From a backend: one `recvmmsg` on the session's
+upstream socket and one `sendmmsg` to the client from the listening socket. Sessions,
+admission, counters, hooks, idle times, errors and logs behave exactly as in `UdpRelay`;
+counters and idle times are updated once per run or batch. A run that fails part way is
+retried after the failing datagram (counted as `upstream_error`, or lost on the way back as
+in the per-datagram path); a full send buffer drops the rest of the run.
+
+`ENABLED` (True where `udp_mmsg.available()`) picks this relay in `serve_udp`; tests switch
+it to run every UDP test through both paths.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+
+from labelproxy.streams.hooks import Hook
+from labelproxy.streams.udp_mmsg import MmsgArena, arena, available, sockaddr_tuple
+from labelproxy.streams.udp_relay import BATCH, PENDING_LIMIT, UdpRelay
+from labelproxy.streams.udp_session import RawRefs, UdpSession
+
+logger = logging.getLogger(__name__)
+
+#: Use the batched relay when the platform allows it.
+ENABLED = available()
+
+_EAGAIN = -errno.EAGAIN
+_EINTR = -errno.EINTR
+_ECONNREFUSED = -errno.ECONNREFUSED
+
+
+class BatchedUdpRelay(UdpRelay):
+    """`UdpRelay` with recvmmsg/sendmmsg callbacks; see the module docstring."""
+
+    def start(self) -> None:
+        self._arena: MmsgArena = arena()
+        self._rounds = max(1, BATCH // self._arena.slots)
+        self._by_raw: dict[bytes, UdpSession] = {}
+        super().start()
+
+    def close_session(self, session: UdpSession, reason: str) -> None:
+        refs = session.raw
+        if not session.closed and refs is not None and self._by_raw.get(refs.key) is session:
+            del self._by_raw[refs.key]
+        super().close_session(session, reason)
+
+    def _session_for(self, key: bytes) -> UdpSession | None:
+        """A new session for the raw source `key` (None: refused, counted by the hooks)."""
+        addr = sockaddr_tuple(key)
+        session = self.sessions.get(addr)
+        if session is None:
+            session = self._open_session(addr)
+            if session is None:
+                return None
+        session.raw = RawRefs(key, session.header)
+        self._by_raw[key] = session
+        return session
+
+    # -- clients -> backends -------------------------------------------------------------
+    def _on_client_readable(self) -> None:
+        ar = self._arena
+        fd = self.listener.fileno()
+        counters = self.live.counters
+        if self.live.spec is not self._spec_seen:
+            self._adopt_spec()
+        hooks = self._chunk_hooks_now()
+        now = time.monotonic()
+        count = nbytes = errors = 0
+        rearm = False
+        try:
+            for _ in range(self._rounds):
+                n = ar.recv(fd)
+                if n <= 0:
+                    if n < 0 and n not in (_EAGAIN, _EINTR):  # never fatal; see _rearm
+                        logger.debug("udp listener %s: errno %d", self.live.spec.key, -n)
+                        rearm = True
+                    break
+                keys = ar.sources(n)
+                lens = ar.lengths(n)
+                first = keys[0]
+                if keys[-1] == first and keys.count(first) == n:
+                    c, b, e = self._run(first, 0, n, lens, now=now, hooks=hooks)
+                    count, nbytes, errors = count + c, nbytes + b, errors + e
+                else:
+                    start = 0
+                    while start < n:
+                        key = keys[start]
+                        end = start + 1
+                        while end < n and keys[end] == key:
+                            end += 1
+                        c, b, e = self._run(key, start, end, lens, now=now, hooks=hooks)
+                        count, nbytes, errors = count + c, nbytes + b, errors + e
+                        start = end
+                if n < ar.slots:
+                    break
+        finally:
+            counters.udp_datagrams_in += count
+            counters.bytes_in += nbytes
+            if errors:
+                counters.drop("upstream_error", errors)
+            if rearm and self._listening:
+                self.loop.remove_reader(fd)
+                self.loop.add_reader(fd, self._on_client_readable)
+
+    def _run(
+        self,
+        key: bytes,
+        start: int,
+        end: int,
+        lens: list[int],
+        *,
+        now: float,
+        hooks: tuple[Hook, ...],
+    ) -> tuple[int, int, int]:
+        """Forward received slots [start, end), all from `key`: (sent, bytes, errors)."""
+        session = self._by_raw.get(key)
+        while session is None:  # each datagram of a refused source is refused (and counted)
+            session = self._session_for(key)
+            if session is None:
+                start += 1
+                if start == end:
+                    return 0, 0, 0
+        session.last_active = now
+        sock = session.sock
+        if sock is None:
+            errors = 0
+            pending = session.pending
+            view, size = self._arena.view, self._arena.slot_bytes
+            for i in range(start, end):
+                if pending is not None and len(pending) < PENDING_LIMIT:
+                    pending.append(bytes(view[i * size : i * size + lens[i]]))
+                else:
+                    errors += 1
+            return 0, 0, errors
+        refs = session.raw
+        header = refs.header if refs is not None else None
+        fd = sock.fileno()
+        send_up = self._arena.send_up
+        sent = nbytes = errors = 0
+        pos = start
+        while pos < end:
+            r = send_up(fd, pos, end - pos, lens[pos:end], header)
+            if r > 0:
+                done = lens[pos : pos + r]
+                b = sum(done)
+                sent += r
+                nbytes += b
+                for hook in hooks:
+                    for size in done:
+                        hook.on_chunk(session.conn, "in", size)
+                pos += r
+            elif r == _EINTR:
+                continue
+            elif r == _EAGAIN:  # the upstream socket's buffer is full: drop the rest
+                errors += end - pos
+                break
+            else:  # refused (ICMP), too large with the header: drop that one datagram
+                errors += 1
+                pos += 1
+        session.conn.bytes_in += nbytes
+        return sent, nbytes, errors
+
+    # -- backends -> clients -------------------------------------------------------------
+    def _on_upstream_readable(self, session: UdpSession) -> None:
+        sock = session.sock
+        refs = session.raw
+        if sock is None or session.closed or refs is None:
+            return
+        ar = self._arena
+        fd = sock.fileno()
+        out = self.listener.fileno()
+        name = refs.name
+        conn = session.conn
+        counters = self.live.counters
+        hooks = self._chunk_hooks_now()
+        count = nbytes = errors = dropped = 0
+        try:
+            for _ in range(self._rounds):
+                n = ar.recv(fd)
+                if n < 0:
+                    if n == _EAGAIN:
+                        break
+                    if n == _EINTR:
+                        continue
+                    errors += 1
+                    if n == _ECONNREFUSED:  # ICMP port unreachable from the backend
+                        continue
+                    logger.debug("udp upstream %s: errno %d", conn.backend, -n)
+                    break
+                if n == 0:
+                    break
+                lens = ar.lengths(n)
+                pos = 0
+                while pos < n:
+                    r = ar.send_replies(out, pos, n - pos, lens[pos:], name)
+                    if r > 0:
+                        done = lens[pos : pos + r]
+                        count += r
+                        nbytes += sum(done)
+                        for hook in hooks:
+                            for size in done:
+                                hook.on_chunk(conn, "out", size)
+                        pos += r
+                    elif r == _EINTR:
+                        continue
+                    elif r == _EAGAIN:  # the client's side is full: these are lost
+                        dropped += n - pos
+                        break
+                    else:
+                        dropped += 1
+                        pos += 1
+                if n < ar.slots:
+                    break
+        finally:
+            if count:
+                session.last_active = time.monotonic()
+                counters.udp_datagrams_out += count
+                counters.bytes_out += nbytes
+                conn.bytes_out += nbytes
+            if errors:
+                counters.drop("upstream_error", errors)
+            if errors or not (count or dropped):
+                # an error, or woken with nothing to read (its error was taken by a send)
+                self._rearm(session, sock)
