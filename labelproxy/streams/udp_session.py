@@ -98,15 +98,7 @@ def log_session_closed(conn: ConnInfo, *, listen: str, reason: str) -> None:
     """The access-log record of an ended session."""
     duration = time.monotonic() - conn.started
     access_log.info(
-        "udp %s:%d -> %s route=%s in=%d out=%d duration=%.3fs reason=%s",
-        conn.client[0],
-        conn.client[1],
-        conn.backend,
-        conn.route,
-        conn.bytes_in,
-        conn.bytes_out,
-        duration,
-        reason,
+        "udp session closed",
         extra={
             "route": conn.route,
             "protocol": "udp",
