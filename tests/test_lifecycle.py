@@ -289,3 +289,43 @@ def test_out_of_file_descriptors_contained_and_recovers(tmp_path: Path, echo: Tc
         for conn in held:
             conn.close()
         lp.stop()
+
+
+def test_settings_reach_the_data_plane_acl_and_proxy_protocol(
+    tmp_path: Path, echo: TcpEcho
+) -> None:
+    """LABELPROXY_DENY refuses before any dial; LABELPROXY_ACCEPT_PROXY_PROTOCOL with
+    LABELPROXY_TRUSTED_PROXIES takes the client address from the header, and the route's
+    `proxy_protocol: v1` passes it on to the upstream."""
+    upstream = socket.socket()
+    upstream.bind(("127.0.0.1", 0))
+    upstream.listen(8)
+    upstream.settimeout(10)
+    denied_port, pp_port = free_port(), free_port()
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {
+        "denied": tcp_route(denied_port, echo.port, deny="127.0.0.0/8"),
+        "pp": tcp_route(pp_port, upstream.getsockname()[1], proxy_protocol="v1"),
+    })
+    env = static_env(routes, LABELPROXY_ACCEPT_PROXY_PROTOCOL="optional",
+                     LABELPROXY_TRUSTED_PROXIES="127.0.0.1")
+    with labelproxy(env) as lp, upstream:
+        with socket.create_connection(("127.0.0.1", denied_port), timeout=5) as refused:
+            assert refused.recv(10) == b""  # closed at once
+        assert echo.accepted == 0  # no dial happened
+        assert lp.metric("labelproxy_connections_rejected_total", route="denied",
+                         reason="acl") == 1
+
+        with socket.create_connection(("127.0.0.1", pp_port), timeout=5) as client:
+            client.sendall(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 443\r\nhello")
+            conn, _ = upstream.accept()
+            with conn:
+                conn.settimeout(5)
+                received = b""
+                while b"hello" not in received:
+                    chunk = conn.recv(4096)
+                    assert chunk, received
+                    received += chunk
+        header = received.split(b"\r\n", 1)[0].decode()
+        assert header.startswith("PROXY TCP4 203.0.113.7 "), header
+        assert received.endswith(b"\r\nhello")
