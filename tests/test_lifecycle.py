@@ -311,6 +311,7 @@ def test_settings_reach_the_data_plane_acl_and_proxy_protocol(
                      LABELPROXY_TRUSTED_PROXIES="127.0.0.1")
     with labelproxy(env) as lp, upstream:
         with socket.create_connection(("127.0.0.1", denied_port), timeout=5) as refused:
+            refused.sendall(b"x")  # no PROXY header: the socket address is the client
             assert refused.recv(10) == b""  # closed at once
         assert echo.accepted == 0  # no dial happened
         assert lp.metric("labelproxy_connections_rejected_total", route="denied",
