@@ -73,6 +73,7 @@ class RouteState:
     listen: str
     targets: str
     up: bool
+    limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,9 +180,23 @@ class _LiveCollector(Collector):
         up = GaugeMetricFamily(
             PREFIX + "route_up", "1 when the route's listener is bound.", labels=["route"]
         )
+        up_by_route: dict[str, bool] = {}
+        limit_by_route: dict[str, int] = {}
         for r in state.routes:
             info.add_metric([r.route, r.scheme, r.listen, r.targets], 1)
-            up.add_metric([r.route], 1 if r.up else 0)
+            # a port range is one alias with several listeners: up only if all of them are
+            up_by_route[r.route] = up_by_route.get(r.route, True) and r.up
+            if r.limit is not None:
+                limit_by_route[r.route] = r.limit
+        for route, is_up in up_by_route.items():
+            up.add_metric([route], 1 if is_up else 0)
+        limit = GaugeMetricFamily(
+            PREFIX + "route_connection_limit",
+            "The cap on concurrent TCP connections / UDP sessions of a route, where it has one.",
+            labels=["route"],
+        )
+        for route, value in limit_by_route.items():
+            limit.add_metric([route], value)
         errors = GaugeMetricFamily(
             PREFIX + "route_errors",
             "Routes currently in error, by reason (label, conflict, bind, address).",
@@ -231,5 +246,5 @@ class _LiveCollector(Collector):
             dgrams.add_metric([c.route, "out"], c.udp_datagrams_out)
             for reason, n in c.udp_dropped.items():
                 dropped.add_metric([c.route, reason], n)
-        yield from (info, up, errors, connected, conns, active, rejected, dial_err, nbytes)
+        yield from (info, up, limit, errors, connected, conns, active, rejected, dial_err, nbytes)
         yield from (sessions, dgrams, dropped)

@@ -111,6 +111,9 @@ class StateView:
             for key in sorted(rec.desired.routes):
                 spec = rec.desired.routes[key]
                 live = rec.live.get(key)
+                limit = spec.options.max_connections
+                if limit is None and spec.transport == "udp":
+                    limit = rt.settings.udp_max_sessions
                 states.append(
                     RouteState(
                         route=spec.alias,
@@ -118,6 +121,7 @@ class StateView:
                         listen=str(key),
                         targets=",".join(str(b) for b in spec.backends),
                         up=live is not None,
+                        limit=limit,
                     )
                 )
         errors = tuple((p.route or p.source or "-", p.kind) for p in self._problems())

@@ -330,3 +330,46 @@ def test_settings_reach_the_data_plane_acl_and_proxy_protocol(
         header = received.split(b"\r\n", 1)[0].decode()
         assert header.startswith("PROXY TCP4 203.0.113.7 "), header
         assert received.endswith(b"\r\nhello")
+
+
+def _consecutive_free_ports(count: int) -> int:
+    for _ in range(50):
+        first = free_port()
+        socks = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                socks.append(s)
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no run of consecutive free ports")
+
+
+def test_port_range_is_one_route_in_metrics(tmp_path: Path, echo: TcpEcho) -> None:
+    """A range alias has one listener per port but one `route_up` series (a duplicate series
+    would make Prometheus reject the whole scrape); UDP routes export their session cap."""
+    first = _consecutive_free_ports(3)
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {
+        "range": {"scheme": "tcp4", "bind": "127.0.0.1",
+                  "port": f"{first}-{first + 2}:{echo.port}-{echo.port + 2}",
+                  "host": "127.0.0.1"},
+        "dns": {"scheme": "udp4", "bind": "127.0.0.1", "port": f"{free_port()}:53",
+                "host": "127.0.0.1"},
+    })
+    with labelproxy(static_env(routes)) as lp:
+        for port in range(first, first + 3):
+            assert accepts(port)
+        lines = lp.metrics().splitlines()
+        assert [x for x in lines if x.startswith('labelproxy_route_up{route="range"}')] == [
+            'labelproxy_route_up{route="range"} 1.0'
+        ]
+        assert sum(x.startswith('labelproxy_route_info{') and 'route="range"' in x
+                   for x in lines) == 3
+        assert lp.metric("labelproxy_route_connection_limit", route="dns") == 10_000
+        assert lp.metric("labelproxy_route_connection_limit", route="range") is None
