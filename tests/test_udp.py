@@ -15,30 +15,18 @@ from labelproxy.metrics import Metrics
 from labelproxy.spec import EdgePolicy
 from labelproxy.streams.route import LiveRoute
 from labelproxy.streams.udp import serve_udp
-from tests.test_udp_support import (
-    RELAY_PATHS,
+from tests.test_udp_support import (  # anyio_backend, relay_path: fixtures for every test
     access_log,
+    anyio_backend,  # noqa: F401
     ask,
     client_of,
+    relay_path,  # noqa: F401
     running_route,
     udp_spec,
     udp_upstream,
-    use_relay_path,
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=[pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"), "asyncio"])
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
-
-
-@pytest.fixture(autouse=True, params=RELAY_PATHS)
-def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    path: str = request.param
-    use_relay_path(monkeypatch, path)
-    return path
 
 
 async def test_each_client_gets_only_its_own_replies_and_counters_match() -> None:

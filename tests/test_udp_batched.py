@@ -7,7 +7,6 @@ Every test runs through both relay paths (batched recvmmsg/sendmmsg and per-data
 from __future__ import annotations
 
 import socket
-from typing import Any
 
 import anyio
 import pytest
@@ -15,30 +14,18 @@ import pytest
 from labelproxy.streams import udp_mmsg
 from labelproxy.streams.udp_session import RawRefs
 from labelproxy.streams.udp_sockets import unmapped_host
-from tests.test_udp_support import (
-    RELAY_PATHS,
+from tests.test_udp_support import (  # anyio_backend, relay_path: fixtures for every test
+    anyio_backend,  # noqa: F401
     client_of,
+    relay_path,  # noqa: F401
     running_route,
     strip_proxy_v2,
     udp_spec,
     udp_upstream,
-    use_relay_path,
     wait_until,
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=[pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"), "asyncio"])
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
-
-
-@pytest.fixture(autouse=True, params=RELAY_PATHS)
-def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    path: str = request.param
-    use_relay_path(monkeypatch, path)
-    return path
 
 
 async def test_burst_larger_than_a_batch_arrives_in_order_with_exact_counters() -> None:

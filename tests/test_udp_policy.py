@@ -17,30 +17,18 @@ from proxyprotocol.v2 import ProxyProtocolV2
 from labelproxy.metrics import Direction
 from labelproxy.spec import EdgePolicy
 from labelproxy.streams.hooks import BaseHook, ConnInfo
-from tests.test_udp_support import (
-    RELAY_PATHS,
+from tests.test_udp_support import (  # anyio_backend, relay_path: fixtures for every test
+    anyio_backend,  # noqa: F401
     ask,
     client_of,
+    relay_path,  # noqa: F401
     running_route,
     udp_spec,
     udp_upstream,
-    use_relay_path,
     wait_until,
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=[pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"), "asyncio"])
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
-
-
-@pytest.fixture(autouse=True, params=RELAY_PATHS)
-def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    path: str = request.param
-    use_relay_path(monkeypatch, path)
-    return path
 
 
 async def test_new_sources_beyond_the_cap_are_dropped_and_existing_sessions_keep_working() -> None:

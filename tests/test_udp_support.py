@@ -205,3 +205,17 @@ async def access_log() -> AsyncIterator[AccessLog]:
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)
+
+
+# Shared by the UDP test modules (imported there): each test runs on uvloop and plain asyncio,
+# and on both relay paths (batched recvmmsg/sendmmsg and per datagram).
+@pytest.fixture(params=[pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"), "asyncio"])
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+@pytest.fixture(autouse=True, params=RELAY_PATHS)
+def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    path: str = request.param
+    use_relay_path(monkeypatch, path)
+    return path

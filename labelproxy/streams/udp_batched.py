@@ -180,7 +180,6 @@ class BatchedUdpRelay(UdpRelay):
         out = self.listener.fileno()
         name = refs.name
         conn = session.conn
-        counters = self.live.counters
         hooks = self._chunk_hooks_now()
         count = nbytes = errors = dropped = 0
         try:
@@ -221,13 +220,6 @@ class BatchedUdpRelay(UdpRelay):
                 if n < ar.slots:
                     break
         finally:
-            if count:
-                session.last_active = time.monotonic()
-                counters.udp_datagrams_out += count
-                counters.bytes_out += nbytes
-                conn.bytes_out += nbytes
-            if errors:
-                counters.drop("upstream_error", errors)
-            if errors or not (count or dropped):
-                # an error, or woken with nothing to read (its error was taken by a send)
-                self._rearm(session, sock)
+            self._settle_upstream_read(
+                session, sock, count=count, nbytes=nbytes, errors=errors, dropped=dropped
+            )

@@ -287,7 +287,6 @@ class UdpRelay:
         sendto = self.listener.sendto
         buf, view, client = self._buf, self._view, session.addr
         conn = session.conn
-        counters = self.live.counters
         chunk_hooks = self._chunk_hooks_now()
         count = nbytes = errors = dropped = 0
         try:
@@ -313,16 +312,32 @@ class UdpRelay:
                 for hook in chunk_hooks:
                     hook.on_chunk(conn, "out", n)
         finally:
-            if count:
-                session.last_active = time.monotonic()
-                counters.udp_datagrams_out += count
-                counters.bytes_out += nbytes
-                conn.bytes_out += nbytes
-            if errors:
-                counters.drop("upstream_error", errors)
-            if errors or not (count or dropped):
-                # an error, or woken with nothing to read (its error was taken by a send)
-                self._rearm(session, sock)
+            self._settle_upstream_read(
+                session, sock, count=count, nbytes=nbytes, errors=errors, dropped=dropped
+            )
+
+    def _settle_upstream_read(
+        self,
+        session: UdpSession,
+        sock: socket.socket,
+        *,
+        count: int,
+        nbytes: int,
+        errors: int,
+        dropped: int,
+    ) -> None:
+        """Account one upstream wake-up (per batch, not per datagram) and re-arm if needed."""
+        counters = self.live.counters
+        if count:
+            session.last_active = time.monotonic()
+            counters.udp_datagrams_out += count
+            counters.bytes_out += nbytes
+            session.conn.bytes_out += nbytes
+        if errors:
+            counters.drop("upstream_error", errors)
+        if errors or not (count or dropped):
+            # an error, or woken with nothing to read (its error was taken by a send)
+            self._rearm(session, sock)
 
     def _rearm(self, session: UdpSession, sock: socket.socket) -> None:
         """Register the reader again after a socket error: libuv (uvloop) stops a poll
