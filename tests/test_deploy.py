@@ -88,7 +88,7 @@ def _metrics_with_one_route() -> set[str]:
     metrics.reconcile_duration.observe(0.01)
     metrics.set_state_provider(
         lambda: StateSnapshot(
-            routes=(RouteState("web", "tcp", "tcp://0.0.0.0:80", "10.0.0.2:80", True, 100),),
+            routes=(RouteState("web", "tcp", "tcp://127.0.0.1:8080", "127.0.0.1:8081", True, 100),),
             errors=(("web", "conflict"),),
             docker_connected=True,
         )

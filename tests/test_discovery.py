@@ -291,9 +291,9 @@ async def test_view_from_attrs_on_real_inspect_output(
             {"Id": "a" * 64, "Name": "/web", "Created": "2024-05-01T10:00:00.123456789Z",
              "Config": {"Labels": None, "ExposedPorts": {"80/tcp": {}, "9/sctp": {}}},
              "HostConfig": {"NetworkMode": "default"}, "State": {"Running": True},
-             "NetworkSettings": {"Ports": {}, "Networks": {"bridge": {"IPAddress": "172.17.0.2"}}}},
+             "NetworkSettings": {"Ports": {}, "Networks": {"bridge": {"IPAddress": "192.0.2.2"}}}},
             ContainerView(id="a" * 64, name="web", created=1714557600.123456, labels={},
-                          network_mode="bridge", networks={"bridge": "172.17.0.2"},
+                          network_mode="bridge", networks={"bridge": "192.0.2.2"},
                           ports=(PortBinding(80, "tcp"),)),
         ),
         (
@@ -324,7 +324,7 @@ def test_view_from_attrs_table(attrs: dict[str, Any], expected: ContainerView) -
     ("host", "expected"),
     [
         ("unix:///var/run/docker.sock", None),
-        ("tcp://10.0.0.5:2375", "10.0.0.5"),
+        ("tcp://192.0.2.5:2375", "192.0.2.5"),
         ("tcp://[fd00::1]:2376", "fd00::1"),
         ("ssh://user@box", None),
     ],
