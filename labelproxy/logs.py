@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any, ClassVar, TextIO
+from typing import Any, TextIO
 
 CONTEXT_FIELDS = (
     "route",
@@ -58,8 +58,6 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg and every context field."""
-
-    RESERVED: ClassVar[frozenset[str]] = frozenset({"ts", "level", "logger", "msg"})
 
     def format(self, record: logging.LogRecord) -> str:
         obj: dict[str, Any] = {

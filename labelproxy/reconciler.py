@@ -39,10 +39,6 @@ class Plan:
     start: tuple[RouteSpec, ...] = ()
     update: tuple[RouteSpec, ...] = ()
 
-    @property
-    def empty(self) -> bool:
-        return not (self.stop or self.start or self.update)
-
 
 def plan(desired: Mapping[ListenKey, RouteSpec], actual: Mapping[ListenKey, RouteSpec]) -> Plan:
     """The minimal set of changes that turns `actual` into `desired` (pure, deterministic)."""

@@ -111,9 +111,7 @@ class StateView:
             for key in sorted(rec.desired.routes):
                 spec = rec.desired.routes[key]
                 live = rec.live.get(key)
-                limit = spec.options.max_connections
-                if limit is None and spec.transport == "udp":
-                    limit = rt.settings.udp_max_sessions
+                limit = spec.connection_limit(udp_default=rt.settings.udp_max_sessions)
                 states.append(
                     RouteState(
                         route=spec.alias,

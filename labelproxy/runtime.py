@@ -17,7 +17,6 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Sequence
 
 import anyio
 import anyio.abc
@@ -263,9 +262,8 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def run(settings: Settings, *, argv: Sequence[str] = ()) -> int:
+def run(settings: Settings) -> int:
     """Blocking entry point: anyio on asyncio with uvloop when available."""
-    del argv
     limit = raise_fd_limit()
     logger.info("labelproxy %s starting (open files limit %d)", __version__, limit,
                 extra={"action": "start"})

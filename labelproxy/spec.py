@@ -115,6 +115,13 @@ class RouteSpec:
     def family(self) -> Family:
         return family_of(self.scheme)
 
+    def connection_limit(self, *, udp_default: int) -> int | None:
+        """The cap on concurrent TCP connections / UDP sessions (UDP always has one)."""
+        limit = self.options.max_connections
+        if limit is None and self.transport == "udp":
+            return udp_default
+        return limit
+
     def same_listener(self, other: RouteSpec) -> bool:
         """True when `other` can be served by this spec's open socket (only backends/options
         differ), so the listener must not be closed and reopened."""

@@ -62,9 +62,7 @@ class LiveRoute:
         self.spec = spec
         opts = spec.options
         acl = LayeredAcl(self.global_acl, Acl(opts.allow, opts.deny))
-        cap_limit = opts.max_connections
-        if spec.transport == "udp" and cap_limit is None:
-            cap_limit = self.edge.udp_max_sessions
+        cap_limit = spec.connection_limit(udp_default=self.edge.udp_max_sessions)
         open_now = self.cap.open
         self.cap = CapHook(cap_limit)
         self.cap.open = open_now

@@ -28,6 +28,7 @@ import anyio
 
 from labelproxy.spec import Backend
 from labelproxy.streams.hooks import ConnInfo, Hook
+from labelproxy.streams.proxyproto import build_dgram_header
 from labelproxy.streams.route import LiveRoute
 from labelproxy.streams.udp_session import (
     UdpSession,
@@ -41,7 +42,6 @@ from labelproxy.streams.udp_sockets import (
     SockAddr,
     local_address_towards,
     open_upstream,
-    proxy_v2_header,
     unmapped_host,
 )
 
@@ -151,7 +151,7 @@ class UdpRelay:
         header = None
         if live.spec.options.proxy_protocol == "v2":
             conn.listen = local_address_towards(client, self.bound)
-            header = proxy_v2_header(client, conn.listen)
+            header = build_dgram_header(client, conn.listen)
         session = UdpSession(addr, conn, header)
         self.sessions[addr] = session
         log_session_opened(conn, listen=str(live.spec.key))

@@ -1,11 +1,10 @@
-"""Socket plumbing for the UDP data plane: the listener bind, upstream sockets, PROXY v2 headers.
+"""Socket plumbing for the UDP data plane: the listener bind and the upstream sockets.
 
 Everything here is synchronous and small: `bind_udp_listener` opens a route's listening socket
 by its scheme's family (IPv4; IPv6 only; dual-stack `::` with a fallback to IPv4 on hosts
 without IPv6), `open_upstream` makes a session's connected, non-blocking upstream socket, and
-`proxy_v2_header` builds the PROXY protocol v2 header (command PROXY, transport DGRAM) that
-is put in front of every datagram of a session when its route asks for it. Headers are built
-with the `proxy-protocol` package, never by hand.
+`local_address_towards` names the listener address a client sent to (the destination of the
+PROXY v2 header, which `proxyproto.build_dgram_header` builds).
 """
 
 from __future__ import annotations
@@ -14,10 +13,6 @@ import ipaddress
 import logging
 import socket
 import sys
-from ipaddress import IPv4Address, IPv6Address
-
-from proxyprotocol.result import ProxyResult, ProxyResultIPv4, ProxyResultIPv6
-from proxyprotocol.v2 import ProxyProtocolV2
 
 from labelproxy.spec import RouteSpec
 
@@ -132,21 +127,3 @@ def local_address_towards(client: tuple[str, int], bound: tuple[str, int]) -> tu
     except OSError:
         local = "0.0.0.0" if client_ip.version == 4 else "::"
     return local, bound[1]
-
-
-def proxy_v2_header(client: tuple[str, int], listener: tuple[str, int]) -> bytes:
-    """The PROXY v2 header (PROXY command, DGRAM transport) for datagrams from `client`.
-
-    Both addresses must be of one family (see `local_address_towards`).
-    """
-    src = ipaddress.ip_address(client[0].split("%", 1)[0])
-    dst = ipaddress.ip_address(listener[0].split("%", 1)[0])
-    result: ProxyResult
-    if isinstance(src, IPv4Address) and isinstance(dst, IPv4Address):
-        result = ProxyResultIPv4((src, client[1]), (dst, listener[1]), protocol=socket.SOCK_DGRAM)
-    else:
-        src6 = src if isinstance(src, IPv6Address) else IPv6Address(f"::ffff:{src}")
-        dst6 = dst if isinstance(dst, IPv6Address) else IPv6Address(f"::ffff:{dst}")
-        result = ProxyResultIPv6((src6, client[1]), (dst6, listener[1]), protocol=socket.SOCK_DGRAM)
-    header: bytes = ProxyProtocolV2().pack(result)
-    return header
