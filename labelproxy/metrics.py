@@ -1,8 +1,11 @@
 """Prometheus metrics: one `Metrics` object with its own `CollectorRegistry`, passed in.
 
 The data plane updates plain integers on a `RouteCounters` (one per route alias, kept for the
-life of the process so counters never go backwards when a listener restarts); they are read
-at scrape time by a custom collector, so the hot path pays an attribute increment, not a lock.
+life of the process so counters never go backwards when a listener restarts), and observes the
+per-route dial and connection durations into `PlainHistogram`s of the same kind: plain lists
+and numbers, no locks (the data plane and the scrape share one event-loop thread). A custom
+collector reads both at scrape time, so the hot path pays an attribute increment or a bisect,
+not a lock.
 Current-state gauges (route_info, route_up, route_errors, active connections and sessions)
 come from a `StateProvider` the runtime installs: read from live state, they cannot drift.
 Label values are route aliases and fixed reason words, never client addresses.
@@ -10,13 +13,22 @@ Label values are route aliases and fixed reason words, never client addresses.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate, pairwise
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 PREFIX = "labelproxy_"
 Direction = Literal["in", "out"]
@@ -35,17 +47,60 @@ DIAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
 
 
+class PlainHistogram:
+    """A Prometheus histogram the data plane observes into without locks.
+
+    `counts[i]` is the number of observations in `(bounds[i-1], bounds[i]]` (not cumulative);
+    the extra last slot counts those above every bound (`+Inf`). Prometheus's `le` is
+    inclusive, hence `bisect_left`: a value equal to a bound lands in that bound's bucket.
+    """
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        if not bounds or any(not math.isfinite(b) for b in bounds):
+            raise ValueError(f"histogram bounds must be finite and non-empty: {bounds!r}")
+        if any(a >= b for a, b in pairwise(bounds)):
+            raise ValueError(f"histogram bounds must increase: {bounds!r}")
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[int]:
+        """Observations at or below each bound, then the total (the `+Inf` bucket)."""
+        return list(accumulate(self.counts))
+
+
+_go_float: Callable[[float], str] = floatToGoString  # typed alias: the library's is untyped
+
+
+def _le_labels(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    """The `le` label values, formatted as prometheus_client's own `Histogram` formats them."""
+    return (*(_go_float(b) for b in bounds), "+Inf")
+
+
 @dataclass(slots=True)
 class RouteCounters:
-    """Monotonic per-route counters, incremented by the data plane without locks.
+    """Monotonic per-route counters and histograms, updated by the data plane without locks.
 
     `connections_active` and `udp_sessions_active` are live values the data plane raises and
-    lowers; everything else only grows.
+    lowers; everything else only grows. `observe_dial` and `observe_connection` are the
+    `observe` of `dial_durations` and `connection_durations`, bound once.
     """
 
     route: str
-    observe_dial: Callable[[float], None]
-    observe_connection: Callable[[float], None]
+    dial_durations: PlainHistogram = field(default_factory=lambda: PlainHistogram(DIAL_BUCKETS))
+    connection_durations: PlainHistogram = field(
+        default_factory=lambda: PlainHistogram(DURATION_BUCKETS)
+    )
+    observe_dial: Callable[[float], None] = field(init=False, repr=False, compare=False)
+    observe_connection: Callable[[float], None] = field(init=False, repr=False, compare=False)
     connections_total: int = 0
     connections_active: int = 0
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
@@ -56,6 +111,10 @@ class RouteCounters:
     udp_datagrams_in: int = 0
     udp_datagrams_out: int = 0
     udp_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+
+    def __post_init__(self) -> None:
+        self.observe_dial = self.dial_durations.observe
+        self.observe_connection = self.connection_durations.observe
 
     def reject(self, reason: RejectReason) -> None:
         self.rejected[reason] += 1
@@ -93,20 +152,6 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._routes: dict[str, RouteCounters] = {}
         self._state: StateProvider = StateSnapshot
-        self._dial = Histogram(
-            PREFIX + "upstream_dial_duration_seconds",
-            "Time to connect to an upstream backend.",
-            ["route"],
-            buckets=DIAL_BUCKETS,
-            registry=self.registry,
-        )
-        self._duration = Histogram(
-            PREFIX + "connection_duration_seconds",
-            "Lifetime of a relayed TCP connection or UDP session.",
-            ["route"],
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
-        )
         self.reconcile_total = Counter(
             PREFIX + "reconcile",
             "Reconcile passes by result (ok or error).",
@@ -139,11 +184,7 @@ class Metrics:
         """The counters of route `alias`, created on first use and kept afterwards."""
         counters = self._routes.get(alias)
         if counters is None:
-            counters = RouteCounters(
-                route=alias,
-                observe_dial=self._dial.labels(alias).observe,
-                observe_connection=self._duration.labels(alias).observe,
-            )
+            counters = RouteCounters(route=alias)
             self._routes[alias] = counters
         return counters
 
@@ -163,6 +204,9 @@ class Metrics:
 
 class _LiveCollector(Collector):
     """Turns `RouteCounters` and the runtime's `StateSnapshot` into metric families."""
+
+    _DIAL_LE = _le_labels(DIAL_BUCKETS)
+    _DURATION_LE = _le_labels(DURATION_BUCKETS)
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -225,13 +269,24 @@ class _LiveCollector(Collector):
         )
         dial_err = counter("upstream_dial_errors", "Failed upstream dials.", ["route"])
         nbytes = counter(
-            "bytes", "Bytes relayed; in = client to upstream, out = upstream to client.",
+            "bytes",
+            "Bytes relayed; in = client to upstream, out = upstream to client.",
             ["route", "direction"],
         )
         sessions = gauge("udp_sessions_active", "UDP sessions open now.", ["route"])
         dgrams = counter("udp_datagrams", "UDP datagrams relayed.", ["route", "direction"])
         dropped = counter(
             "udp_datagrams_dropped", "UDP datagrams dropped, by reason.", ["route", "reason"]
+        )
+        dial = HistogramMetricFamily(
+            PREFIX + "upstream_dial_duration_seconds",
+            "Time to connect to an upstream backend.",
+            labels=["route"],
+        )
+        duration = HistogramMetricFamily(
+            PREFIX + "connection_duration_seconds",
+            "Lifetime of a relayed TCP connection or UDP session.",
+            labels=["route"],
         )
         for c in self._metrics.all_routes():
             conns.add_metric([c.route], c.connections_total)
@@ -246,5 +301,12 @@ class _LiveCollector(Collector):
             dgrams.add_metric([c.route, "out"], c.udp_datagrams_out)
             for reason, n in c.udp_dropped.items():
                 dropped.add_metric([c.route, reason], n)
+            for family, le, hist in (
+                (dial, self._DIAL_LE, c.dial_durations),
+                (duration, self._DURATION_LE, c.connection_durations),
+            ):
+                family.add_metric(
+                    [c.route], list(zip(le, hist.cumulative(), strict=True)), hist.sum
+                )
         yield from (info, up, limit, errors, connected, conns, active, rejected, dial_err, nbytes)
-        yield from (sessions, dgrams, dropped)
+        yield from (sessions, dgrams, dropped, dial, duration)

@@ -339,6 +339,9 @@ def _consecutive_free_ports(count: int) -> int:
         try:
             for port in range(first, first + count):
                 s = socket.socket()
+                # as labelproxy binds: a port whose old connections linger in TIME_WAIT
+                # (after any loopback load) is free to listen on
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("127.0.0.1", port))
                 socks.append(s)
             return first

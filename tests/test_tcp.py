@@ -211,6 +211,38 @@ async def test_connect_timeout_closes_client_and_counts_dial_error() -> None:
         blackhole.close()
 
 
+async def test_connect_timeout_fails_over_to_the_next_backend_and_others_are_not_held_up() -> None:
+    # the first backend never answers (full accept queue); the second echoes. Each client's
+    # dial to the first times out after connect_timeout and goes on to the second, and a
+    # client whose dial goes straight to the live backend is not delayed by the other's.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    fillers = []
+    try:
+        for _ in range(2):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(blackhole.getsockname())
+            fillers.append(s)
+        hole = blackhole.getsockname()[1]
+        async with upstream() as up:
+            spec = tcp_spec(hole, up.port, connect_timeout=1.0)
+            async with running_route(spec) as live:
+                slow = await connect(live)  # round robin: picks the black hole first
+                fast = await connect(live)  # then the live backend
+                async with slow, fast:
+                    with anyio.fail_after(0.8):  # inside the other dial's connect timeout
+                        assert await ping(fast, b"fast") == b"fast"
+                    assert await ping(slow, b"slow") == b"slow"  # after the timeout
+                assert live.counters.dial_errors == 1
+                assert len(up.peers) == 2
+    finally:
+        for s in fillers:
+            s.close()
+        blackhole.close()
+
+
 async def test_failover_to_the_next_backend() -> None:
     async with upstream() as up:
         spec = tcp_spec(free_port(), up.port)

@@ -1,18 +1,19 @@
 """Dialing a connection's upstream from event-loop callbacks (no task per connection).
 
 `Connector` tries the route's backends in order (the picked one first): a non-blocking
-`connect_ex`, the socket added to the listener's `Poller`, the connect timeout as a
-`loop.call_later` handle. The first backend that accepts wins and the connector hands the
-socket to its owner (`connected`), which starts the relay; when every backend failed, or
-on `abort`, it tells the owner (`failed`), which closes the client and releases the
-connection. Dial accounting (in-flight per backend, dial errors, the dial histogram, the
-error log) matches the task path in `handshake.dial` / `tcp._TcpServer._dial`.
+`connect_ex`, the socket added to the listener's `Poller`, the connect timeout kept in the
+listener's `Deadlines` (one timer for all dials in flight, not a handle each). The first
+backend that accepts wins and the connector hands the socket to its owner (`connected`),
+which starts the relay; when every backend failed, or on `abort`, it tells the owner
+(`failed`), which closes the client and releases the connection. Dial accounting
+(in-flight per backend, dial errors, the dial histogram, the error log) matches the task path in `handshake.dial` / `tcp._TcpServer._dial`.
 
 Backends must be IP literals here (`literal_address`); a hostname goes the task path.
 """
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import ipaddress
@@ -57,10 +58,54 @@ def literal_addresses(backends: Iterable[Backend]) -> dict[Backend, Address] | N
     return addrs
 
 
+class Deadlines:
+    """The connect deadlines of a listener's dials in flight, served by one timer.
+
+    `add` and `discard` are a dict store and a dict pop; the timer is armed for the earliest
+    deadline and, when it fires, times out every dial past its deadline and re-arms."""
+
+    __slots__ = ("_due", "_loop", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._due: dict[Connector, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, connector: Connector, timeout: float) -> None:
+        due = self._loop.time() + timeout
+        self._due[connector] = due
+        timer = self._timer
+        if timer is None or due < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(due, self._fire)
+
+    def discard(self, connector: Connector) -> None:
+        self._due.pop(connector, None)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        late = [c for c, due in self._due.items() if due <= now]
+        for connector in late:
+            del self._due[connector]
+        for connector in late:
+            connector.timed_out()  # may dial the next backend: add() again
+        if self._due and self._timer is None:
+            self._timer = self._loop.call_at(min(self._due.values()), self._fire)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._due.clear()
+
+
 class Owner(Protocol):
     loop: asyncio.AbstractEventLoop
     poller: Poller
     live: LiveRoute
+    deadlines: Deadlines
 
     def connected(self, connector: Connector, upstream: int, events: int) -> None: ...
 
@@ -75,7 +120,6 @@ class Connector:
         "_order",
         "_sock",
         "_started",
-        "_timer",
         "addresses",
         "client",
         "conn",
@@ -101,8 +145,7 @@ class Connector:
         self._order = order
         self.prefix = prefix
         self.sniff = sniff
-        self._sock: socket.socket | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._sock: _socket.socket | None = None
         self._started = 0.0
         self.done = False
 
@@ -115,8 +158,8 @@ class Connector:
             self.conn.backend = backend
             live.backend_opened(backend)
             self._started = time.monotonic()
-            try:  # SOCK_NONBLOCK: born non-blocking, no extra syscall
-                sock = socket.socket(family, _STREAM_NONBLOCK)
+            try:  # SOCK_NONBLOCK: born non-blocking, no extra syscall; the C socket type
+                sock = _socket.socket(family, _STREAM_NONBLOCK)  # (no Python __init__)
             except OSError as exc:
                 self._dial_error(exc.strerror or str(exc))
                 continue
@@ -136,7 +179,7 @@ class Connector:
                 continue
             self._sock = sock
             owner.poller.add(sock.fileno(), self)
-            self._timer = owner.loop.call_later(live.connect_timeout, self._timed_out)
+            owner.deadlines.add(self, live.connect_timeout)
             return
         if not self.done:
             self.done = True
@@ -158,8 +201,8 @@ class Connector:
         self._dial_error(os.strerror(err))
         self.owner.loop.call_soon(self.start)  # not inside the poller's dispatch (fd reuse)
 
-    def _timed_out(self) -> None:
-        self._timer = None
+    def timed_out(self) -> None:
+        """The connect deadline passed (called by `Deadlines`): try the next backend."""
         if self.done:
             return
         self._drop_socket()
@@ -170,9 +213,7 @@ class Connector:
         sock = self._sock
         assert sock is not None
         self._sock = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.owner.deadlines.discard(self)
         self.done = True
         self.owner.live.counters.observe_dial(time.monotonic() - self._started)
         self.owner.connected(self, sock.detach(), events)
@@ -188,9 +229,7 @@ class Connector:
 
     def _drop_socket(self) -> None:
         sock = self._sock
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.owner.deadlines.discard(self)
         if sock is not None:
             self._sock = None
             self.owner.poller.forget(sock.fileno())

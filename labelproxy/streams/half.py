@@ -8,15 +8,39 @@ EOF state (`OPEN`, `EOF` read but not yet propagated, `SHUT` propagated with SHU
 
 from __future__ import annotations
 
+import ctypes
+import os
 import socket
+from collections.abc import Callable
 
 from labelproxy.metrics import Direction
 
 OPEN, EOF, SHUT = 0, 1, 2
 
 
+def _libc_shutdown() -> Callable[[int, int], int] | None:
+    try:
+        func = ctypes.PyDLL(None, use_errno=True).shutdown
+    except (AttributeError, OSError):
+        return None
+    func.argtypes = (ctypes.c_int, ctypes.c_int)
+    func.restype = ctypes.c_int
+    return func
+
+
+_SHUTDOWN = _libc_shutdown()
+
+
 def shutdown_write(fd: int) -> None:
-    """shutdown(fd, SHUT_WR) on a raw socket fd (a throwaway socket object, fd kept)."""
+    """shutdown(fd, SHUT_WR) on a raw socket fd; raises OSError like `socket.shutdown`.
+
+    Calls libc directly (one system call); without it, a throwaway socket object carries
+    the fd (CPython then also asks the kernel for the socket's name)."""
+    if _SHUTDOWN is not None:
+        if _SHUTDOWN(fd, socket.SHUT_WR) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return
     carrier = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
     try:
         carrier.shutdown(socket.SHUT_WR)
@@ -31,6 +55,7 @@ class Half:
         "direction",
         "dst_fd",
         "eof",
+        "inbound",
         "pending",
         "pipe",
         "rdhup",
@@ -45,6 +70,7 @@ class Half:
         self.src_fd = src_fd
         self.dst_fd = dst_fd
         self.direction: Direction = direction
+        self.inbound = direction == "in"  # client -> upstream
         self.readable = True  # optimistic: the first read tells (EAGAIN clears it)
         self.rdhup = False  # src has signalled EOF/error: read until 0, not a short read
         self.writable = True

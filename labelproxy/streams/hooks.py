@@ -7,6 +7,9 @@ The data plane calls, for every TCP connection or UDP session:
   relayed (sizes only, so a hook never forces the zero-copy path to copy bytes);
   `on_close(conn)` exactly once for every admitted connection.
 A new policy is one new `Hook`; the relay is not edited. ACL, caps and metrics are hooks.
+Only the hooks that override a phase are called for it (`overriding`), and the relays add
+byte counts to the connection and the route's counters themselves: with the default hooks,
+relaying a chunk calls no hook at all.
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ class BaseHook:
         return None
 
 
+def overriding(hooks: tuple[Hook, ...], method: str) -> tuple[Hook, ...]:
+    """The hooks whose `method` does something (a `BaseHook` no-op is left out)."""
+    default = getattr(BaseHook, method)
+    return tuple(h for h in hooks if getattr(type(h), method, default) is not default)
+
+
 class AclHook(BaseHook):
     """Refuses clients the global and route ACLs do not permit."""
 
@@ -94,7 +103,8 @@ class CapHook(BaseHook):
 
 
 class MetricsHook(BaseHook):
-    """Feeds a route's `RouteCounters`; per chunk it adds a size, never touches bytes."""
+    """Feeds a route's `RouteCounters` as connections open and close. Byte and datagram
+    counts are added by the relays themselves (once per chunk or batch, no hook call)."""
 
     def __init__(self, counters: RouteCounters) -> None:
         self.counters = counters
@@ -105,14 +115,6 @@ class MetricsHook(BaseHook):
             self.counters.connections_active += 1
         else:
             self.counters.udp_sessions_active += 1
-
-    def on_chunk(self, conn: ConnInfo, direction: Direction, nbytes: int) -> None:
-        if direction == "in":
-            self.counters.bytes_in += nbytes
-            conn.bytes_in += nbytes
-        else:
-            self.counters.bytes_out += nbytes
-            conn.bytes_out += nbytes
 
     def on_close(self, conn: ConnInfo) -> None:
         if conn.transport == "tcp":

@@ -74,7 +74,6 @@ class Relay(Transfer):
         upstream socket is already in the poller (the dialer put it there) and these are
         the readiness bits the dialer consumed; None: add it now."""
         owner = self.owner
-        owner.chunk_hooks()  # picks up a changed idle timeout
         poller = owner.poller
         poller.add(self._in.src_fd, self)
         if upstream_events is None:
@@ -83,7 +82,7 @@ class Relay(Transfer):
             poller.targets[self._out.src_fd] = self
             self._out.readable = bool(upstream_events & READABLE)
             self._out.rdhup = bool(upstream_events & HANGUP)
-        idle = owner.idle_timeout
+        idle = owner.live.idle_timeout
         if idle:
             self.last_active = owner.loop.time()
             self._idle_handle = owner.loop.call_later(idle, self._check_idle)
@@ -172,15 +171,24 @@ class Relay(Transfer):
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _count(self, half: Half, n: int) -> None:
+        """Account `n` relayed bytes: the connection's and the route's totals (the metrics
+        hook's part, done here), the idle clock, and any other hook wanting chunks."""
         if n <= 0:
             return
-        owner = self.owner
-        if owner.idle_timeout:
-            self.last_active = owner.loop.time()
+        live = self.owner.live
+        if live.idle_timeout:
+            self.last_active = self.owner.loop.time()
         conn = self.conn
-        direction = half.direction
-        for hook in owner.chunk_hooks():
-            hook.on_chunk(conn, direction, n)
+        if half.inbound:
+            conn.bytes_in += n
+            live.counters.bytes_in += n
+        else:
+            conn.bytes_out += n
+            live.counters.bytes_out += n
+        hooks = live.chunk_hooks
+        if hooks:
+            for hook in hooks:
+                hook.on_chunk(conn, half.direction, n)
 
     def _shut(self, half: Half) -> None:
         """src reached EOF and everything was written: propagate the half-close."""
@@ -234,7 +242,7 @@ class Relay(Transfer):
 
     def _check_idle(self) -> None:
         self._idle_handle = None
-        idle = self.owner.idle_timeout
+        idle = self.owner.live.idle_timeout
         if self.done or not idle:
             return
         loop = self.owner.loop

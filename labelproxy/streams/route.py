@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections import Counter
 
 import anyio
 
 from labelproxy.metrics import RouteCounters
 from labelproxy.spec import Backend, EdgePolicy, RouteSpec
 from labelproxy.streams.acl import Acl, LayeredAcl
-from labelproxy.streams.hooks import AclHook, CapHook, ConnInfo, Hook, MetricsHook
+from labelproxy.streams.hooks import AclHook, CapHook, ConnInfo, Hook, MetricsHook, overriding
 
 
 class LiveRoute:
@@ -43,7 +42,7 @@ class LiveRoute:
         self.trusted_proxies = Acl(edge.trusted_proxies) if edge.trusted_proxies else None
         self._extra_hooks = extra_hooks
         self._rr = itertools.count()
-        self._in_flight: Counter[Backend] = Counter()
+        self._in_flight: dict[Backend, int] = {}
         self.bound: list[tuple[str, int]] = []
         self.closing = anyio.Event()
         self.listener_closed = anyio.Event()
@@ -51,6 +50,13 @@ class LiveRoute:
         self.drain_timeout = edge.drain_timeout
         self.spec = spec
         self.hooks: tuple[Hook, ...] = ()
+        # per phase, only the hooks that override it (the hot path skips the no-ops):
+        self._gate_hooks: tuple[Hook, ...] = ()
+        self._open_hooks: tuple[Hook, ...] = ()
+        self._close_hooks: tuple[Hook, ...] = ()
+        self.chunk_hooks: tuple[Hook, ...] = ()  # except the metrics hook (relays count)
+        self.connect_timeout = edge.connect_timeout
+        self.idle_timeout: float | None = None  # TCP: None unless set; UDP: session expiry
         self.cap = CapHook(None)
         self.update(spec)
 
@@ -73,18 +79,17 @@ class LiveRoute:
         hooks.append(MetricsHook(self.counters))
         hooks.extend(self._extra_hooks)
         self.hooks = tuple(hooks)
-
-    @property
-    def connect_timeout(self) -> float:
-        return self.spec.options.connect_timeout or self.edge.connect_timeout
-
-    @property
-    def idle_timeout(self) -> float | None:
-        """TCP: None (no idle limit) unless set; UDP: the session expiry."""
-        value = self.spec.options.idle_timeout
-        if value is None and self.spec.transport == "udp":
-            return self.edge.udp_idle_timeout
-        return value
+        self._gate_hooks = overriding(self.hooks, "before_dial")
+        self._open_hooks = overriding(self.hooks, "on_open")
+        self._close_hooks = overriding(self.hooks, "on_close")
+        self.chunk_hooks = tuple(
+            h for h in overriding(self.hooks, "on_chunk") if not isinstance(h, MetricsHook)
+        )
+        self.connect_timeout = opts.connect_timeout or self.edge.connect_timeout
+        idle = opts.idle_timeout
+        if idle is None and spec.transport == "udp":
+            idle = self.edge.udp_idle_timeout
+        self.idle_timeout = idle
 
     # -- backend selection -------------------------------------------------------------
     def pick_backend(self, client_host: str) -> Backend | None:
@@ -101,21 +106,26 @@ class LiveRoute:
         if policy == "least_conn":
             start = next(self._rr) % len(backends)
             rotated = backends[start:] + backends[:start]
-            return min(rotated, key=self._in_flight.__getitem__)
+            flights = self._in_flight
+            return min(rotated, key=lambda b: flights.get(b, 0))
         return backends[next(self._rr) % len(backends)]
 
     def backend_opened(self, backend: Backend) -> None:
-        self._in_flight[backend] += 1
+        flights = self._in_flight
+        flights[backend] = flights.get(backend, 0) + 1
 
     def backend_closed(self, backend: Backend) -> None:
-        self._in_flight[backend] -= 1
-        if self._in_flight[backend] <= 0:
-            del self._in_flight[backend]
+        flights = self._in_flight
+        left = flights.get(backend, 0) - 1
+        if left > 0:
+            flights[backend] = left
+        else:
+            flights.pop(backend, None)
 
     # -- hooks -------------------------------------------------------------------------
     def admit(self, conn: ConnInfo) -> str | None:
         """Run every hook's `before_dial`; on success run `on_open`. Returns a reject reason."""
-        for hook in self.hooks:
+        for hook in self._gate_hooks:
             reason = hook.before_dial(conn)
             if reason is not None:
                 if conn.transport == "tcp":
@@ -123,13 +133,13 @@ class LiveRoute:
                 else:
                     self.counters.drop(reason)
                 return reason
-        for hook in self.hooks:
+        for hook in self._open_hooks:
             hook.on_open(conn)
         return None
 
     def release(self, conn: ConnInfo) -> None:
         """Run every hook's `on_close`; call once for every admitted connection."""
-        for hook in self.hooks:
+        for hook in self._close_hooks:
             hook.on_close(conn)
         if conn.backend is not None:
             self.backend_closed(conn.backend)

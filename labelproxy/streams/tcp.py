@@ -29,8 +29,8 @@ import anyio.abc
 
 from labelproxy.spec import Backend, RouteSpec
 from labelproxy.streams.accept import Acceptor
-from labelproxy.streams.dialer import Address, Connector, literal_addresses
-from labelproxy.streams.hooks import BaseHook, ConnInfo, Hook
+from labelproxy.streams.dialer import Address, Connector, Deadlines, literal_addresses
+from labelproxy.streams.hooks import ConnInfo
 from labelproxy.streams.poller import Poller
 from labelproxy.streams.poller import available as poller_available
 from labelproxy.streams.proxyproto import build_header
@@ -89,14 +89,12 @@ class _TcpServer:
             self.loop, sock, self._admit, name=f"route {live.spec.alias} on {live.spec.key}"
         )
         self.poller = Poller(self.loop)
+        self.deadlines = Deadlines(self.loop)
         self.pool = PipePool() if zero_copy else None
         self.conns: set[Relay | Connector] = set()  # dialing or relaying, for drain/abort
         self.setups = 0  # setup tasks (tcp_setup)
         self.tg: anyio.abc.TaskGroup | None = None
-        self.idle_timeout: float | None = live.idle_timeout
         self._empty: anyio.Event | None = None
-        self._hooks_seen: tuple[Hook, ...] | None = None
-        self._chunk_hooks: tuple[Hook, ...] = ()
         self._spec_seen: RouteSpec | None = None
         self._addrs: dict[Backend, Address] | None = None
         self._last_listen: tuple[str, int] = ("", 0)
@@ -135,6 +133,7 @@ class _TcpServer:
     def shutdown(self) -> None:
         self._close_listener()
         self._abort_all("shutdown")
+        self.deadlines.close()
         self.poller.close()
         if self.pool is not None:
             self.pool.close()
@@ -153,17 +152,6 @@ class _TcpServer:
             self._empty.set()
 
     # -- what the relays ask for -----------------------------------------------------------
-    def chunk_hooks(self) -> tuple[Hook, ...]:
-        """The hooks that want `on_chunk` (re-read when the route's hooks change)."""
-        hooks = self.live.hooks
-        if hooks is not self._hooks_seen:
-            self._hooks_seen = hooks
-            self._chunk_hooks = tuple(
-                h for h in hooks if getattr(type(h), "on_chunk", None) is not BaseHook.on_chunk
-            )
-            self.idle_timeout = self.live.idle_timeout
-        return self._chunk_hooks
-
     def relay_done(self, relay: Relay) -> None:
         self.conns.discard(relay)
         conn = relay.conn
@@ -180,17 +168,23 @@ class _TcpServer:
     def _admit(self, client: int, peer_addr: tuple[str, int]) -> None:
         live = self.live
         set_nonblocking(client)
-        peer, listen = self.addresses(client, peer_addr)
+        listen = self._fixed_listen
+        if listen is not None:
+            peer = peer_addr
+        else:
+            peer, listen = self.addresses(client, peer_addr)
+        spec = live.spec
+        addrs = self._addrs if spec is self._spec_seen else self._addresses_of(spec)
         sniff = False
         if live.edge.accept_proxy_protocol != "off":
             trusted = live.trusted_proxies is not None and live.trusted_proxies.permits(peer[0])
-            sniff = not trusted
-        addrs = self._addresses_of(live.spec)
-        if addrs is None or (live.edge.accept_proxy_protocol != "off" and not sniff):
+            if trusted:  # its PROXY header is read first: the task path
+                addrs = None
+            sniff = True
+        if addrs is None:
             self._spawn(client, peer, listen)
             return
-        spec = live.spec
-        conn = ConnInfo(route=spec.alias, transport="tcp", client=peer, peer=peer, listen=listen)
+        conn = ConnInfo(spec.alias, "tcp", peer, peer, listen)
         reason = live.admit(conn)
         if reason is not None:
             logger.debug("route %s: refused client %s (%s)", spec.alias, peer[0], reason)

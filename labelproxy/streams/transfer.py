@@ -17,8 +17,8 @@ import os
 from typing import TYPE_CHECKING, Protocol
 
 from labelproxy.streams.half import EOF, Half
-from labelproxy.streams.hooks import Hook
 from labelproxy.streams.poller import Poller
+from labelproxy.streams.route import LiveRoute
 from labelproxy.streams.splice import SPLICE_FLAGS, PipePool
 
 if TYPE_CHECKING:
@@ -37,9 +37,7 @@ class Owner(Protocol):
     loop: asyncio.AbstractEventLoop
     poller: Poller
     pool: PipePool | None
-    idle_timeout: float | None
-
-    def chunk_hooks(self) -> tuple[Hook, ...]: ...
+    live: LiveRoute
 
     def relay_done(self, relay: Relay) -> None: ...
 

@@ -32,7 +32,6 @@ from labelproxy.streams.proxyproto import build_dgram_header
 from labelproxy.streams.route import LiveRoute
 from labelproxy.streams.udp_session import (
     UdpSession,
-    hooks_wanting_chunks,
     is_ip_literal,
     log_session_closed,
     log_session_opened,
@@ -76,8 +75,6 @@ class UdpRelay:
         name = listener.getsockname()
         self.bound: tuple[str, int] = (str(name[0]), int(name[1]))
         self._spec_seen = live.spec
-        self._hooks_seen: tuple[Hook, ...] = ()
-        self._chunk_hooks: tuple[Hook, ...] = ()
         self._listening = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -125,11 +122,8 @@ class UdpRelay:
                 self.close_session(session, "backend_gone")
 
     def _chunk_hooks_now(self) -> tuple[Hook, ...]:
-        hooks = self.live.hooks
-        if hooks is not self._hooks_seen:
-            self._hooks_seen = hooks
-            self._chunk_hooks = hooks_wanting_chunks(hooks)
-        return self._chunk_hooks
+        """The hooks that want `on_chunk`, except metrics (the relay counts, per batch)."""
+        return self.live.chunk_hooks
 
     def _open_session(self, addr: SockAddr) -> UdpSession | None:
         live = self.live

@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 
-from labelproxy.streams.hooks import BaseHook, ConnInfo, Hook, MetricsHook
+from labelproxy.streams.hooks import ConnInfo
 from labelproxy.streams.udp_sockets import SockAddr
 
 logger = logging.getLogger(__name__)
@@ -64,17 +64,6 @@ def is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def hooks_wanting_chunks(hooks: tuple[Hook, ...]) -> tuple[Hook, ...]:
-    """The hooks whose `on_chunk` does something, except the metrics hook: the relay adds
-    the same sizes to the route's counters itself, once per batch."""
-    return tuple(
-        h
-        for h in hooks
-        if not isinstance(h, MetricsHook)
-        and getattr(type(h), "on_chunk", BaseHook.on_chunk) is not BaseHook.on_chunk
-    )
 
 
 def log_session_opened(conn: ConnInfo, *, listen: str) -> None:
