@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.procs import BenchError, Children, cpu_seconds, pss_bytes, read_line
+from bench.procs import BenchError, Children, cpu_seconds, cpu_split, pss_bytes, read_line
 from bench.targets import Target
 from bench.toolchain import Tools
 from bench.upstreams import Upstreams
@@ -122,10 +122,25 @@ def short_conns(env: Env, target: Target) -> Measured:
     seconds = env.plan.short_seconds
     argv = [str(env.tools.client), "shortconn", HOST, str(target.ports["echo"])]
     argv += [str(SHORT_CONN_CLIENTS), str(seconds), str(SHORT_CONN_BYTES)]
+    before = cpu_split(target.roots)
     data = _run_json(argv, timeout=seconds + 30)
     if data["completed"] == 0:
         raise BenchError(f"no connection completed ({data['errors']} errors)")
-    return Measured(values={"short_conns_per_s": float(data["rate"])}, raw=data)
+    out = Measured(values={"short_conns_per_s": float(data["rate"])}, raw=data)
+    _cpu_per(out, target, before, int(data["completed"]), "short_conns")
+    return out
+
+
+def _cpu_per(
+    out: Measured, target: Target, before: tuple[float, float], count: int, key: str
+) -> None:
+    """The proxy's user and kernel CPU microseconds per unit of work (a connection, a
+    message) since `before`: where a proxy's time goes, interpreter or system calls."""
+    if not target.roots or count <= 0:
+        return
+    user, system = cpu_split(target.roots)
+    out.values[f"{key}_user_us"] = (user - before[0]) * 1e6 / count
+    out.values[f"{key}_sys_us"] = (system - before[1]) * 1e6 / count
 
 
 _WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -175,11 +190,14 @@ def pingpong(env: Env, target: Target) -> Measured:
     """64 B request/response round trips over one connection: p50 and p99 in microseconds."""
     argv = [str(env.tools.client), "pingpong", HOST, str(target.ports["echo"])]
     argv += [str(env.plan.pingpong_count), str(PINGPONG_BYTES), "10"]
+    before = cpu_split(target.roots)
     data = _run_json(argv, timeout=40)
-    return Measured(
+    out = Measured(
         values={"pingpong_p50_us": float(data["p50_us"]), "pingpong_p99_us": float(data["p99_us"])},
         raw=data,
     )
+    _cpu_per(out, target, before, 2 * env.plan.pingpong_count, "pingpong_msg")  # both ways
+    return out
 
 
 def udp_flood(env: Env, target: Target) -> Measured:

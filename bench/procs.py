@@ -213,14 +213,20 @@ def process_tree(roots: Iterable[int]) -> list[int]:
     return result
 
 
-def cpu_seconds(roots: Iterable[int]) -> float:
-    """User+system CPU of a process tree, including children it has already reaped."""
-    ticks = 0
+def cpu_split(roots: Iterable[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process tree, including children it has reaped."""
+    user = system = 0
     for pid in process_tree(roots):
         fields = _stat_fields(pid)
         if fields is not None:  # utime stime cutime cstime are fields 14-17 (1-based)
-            ticks += sum(int(value) for value in fields[11:15])
-    return ticks / _CLK_TCK
+            user += int(fields[11]) + int(fields[13])
+            system += int(fields[12]) + int(fields[14])
+    return user / _CLK_TCK, system / _CLK_TCK
+
+
+def cpu_seconds(roots: Iterable[int]) -> float:
+    """User+system CPU of a process tree, including children it has already reaped."""
+    return sum(cpu_split(roots))
 
 
 def pss_bytes(roots: Iterable[int]) -> int:

@@ -53,8 +53,15 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         "short_conns",
         "Short connections",
-        (_m("short_conns_per_s", "connect, 64 B, echo, close; 50 clients", "conn/s", higher=True),),
-        "C epoll client and C epoll echo upstream.",
+        (
+            _m("short_conns_per_s", "connect, 64 B, echo, close; 50 clients", "conn/s",
+               higher=True),
+            _m("short_conns_user_us", "proxy user CPU per connection", "us", higher=False),
+            _m("short_conns_sys_us", "proxy kernel CPU per connection", "us", higher=False),
+        ),
+        "C epoll client and C epoll echo upstream. User and kernel CPU: utime and stime of the "
+        "proxy's processes over the run / connections completed: the interpreter's share "
+        "against the system calls' share.",
     ),
     Section(
         "http",
@@ -74,7 +81,10 @@ SECTIONS: tuple[Section, ...] = (
         (
             _m("pingpong_p50_us", "round trip p50", "us", higher=False),
             _m("pingpong_p99_us", "round trip p99", "us", higher=False),
+            _m("pingpong_msg_user_us", "proxy user CPU per message relayed", "us", higher=False),
+            _m("pingpong_msg_sys_us", "proxy kernel CPU per message relayed", "us", higher=False),
         ),
+        "Each round trip is two messages through the proxy (request and reply).",
     ),
     Section(
         "udp",

@@ -52,7 +52,14 @@ SECTION_RUNS: dict[str, SectionRun] = {
     "udp": SectionRun((measure.udp_flood, measure.udp_rtt), needs_udp=True),
     "memory": SectionRun((measure.idle_memory,), needs_proxy=True, fresh_process=True),
 }
-NO_PROXY_METRICS = ("tcp_bulk_1_cpu_s_per_gb", "tcp_bulk_8_cpu_s_per_gb")
+NO_PROXY_METRICS = (
+    "tcp_bulk_1_cpu_s_per_gb",
+    "tcp_bulk_8_cpu_s_per_gb",
+    "short_conns_user_us",
+    "short_conns_sys_us",
+    "pingpong_msg_user_us",
+    "pingpong_msg_sys_us",
+)
 
 
 def start_targets(ctx: StartContext, names: list[str], results: Results) -> list[Target]:

@@ -1,21 +1,48 @@
-"""`dialer.Deadlines`: every dial in flight times out at its own deadline, on one timer.
+"""`dialer.Deadlines` on a real `DataLoop`: every dial in flight times out at its own
+deadline, on one timer; and the loop's own timers, hand-over and compaction.
 
 The connectors here are stand-ins that record when they were timed out: what is under
-test is the deadline bookkeeping, on a real event loop.
+test is the deadline bookkeeping, on the real loop thread.
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, cast
+import threading
+from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 
+from labelproxy.streams.dataloop import DataLoop
 from labelproxy.streams.dialer import Connector, Deadlines
+
+DEADLINE = 5.0
+
+
+@pytest.fixture
+def loop() -> Iterator[DataLoop]:
+    data_loop = DataLoop()
+    data_loop.start()
+    yield data_loop
+    data_loop.stop()
+
+
+def _on_loop(loop: DataLoop, fn: Callable[[], None]) -> None:
+    """Run `fn` on the loop's thread and wait for it."""
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            fn()
+        finally:
+            done.set()
+
+    loop.submit(work)
+    assert done.wait(DEADLINE)
 
 
 class _Dial:
-    def __init__(self, loop: asyncio.AbstractEventLoop, log: list[tuple[str, float]], name: str):
+    def __init__(self, loop: DataLoop, log: list[tuple[str, float]], name: str) -> None:
         self.loop = loop
         self.log = log
         self.name = name
@@ -24,68 +51,86 @@ class _Dial:
         self.log.append((self.name, self.loop.time()))
 
 
-def _as_connector(dial: _Dial) -> Connector:
-    return cast(Connector, dial)
+def test_each_dial_times_out_at_its_deadline_and_finished_dials_never_do(loop: DataLoop) -> None:
+    log: list[tuple[str, float]] = []
+    fired = threading.Event()
+    start: list[float] = []
 
-
-@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
-def test_each_dial_times_out_at_its_deadline_and_finished_dials_never_do(
-    use_uvloop: bool,
-) -> None:
-    async def scenario() -> list[tuple[str, float]]:
-        loop = asyncio.get_running_loop()
-        log: list[tuple[str, float]] = []
+    def scenario() -> None:
         deadlines = Deadlines(loop)
-        start = loop.time()
+        start.append(loop.time())
         late = _Dial(loop, log, "late")
         early = _Dial(loop, log, "early")  # added after `late` but due first: re-arms
         done = _Dial(loop, log, "done")
-        deadlines.add(_as_connector(late), 0.30)
-        deadlines.add(_as_connector(early), 0.10)
-        deadlines.add(_as_connector(done), 0.05)
-        deadlines.discard(_as_connector(done))  # connected in time
-        async with asyncio.timeout(2):
-            while len(log) < 2:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)  # nothing else fires afterwards
-        deadlines.close()
-        return [(name, at - start) for name, at in log]
+        deadlines.add(cast(Connector, late), 0.30)
+        deadlines.add(cast(Connector, early), 0.10)
+        deadlines.add(cast(Connector, done), 0.05)
+        deadlines.discard(cast(Connector, done))  # connected in time
+        loop.call_later(0.5, fired.set)  # after both, and well after `done` would have been
 
-    if use_uvloop:
-        uvloop: Any = pytest.importorskip("uvloop")
-        fired = uvloop.run(scenario())
-    else:
-        fired = asyncio.run(scenario())
-    assert [name for name, _ in fired] == ["early", "late"]
-    early_at, late_at = fired[0][1], fired[1][1]
-    slack = 1e-6  # loop times are large floats: their differences carry rounding
+    _on_loop(loop, scenario)
+    assert fired.wait(DEADLINE)
+    assert [name for name, _ in log] == ["early", "late"]
+    early_at, late_at = (at - start[0] for _, at in log)
+    slack = 1e-6  # monotonic times are large floats: their differences carry rounding
     assert early_at >= 0.10 - slack and late_at >= 0.30 - slack  # never before its deadline
     assert early_at < late_at
 
 
-def test_a_dial_added_from_a_timeout_is_served_by_the_same_timer() -> None:
+def test_a_dial_added_from_a_timeout_is_served_by_the_same_timer(loop: DataLoop) -> None:
     # a timed-out dial goes on to the next backend, which adds a new deadline from inside
     # the timer callback
-    async def scenario() -> list[str]:
-        loop = asyncio.get_running_loop()
-        log: list[str] = []
+    log: list[str] = []
+    finished = threading.Event()
+
+    class Retrying:
+        def __init__(self, deadlines: Deadlines, tries: int) -> None:
+            self.deadlines = deadlines
+            self.tries = tries
+
+        def timed_out(self) -> None:
+            log.append(f"try {self.tries}")
+            if self.tries > 1:
+                self.tries -= 1
+                self.deadlines.add(cast(Connector, self), 0.02)
+            else:
+                finished.set()
+
+    def scenario() -> None:
         deadlines = Deadlines(loop)
+        deadlines.add(cast(Connector, Retrying(deadlines, 3)), 0.02)
 
-        class Retrying:
-            def __init__(self, tries: int) -> None:
-                self.tries = tries
+    _on_loop(loop, scenario)
+    assert finished.wait(DEADLINE)
+    assert log == ["try 3", "try 2", "try 1"]
 
-            def timed_out(self) -> None:
-                log.append(f"try {self.tries}")
-                if self.tries > 1:
-                    self.tries -= 1
-                    deadlines.add(cast(Connector, self), 0.02)
 
-        deadlines.add(cast(Connector, Retrying(3)), 0.02)
-        async with asyncio.timeout(2):
-            while len(log) < 3:
-                await asyncio.sleep(0.01)
-        deadlines.close()
-        return log
+def test_cancelled_timers_never_run_and_do_not_pile_up(loop: DataLoop) -> None:
+    # an idle timeout of an hour, cancelled as each short connection closes, must not keep
+    # one heap entry per connection for that hour
+    ran: list[int] = []
+    sizes: list[int] = []
 
-    assert asyncio.run(scenario()) == ["try 3", "try 2", "try 1"]
+    def scenario() -> None:
+        for i in range(10_000):
+            loop.call_later(3600, ran.append, i).cancel()
+        keep = loop.call_later(3600, ran.append, -1)
+        sizes.append(len(loop._timers))  # the heap is what is under test
+        keep.cancel()
+
+    _on_loop(loop, scenario)
+    assert sizes[0] < 1_000
+    assert ran == []
+
+
+def test_a_failing_callback_is_logged_and_the_loop_goes_on(
+    loop: DataLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    loop.submit(boom)
+    after = threading.Event()
+    loop.submit(after.set)
+    assert after.wait(DEADLINE)
+    assert any("boom" in (r.exc_text or "") or r.exc_info for r in caplog.records)

@@ -1,15 +1,15 @@
-"""The accept loop of a TCP listener, as an event-loop reader callback (no task).
+"""The accept loop of a TCP listener, as a data-loop target (no task).
 
-`Acceptor` watches the listening socket with `loop.add_reader`, accepts up to a batch of
-clients per wake-up as raw non-inheritable fds (no socket object per client) and hands each
-to `on_client(fd, address)`. On EMFILE/ENFILE/ENOBUFS/ENOMEM it stops watching, logs once
-and retries after an exponential backoff (10 ms up to 1 s), never dying on them; any
-other accept error is skipped. `close()` stops it and closes the listening socket.
+`Acceptor` watches the listening socket on the TCP data loop (level-triggered), accepts up
+to a batch of clients per wake-up as raw non-inheritable fds (no socket object per client)
+and hands each to `on_client(fd, address)`. On EMFILE/ENFILE/ENOBUFS/ENOMEM it stops
+watching, logs once and retries after an exponential backoff (10 ms up to 1 s), never
+dying on them; any other accept error is skipped. `close()` stops it and closes the
+listening socket.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
@@ -17,6 +17,7 @@ import socket
 from collections.abc import Callable
 from functools import partial
 
+from labelproxy.streams.dataloop import EPOLLIN, DataLoop, Timer
 from labelproxy.streams.sockets import accept_fd
 
 logger = logging.getLogger("labelproxy.streams.tcp")
@@ -27,11 +28,12 @@ BACKOFF_MIN, BACKOFF_MAX = 0.01, 1.0
 
 
 class Acceptor:
-    """Accepts from `sock` and calls `on_client`; `name` labels its log lines."""
+    """Accepts from `sock` and calls `on_client`; `name` labels its log lines. Every
+    method runs on the data loop's thread."""
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        loop: DataLoop,
         sock: socket.socket,
         on_client: Callable[[int, tuple[str, int]], None],
         *,
@@ -45,20 +47,33 @@ class Acceptor:
             sock, "_accept", None
         ) or partial(accept_fd, sock)
         self._backoff = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
+        self._watching = False
 
     def start(self) -> None:
-        if self.sock is not None:
-            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+        if self.sock is not None and not self._watching:
+            self.loop.add(self.sock.fileno(), self, EPOLLIN)
+            self._watching = True
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self.sock is not None:
-            self.loop.remove_reader(self.sock.fileno())
+            self._unwatch()
             self.sock.close()
             self.sock = None
+
+    def _unwatch(self) -> None:
+        if self._watching and self.sock is not None:
+            self.loop.remove(self.sock.fileno())
+            self._watching = False
+
+    def on_event(self, fd: int, events: int) -> None:
+        self._on_readable()
+
+    def abort(self, reason: str) -> None:
+        """A failed callback: the listener goes on accepting (nothing to abort)."""
 
     def _on_readable(self) -> None:
         for _ in range(BATCH):
@@ -85,8 +100,7 @@ class Acceptor:
         if not self._backoff:
             logger.error("%s: accept failed: %s; backing off", self.name, exc)
         self._backoff = min(max(self._backoff * 2, BACKOFF_MIN), BACKOFF_MAX)
-        assert self.sock is not None
-        self.loop.remove_reader(self.sock.fileno())
+        self._unwatch()
         self._timer = self.loop.call_later(self._backoff, self._resume)
 
     def _resume(self) -> None:

@@ -1,20 +1,21 @@
-"""Dialing a connection's upstream from event-loop callbacks (no task per connection).
+"""Dialing a connection's upstream from data-loop callbacks (no task per connection).
 
 `Connector` tries the route's backends in order (the picked one first): a non-blocking
-`connect_ex`, the socket added to the listener's `Poller`, the connect timeout kept in the
-listener's `Deadlines` (one timer for all dials in flight, not a handle each). The first
-backend that accepts wins and the connector hands the socket to its owner (`connected`),
-which starts the relay; when every backend failed, or on `abort`, it tells the owner
-(`failed`), which closes the client and releases the connection. Dial accounting
-(in-flight per backend, dial errors, the dial histogram, the error log) matches the task path in `handshake.dial` / `tcp._TcpServer._dial`.
+`connect_ex`, the socket added to the TCP data loop (`dataloop`), the connect timeout kept
+in the listener's `Deadlines` (one timer for all dials in flight, not a handle each). The
+first backend that accepts wins and the connector hands the socket to its owner
+(`connected`), which starts the relay; when every backend failed, or on `abort`, it tells
+the owner (`failed`), which closes the client and releases the connection. Every dial of
+every connection goes through here, with one accounting: in-flight per backend, dial
+errors, the dial histogram, the error log.
 
-Backends must be IP literals here (`literal_address`); a hostname goes the task path.
+Addresses are resolved before: IP literals directly (`literal_address`), host names by the
+setup task (`tcp_setup`); a backend whose name did not resolve counts as a failed dial.
 """
 
 from __future__ import annotations
 
 import _socket
-import asyncio
 import errno
 import ipaddress
 import logging
@@ -25,8 +26,16 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from labelproxy.spec import Backend
+from labelproxy.streams.dataloop import (
+    EPOLLERR,
+    EPOLLHUP,
+    EPOLLIN,
+    EPOLLOUT,
+    WRITABLE,
+    DataLoop,
+    Timer,
+)
 from labelproxy.streams.hooks import ConnInfo
-from labelproxy.streams.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, WRITABLE, Poller
 from labelproxy.streams.route import LiveRoute
 
 logger = logging.getLogger(__name__)
@@ -66,10 +75,10 @@ class Deadlines:
 
     __slots__ = ("_due", "_loop", "_timer")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: DataLoop) -> None:
         self._loop = loop
         self._due: dict[Connector, float] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
 
     def add(self, connector: Connector, timeout: float) -> None:
         due = self._loop.time() + timeout
@@ -102,8 +111,7 @@ class Deadlines:
 
 
 class Owner(Protocol):
-    loop: asyncio.AbstractEventLoop
-    poller: Poller
+    loop: DataLoop
     live: LiveRoute
     deadlines: Deadlines
 
@@ -134,7 +142,7 @@ class Connector:
         owner: Owner,
         client: int,
         conn: ConnInfo,
-        order: list[tuple[Backend, Address]],
+        order: list[tuple[Backend, Address | None]],
         *,
         prefix: bytes,
         sniff: bool,
@@ -150,14 +158,18 @@ class Connector:
         self.done = False
 
     def start(self) -> None:
-        """Dial the next backend; call from the loop (never from a poller dispatch)."""
+        """Dial the next backend; call from the loop (never from inside an event dispatch)."""
         owner = self.owner
         live = owner.live
         while self._order and not self.done:
-            backend, (family, addr) = self._order.pop(0)
+            backend, address = self._order.pop(0)
             self.conn.backend = backend
             live.backend_opened(backend)
             self._started = time.monotonic()
+            if address is None:
+                self._dial_error("the host name did not resolve")
+                continue
+            family, addr = address
             try:  # SOCK_NONBLOCK: born non-blocking, no extra syscall; the C socket type
                 sock = _socket.socket(family, _STREAM_NONBLOCK)  # (no Python __init__)
             except OSError as exc:
@@ -170,7 +182,7 @@ class Connector:
             err = sock.connect_ex(addr)
             if err == 0:
                 self._sock = sock
-                owner.poller.add(sock.fileno(), self)
+                owner.loop.add(sock.fileno(), self)
                 self._connected(EPOLLIN | EPOLLOUT)
                 return
             if err != errno.EINPROGRESS:
@@ -178,7 +190,7 @@ class Connector:
                 self._dial_error(os.strerror(err))
                 continue
             self._sock = sock
-            owner.poller.add(sock.fileno(), self)
+            owner.loop.add(sock.fileno(), self)
             owner.deadlines.add(self, live.connect_timeout)
             return
         if not self.done:
@@ -199,7 +211,7 @@ class Connector:
             return
         self._drop_socket()
         self._dial_error(os.strerror(err))
-        self.owner.loop.call_soon(self.start)  # not inside the poller's dispatch (fd reuse)
+        self.owner.loop.call_soon(self.start)  # not inside this dispatch (fd reuse)
 
     def timed_out(self) -> None:
         """The connect deadline passed (called by `Deadlines`): try the next backend."""
@@ -232,7 +244,7 @@ class Connector:
         self.owner.deadlines.discard(self)
         if sock is not None:
             self._sock = None
-            self.owner.poller.forget(sock.fileno())
+            self.owner.loop.forget(sock.fileno())
             sock.close()
 
     def abort(self, reason: str) -> None:

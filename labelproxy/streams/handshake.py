@@ -1,9 +1,9 @@
-"""The steps of a TCP connection before relaying: the client's PROXY header, and the dial.
+"""The waiting steps of a TCP connection's setup: the client's PROXY header, host names.
 
 `read_client_header` waits (within a deadline) for a trusted client's PROXY header and
-returns what it carries plus the bytes that followed it; `dial` opens a non-blocking,
-TCP_NODELAY connection to a backend within a timeout. Both raise, never hang: the caller
-closes the client and counts the reason.
+returns what it carries plus the bytes that followed it; it raises, never hangs, and the
+caller closes the client and counts the reason. `resolve` gives the address to dial a
+backend at (its IP literal, or its host name's first address).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-import os
 import socket
 from dataclasses import dataclass
 
@@ -19,7 +18,6 @@ import anyio
 
 from labelproxy.spec import AcceptProxyProtocol, Backend
 from labelproxy.streams.proxyproto import HeaderError, HeaderParser, looks_like_header
-from labelproxy.streams.sockets import set_nodelay
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +80,9 @@ def _family(host: str) -> socket.AddressFamily | None:
     return socket.AF_INET if ip.version == 4 else socket.AF_INET6
 
 
-async def _resolve(backend: Backend) -> tuple[socket.AddressFamily, tuple[str, int]]:
+async def resolve(backend: Backend) -> tuple[socket.AddressFamily, tuple[str, int]]:
+    """(family, sockaddr) to dial `backend` at: its IP literal, or its name's first
+    address; OSError when the name does not resolve."""
     family = _family(backend.host)
     if family is not None:
         return family, (backend.host, backend.port)
@@ -91,25 +91,3 @@ async def _resolve(backend: Backend) -> tuple[socket.AddressFamily, tuple[str, i
         raise OSError(errno.EHOSTUNREACH, f"{backend.host} does not resolve")
     fam, _, _, _, addr = infos[0]
     return socket.AddressFamily(fam), (str(addr[0]), int(addr[1]))
-
-
-async def dial(backend: Backend, *, timeout: float) -> socket.socket:
-    """A connected non-blocking socket to `backend`; OSError/TimeoutError on failure."""
-    with anyio.fail_after(timeout):
-        family, addr = await _resolve(backend)
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            set_nodelay(sock)
-            err = sock.connect_ex(addr)
-            if err not in (0, errno.EINPROGRESS):
-                raise OSError(err, os.strerror(err))
-            if err:
-                await anyio.wait_writable(sock)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    raise OSError(err, os.strerror(err))
-        except BaseException:
-            sock.close()
-            raise
-    return sock

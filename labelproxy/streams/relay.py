@@ -2,7 +2,7 @@
 event-loop handle per connection).
 
 `Relay` moves bytes client -> upstream ("in") and upstream -> client ("out"). Both sockets
-sit in the listener's `Poller` (IN|OUT|RDHUP, edge-triggered); the relay keeps, per
+sit in the TCP data loop (`dataloop`, IN|OUT|RDHUP, edge-triggered); the relay keeps, per
 direction, "source readable" and "destination writable" flags that an edge sets and an
 EAGAIN (or a short read) clears, and pumps while both are set.
 
@@ -23,15 +23,14 @@ client bytes are checked for a PROXY signature (a header from an untrusted clien
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 
+from labelproxy.streams.dataloop import HANGUP, READABLE, WRITABLE, Timer
 from labelproxy.streams.half import EOF as _EOF
 from labelproxy.streams.half import SHUT as _SHUT
 from labelproxy.streams.half import Half, shutdown_write
 from labelproxy.streams.hooks import ConnInfo
-from labelproxy.streams.poller import HANGUP, READABLE, WRITABLE
 from labelproxy.streams.proxyproto import looks_like_header
 from labelproxy.streams.transfer import Owner, Transfer
 
@@ -64,22 +63,22 @@ class Relay(Transfer):
         if prefix:
             self._in.pending = prefix
         self._sniff = bytearray() if sniff else None
-        self._idle_handle: asyncio.TimerHandle | None = None
+        self._idle_handle: Timer | None = None
         self.last_active = 0.0
         self.done = False
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self, *, upstream_events: int | None = None) -> None:
         """Begin relaying both ways (call once, from the loop). `upstream_events`: the
-        upstream socket is already in the poller (the dialer put it there) and these are
+        upstream socket is already in the loop (the dialer put it there) and these are
         the readiness bits the dialer consumed; None: add it now."""
         owner = self.owner
-        poller = owner.poller
-        poller.add(self._in.src_fd, self)
+        loop = owner.loop
+        loop.add(self._in.src_fd, self)
         if upstream_events is None:
-            poller.add(self._out.src_fd, self)
+            loop.add(self._out.src_fd, self)
         else:
-            poller.targets[self._out.src_fd] = self
+            loop.targets[self._out.src_fd] = self
             self._out.readable = bool(upstream_events & READABLE)
             self._out.rdhup = bool(upstream_events & HANGUP)
         idle = owner.live.idle_timeout
@@ -101,7 +100,7 @@ class Relay(Transfer):
         owner = self.owner
         pool = owner.pool
         for half in (self._in, self._out):
-            owner.poller.forget(half.src_fd)
+            owner.loop.forget(half.src_fd)
             if half.pipe is not None and pool is not None:
                 pool.release(half.pipe, clean=half.staged == 0)
                 half.pipe = None

@@ -12,12 +12,11 @@ unless the source already signalled a hang-up (then it reads on to the EOF).
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import TYPE_CHECKING, Protocol
 
+from labelproxy.streams.dataloop import DataLoop
 from labelproxy.streams.half import EOF, Half
-from labelproxy.streams.poller import Poller
 from labelproxy.streams.route import LiveRoute
 from labelproxy.streams.splice import SPLICE_FLAGS, PipePool
 
@@ -34,8 +33,7 @@ _BUFS = [_BUF]
 class Owner(Protocol):
     """What a relay needs from its listener."""
 
-    loop: asyncio.AbstractEventLoop
-    poller: Poller
+    loop: DataLoop
     pool: PipePool | None
     live: LiveRoute
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import logging
 import os
 import shutil
@@ -44,6 +45,9 @@ DOCKERD_FLAGS = (
     "--ip-masq=false",
     "--log-level=warn",
 )
+# Networks get /24s from a block of their own: bridges another engine left on this host
+# (in docker's default 172.17-31.x and 192.168.x pools) cannot starve this one.
+DAEMON_CONFIG = {"default-address-pools": [{"base": "10.213.0.0/16", "size": 24}]}
 BUSYBOX_DOCKERFILE = """\
 FROM scratch
 COPY busybox /bin/busybox
@@ -108,6 +112,13 @@ def _ping(socket_path: Path) -> bool:
         sock.close()
 
 
+def _net_links() -> set[str]:
+    try:
+        return set(os.listdir("/sys/class/net"))
+    except OSError:
+        return set()
+
+
 class PrivateDockerd:
     """One private dockerd under `root` (a temp dir it owns); see the module doc."""
 
@@ -115,7 +126,8 @@ class PrivateDockerd:
         self.root = root or Path(tempfile.mkdtemp(prefix="lp-dockerd-"))
         self.live_restore = live_restore
         self._proc: subprocess.Popen[bytes] | None = None
-        (self.root / "daemon.json").write_text("{}\n")
+        self._links_before: set[str] | None = None
+        (self.root / "daemon.json").write_text(json.dumps(DAEMON_CONFIG) + "\n")
 
     @property
     def socket_path(self) -> Path:
@@ -160,6 +172,8 @@ class PrivateDockerd:
         """Start the daemon (if not running) and wait until it answers."""
         if self.running:
             return
+        if self._links_before is None:
+            self._links_before = _net_links()
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log
@@ -229,11 +243,22 @@ class PrivateDockerd:
             logger.warning("could not remove the private engine's containers: %s", exc)
         self.stop()
         self._kill_leftover_processes()
+        self._remove_bridges()
         for mount in sorted(self._mounts(), key=lambda p: p.count("/"), reverse=True):
             done = subprocess.run(["umount", mount], capture_output=True, check=False)
             if done.returncode != 0:
                 subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _remove_bridges(self) -> None:
+        """Delete the host bridges this engine's networks left behind: a network's bridge
+        outlives the daemon, and with a fresh data dir every run the next engine would
+        never reuse it; enough of them exhaust the address pool."""
+        if self._links_before is None:
+            return
+        for name in sorted(_net_links() - self._links_before):
+            if name.startswith("br-") or name == "docker_gwbridge":
+                subprocess.run(["ip", "link", "delete", name], capture_output=True, check=False)
 
     def _mounts(self) -> list[str]:
         prefix = str(self.root)
