@@ -5,10 +5,12 @@ Real loopback sockets: a test-owned upstream and `serve_tcp` in the same event l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -187,45 +189,41 @@ async def test_refused_backend_closes_client_and_counts_dial_error() -> None:
         await wait_for(lambda: c.dial_errors == 1 and c.connections_active == 0)
 
 
-async def test_connect_timeout_closes_client_and_counts_dial_error() -> None:
-    # a listener whose accept queue is full: further SYNs are dropped, so the dial hangs
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
+@contextlib.contextmanager
+def black_hole() -> Iterator[int]:
+    """A loopback port whose listener's accept queue is full: SYNs to it are dropped, so a
+    dial to it hangs until its connect timeout."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
     fillers = []
     try:
         for _ in range(2):
             s = socket.socket()
             s.setblocking(False)
-            s.connect_ex(blackhole.getsockname())
+            s.connect_ex(hole.getsockname())
             fillers.append(s)
-        port = blackhole.getsockname()[1]
+        yield int(hole.getsockname()[1])
+    finally:
+        for s in fillers:
+            s.close()
+        hole.close()
+
+
+async def test_connect_timeout_closes_client_and_counts_dial_error() -> None:
+    with black_hole() as port:
         async with running_route(tcp_spec(port, connect_timeout=0.3)) as live:
             stream = await connect(live)
             async with stream:
                 assert await recv_until_eof(stream) == b""
             await wait_for(lambda: live.counters.dial_errors == 1)
-    finally:
-        for s in fillers:
-            s.close()
-        blackhole.close()
 
 
 async def test_connect_timeout_fails_over_to_the_next_backend_and_others_are_not_held_up() -> None:
-    # the first backend never answers (full accept queue); the second echoes. Each client's
-    # dial to the first times out after connect_timeout and goes on to the second, and a
-    # client whose dial goes straight to the live backend is not delayed by the other's.
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    fillers = []
-    try:
-        for _ in range(2):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(blackhole.getsockname())
-            fillers.append(s)
-        hole = blackhole.getsockname()[1]
+    # the first backend never answers; the second echoes. A dial to the first times out
+    # after connect_timeout and goes on to the second, and a client whose dial goes straight
+    # to the live backend is not delayed by the other's.
+    with black_hole() as hole:
         async with upstream() as up:
             spec = tcp_spec(hole, up.port, connect_timeout=1.0)
             async with running_route(spec) as live:
@@ -237,10 +235,6 @@ async def test_connect_timeout_fails_over_to_the_next_backend_and_others_are_not
                     assert await ping(slow, b"slow") == b"slow"  # after the timeout
                 assert live.counters.dial_errors == 1
                 assert len(up.peers) == 2
-    finally:
-        for s in fillers:
-            s.close()
-        blackhole.close()
 
 
 async def test_failover_to_the_next_backend() -> None:

@@ -21,15 +21,13 @@ from typing import Any, Protocol
 import anyio.abc
 
 from labelproxy.spec import Backend
+from labelproxy.streams.dialer import Address
 from labelproxy.streams.handshake import HeaderRefusedError, read_client_header, resolve
 from labelproxy.streams.hooks import ConnInfo
 from labelproxy.streams.route import LiveRoute
 
 logger = logging.getLogger("labelproxy.streams.tcp")
 access_log = logging.getLogger("labelproxy.access")
-
-Address = tuple[socket.AddressFamily, tuple[str, int]]
-
 
 class DataLoop(Protocol):
     def submit(self, fn: Callable[..., object], *args: Any) -> None: ...
