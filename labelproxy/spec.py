@@ -72,6 +72,15 @@ class Backend:
     port: int
     container_id: str = ""
     container_name: str = ""
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:  # hashed once: backends key per-connection dicts
+        object.__setattr__(
+            self, "_hash", hash((self.host, self.port, self.container_id, self.container_name))
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -4,6 +4,7 @@ reloads, bind retries, logs, and the SIGTERM drain."""
 from __future__ import annotations
 
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -333,8 +334,11 @@ def test_settings_reach_the_data_plane_acl_and_proxy_protocol(
 
 
 def _consecutive_free_ports(count: int) -> int:
+    """A run of `count` ports free to listen on, below the ephemeral range: ephemeral ports
+    come and go with every connection the machine makes (and linger in TIME_WAIT)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(50):
-        first = free_port()
+        first = random.randrange(10_000, max(low, 10_000 + 2 * count) - count)
         socks = []
         try:
             for port in range(first, first + count):

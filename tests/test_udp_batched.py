@@ -6,6 +6,7 @@ Every test runs through both relay paths (batched recvmmsg/sendmmsg and per-data
 
 from __future__ import annotations
 
+import os
 import socket
 
 import anyio
@@ -99,6 +100,38 @@ async def test_a_datagram_too_large_for_the_header_is_dropped_and_the_rest_of_th
     assert [strip_proxy_v2(data) for data, _ in up.received] == [b"one", b"two", b"three", b"four"]
 
 
+async def test_one_query_answered_by_a_burst_of_replies_arrives_whole_and_in_order() -> None:
+    """The query is read the plain way and its replies queue behind the first: the first
+    reply goes out with sendto, the rest in batches to the same client."""
+    count = udp_mmsg.SLOTS + 3  # a full batch and more, within the client's receive buffer
+    replies = [f"reply {i:04d}".encode() for i in range(count)]
+    async with (
+        await anyio.create_udp_socket(family=socket.AF_INET, local_host="127.0.0.1") as server,
+        running_route(udp_spec(server.extra(anyio.abc.SocketAttribute.local_port))) as live,
+        client_of(live) as client,
+    ):
+        await client.send(b"zone, please")
+        with anyio.fail_after(5):
+            query, source = await server.receive()
+        assert query == b"zone, please"
+        fd = os.dup(server.extra(anyio.abc.SocketAttribute.raw_socket).fileno())
+        with socket.socket(fileno=fd) as raw:  # the backend's own address, sent synchronously
+            for reply in replies:  # back to back, without yielding: the relay finds a queue
+                raw.sendto(reply, source)
+        got: list[bytes] = []
+        with anyio.fail_after(5):
+            while len(got) < count:
+                got.append(await client.receive())
+        assert got == replies
+        await client.send(b"thanks")  # the session still maps this client to its upstream
+        with anyio.fail_after(5):
+            assert (await server.receive())[0] == b"thanks"
+        c = live.counters
+        assert (c.udp_datagrams_in, c.udp_datagrams_out) == (2, count)
+        assert c.bytes_out == sum(map(len, replies))
+        assert c.udp_sessions_active == 1
+
+
 def test_raw_source_addresses_decode_like_recvfrom() -> None:
     v4 = (socket.AF_INET).to_bytes(2, "little") + (5353).to_bytes(2, "big")
     v4 += socket.inet_pton(socket.AF_INET, "10.1.2.3") + bytes(8)
@@ -115,6 +148,46 @@ def test_raw_source_addresses_decode_like_recvfrom() -> None:
     assert unmapped_host(mapped[0]) == "192.0.2.1"
     with pytest.raises(ValueError):
         udp_mmsg.sockaddr_tuple(bytes(16))
+    for raw in (v4, v6("2001:db8::7", 53, flow=9), v6("fe80::1", 53, scope=3)):
+        assert udp_mmsg.sockaddr_raw(udp_mmsg.sockaddr_tuple(raw)) == raw
+
+
+@pytest.mark.skipif(not udp_mmsg.available(), reason="no recvmmsg/sendmmsg here")
+@pytest.mark.parametrize(
+    ("server_family", "server_host", "client_family", "client_host"),
+    [
+        (socket.AF_INET, "127.0.0.1", socket.AF_INET, "127.0.0.1"),
+        (socket.AF_INET6, "::", socket.AF_INET, "127.0.0.1"),
+        (socket.AF_INET6, "::1", socket.AF_INET6, "::1"),
+    ],
+)
+def test_a_source_seen_by_recvfrom_gets_the_key_recvmmsg_reports(
+    server_family: socket.AddressFamily,
+    server_host: str,
+    client_family: socket.AddressFamily,
+    client_host: str,
+) -> None:
+    """A session opened by a plain recvfrom must be found again by the batched path."""
+    arena = udp_mmsg.MmsgArena(slots=2, slot_bytes=256)
+    with (
+        socket.socket(server_family, socket.SOCK_DGRAM) as server,
+        socket.socket(client_family, socket.SOCK_DGRAM) as client,
+    ):
+        if server_family == socket.AF_INET6:
+            server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        server.bind((server_host, 0))
+        client.bind((client_host, 0))
+        target = (
+            "::1" if client_family == socket.AF_INET6 else "127.0.0.1",
+            server.getsockname()[1],
+        )
+        client.sendto(b"plain", target)
+        client.sendto(b"batched", target)
+        server.settimeout(2)
+        _, addr = server.recvfrom(64)
+        server.setblocking(False)
+        assert arena.recv(server.fileno()) == 1
+        assert udp_mmsg.sockaddr_raw(addr) == arena.sources(1)[0]
 
 
 @pytest.mark.skipif(not udp_mmsg.available(), reason="no recvmmsg/sendmmsg here")

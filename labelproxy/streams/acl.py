@@ -49,11 +49,13 @@ class Acl:
 class LayeredAcl:
     """The global ACL and a route's ACL: a client must pass both."""
 
-    __slots__ = ("_layers", "permits_all")
+    __slots__ = ("_layers", "permits", "permits_all")
 
     def __init__(self, *layers: Acl) -> None:
         self._layers = tuple(layer for layer in layers if not layer.permits_all)
         self.permits_all = not self._layers
+        # one layer (the common case): its cached check itself, no generator per client
+        self.permits = self._layers[0].permits if len(self._layers) == 1 else self._all_permit
 
-    def permits(self, host: str) -> bool:
+    def _all_permit(self, host: str) -> bool:
         return all(layer.permits(host) for layer in self._layers)

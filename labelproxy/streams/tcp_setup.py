@@ -29,6 +29,7 @@ from labelproxy.streams.route import LiveRoute
 logger = logging.getLogger("labelproxy.streams.tcp")
 access_log = logging.getLogger("labelproxy.access")
 
+
 class DataLoop(Protocol):
     def submit(self, fn: Callable[..., object], *args: Any) -> None: ...
 

@@ -24,9 +24,10 @@ import logging
 import time
 
 from labelproxy.streams.hooks import Hook
-from labelproxy.streams.udp_mmsg import MmsgArena, arena, available, sockaddr_tuple
+from labelproxy.streams.udp_mmsg import MmsgArena, arena, available, sockaddr_raw, sockaddr_tuple
 from labelproxy.streams.udp_relay import BATCH, PENDING_LIMIT, UdpRelay
 from labelproxy.streams.udp_session import RawRefs, UdpSession
+from labelproxy.streams.udp_sockets import SockAddr
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +54,25 @@ class BatchedUdpRelay(UdpRelay):
             del self._by_raw[refs.key]
         super().close_session(session, reason)
 
-    def _session_for(self, key: bytes) -> UdpSession | None:
-        """A new session for the raw source `key` (None: refused, counted by the hooks)."""
-        addr = sockaddr_tuple(key)
-        session = self.sessions.get(addr)
-        if session is None:
-            session = self._open_session(addr)
-            if session is None:
-                return None
+    def _open_session(self, addr: SockAddr) -> UdpSession | None:
+        session = super()._open_session(addr)
+        if session is not None:
+            self._index(session, sockaddr_raw(addr))
+        return session
+
+    def _index(self, session: UdpSession, key: bytes) -> None:
+        """Key `session` by its client's raw sockaddr (and keep C copies for replies)."""
         session.raw = RawRefs(key, session.header)
         self._by_raw[key] = session
+
+    def _session_for(self, key: bytes) -> UdpSession | None:
+        """The session of the raw source `key`, opened if new (None: refused, counted by
+        the hooks)."""
+        session = self.sessions.get(sockaddr_tuple(key))
+        if session is None:
+            return self._open_session(sockaddr_tuple(key))
+        if session.raw is None or session.raw.key != key:
+            self._index(session, key)
         return session
 
     # -- clients -> backends -------------------------------------------------------------
@@ -77,6 +87,21 @@ class BatchedUdpRelay(UdpRelay):
         count = nbytes = errors = 0
         rearm = False
         try:
+            # the first datagram the plain way: a lone query or game tick costs no vector
+            # work; whatever queued behind it goes in batches
+            try:
+                n, addr = self.listener.recvfrom_into(self._buf)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # never fatal; see _rearm
+                logger.debug("udp listener %s: %s", self.live.spec.key, exc)
+                rearm = True
+                return
+            sent = self._from_client(self._view[:n], addr, now, hooks)
+            if sent:
+                count, nbytes = 1, n
+            elif sent is None:
+                errors = 1
             for _ in range(self._rounds):
                 n = ar.recv(fd)
                 if n <= 0:
@@ -183,6 +208,26 @@ class BatchedUdpRelay(UdpRelay):
         hooks = self._chunk_hooks_now()
         count = nbytes = errors = dropped = 0
         try:
+            # the first reply the plain way (see _on_client_readable), the rest in batches
+            try:
+                n = sock.recv_into(self._buf)
+            except BlockingIOError:
+                return
+            except ConnectionRefusedError:  # ICMP port unreachable from the backend
+                errors = 1
+            except OSError as exc:
+                errors = 1
+                logger.debug("udp upstream %s: %s", conn.backend, exc)
+                return
+            else:
+                try:
+                    self.listener.sendto(self._view[:n], session.addr)
+                except OSError:  # the client's side is full or gone: it is lost
+                    dropped = 1
+                else:
+                    count, nbytes = 1, n
+                    for hook in hooks:
+                        hook.on_chunk(conn, "out", n)
             for _ in range(self._rounds):
                 n = ar.recv(fd)
                 if n < 0:

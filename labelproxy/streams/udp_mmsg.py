@@ -250,3 +250,16 @@ def sockaddr_tuple(raw: bytes) -> tuple[str, int] | tuple[str, int, int, int]:
                 host = f"{host}%{scope}"
         return host, port, int.from_bytes(raw[4:8], "big"), scope
     raise ValueError(f"unexpected address family {family}")
+
+
+def sockaddr_raw(addr: tuple[str, int] | tuple[str, int, int, int]) -> bytes:
+    """The raw sockaddr the kernel reports for an address tuple (`sockaddr_tuple` reversed):
+    a session first seen by a plain `recvfrom` gets the same key a `recvmmsg` would give."""
+    port = int(addr[1]).to_bytes(2, "big")
+    if len(addr) == 2:
+        family = int(socket.AF_INET).to_bytes(2, sys.byteorder)
+        return family + port + socket.inet_pton(socket.AF_INET, addr[0]) + bytes(8)
+    family = int(socket.AF_INET6).to_bytes(2, sys.byteorder)
+    host = socket.inet_pton(socket.AF_INET6, addr[0].split("%", 1)[0])
+    flowinfo = int(addr[2]).to_bytes(4, "big")
+    return family + port + flowinfo + host + int(addr[3]).to_bytes(4, sys.byteorder)

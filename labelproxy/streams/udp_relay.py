@@ -220,7 +220,7 @@ class UdpRelay:
     # -- hot path ------------------------------------------------------------------------
     def _on_client_readable(self) -> None:
         recvfrom_into = self.listener.recvfrom_into
-        buf, view, sessions = self._buf, self._view, self.sessions
+        buf, view = self._buf, self._view
         counters = self.live.counters
         if self.live.spec is not self._spec_seen:
             self._adopt_spec()
@@ -238,32 +238,12 @@ class UdpRelay:
                     logger.debug("udp listener %s: %s", self.live.spec.key, exc)
                     rearm = True
                     break
-                session = sessions.get(addr)
-                if session is None:
-                    session = self._open_session(addr)
-                    if session is None:
-                        continue
-                session.last_active = now
-                sock = session.sock
-                if sock is None:
-                    if session.pending is not None and len(session.pending) < PENDING_LIMIT:
-                        session.pending.append(bytes(view[:n]))
-                    else:
-                        errors += 1
-                    continue
-                try:
-                    if session.header is None:
-                        sock.send(view[:n])
-                    else:
-                        sock.sendmsg((session.header, view[:n]))
-                except OSError:  # refused (ICMP), buffer full, too large with the header
+                sent = self._from_client(view[:n], addr, now, chunk_hooks)
+                if sent:
+                    count += 1
+                    nbytes += n
+                elif sent is None:
                     errors += 1
-                    continue
-                count += 1
-                nbytes += n
-                session.conn.bytes_in += n
-                for hook in chunk_hooks:
-                    hook.on_chunk(session.conn, "in", n)
         finally:
             counters.udp_datagrams_in += count
             counters.bytes_in += nbytes
@@ -272,6 +252,36 @@ class UdpRelay:
             if rearm and self._listening:
                 self.loop.remove_reader(self.listener.fileno())
                 self.loop.add_reader(self.listener.fileno(), self._on_client_readable)
+
+    def _from_client(
+        self, data: memoryview, addr: SockAddr, now: float, chunk_hooks: tuple[Hook, ...]
+    ) -> bool | None:
+        """Forward one datagram from `addr`: True sent; False refused or kept until the
+        backend's name resolves (counted by the hooks); None lost (an `upstream_error`)."""
+        session = self.sessions.get(addr)
+        if session is None:
+            session = self._open_session(addr)
+            if session is None:
+                return False
+        session.last_active = now
+        sock = session.sock
+        if sock is None:
+            if session.pending is not None and len(session.pending) < PENDING_LIMIT:
+                session.pending.append(bytes(data))
+                return False
+            return None
+        try:
+            if session.header is None:
+                sock.send(data)
+            else:
+                sock.sendmsg((session.header, data))
+        except OSError:  # refused (ICMP), buffer full, too large with the header
+            return None
+        n = len(data)
+        session.conn.bytes_in += n
+        for hook in chunk_hooks:
+            hook.on_chunk(session.conn, "in", n)
+        return True
 
     def _on_upstream_readable(self, session: UdpSession) -> None:
         sock = session.sock
