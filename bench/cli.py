@@ -20,12 +20,17 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from bench import convergence
+from bench import convergence, pyspy
 from bench.measure import Env, Plan
 from bench.procs import BenchError, Children, free_port, raise_nofile_limit
 from bench.report import SECTION_KEYS, Results, render_markdown, to_json
 from bench.run import observed_threads, restart_target, run_data_plane, start_targets
-from bench.targets import ALL_TARGETS, StartContext, default_labelproxy_cmd
+from bench.targets import (
+    ALL_TARGETS,
+    DEFAULT_TARGETS,
+    StartContext,
+    default_labelproxy_cmd,
+)
 from bench.toolchain import (
     build_tools,
     default_cache_dir,
@@ -48,28 +53,50 @@ def _csv(value: str) -> list[str]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="every section once, tiny loads")
-    parser.add_argument("--only", type=_csv, default=list(SECTION_KEYS),
-                        help=f"comma list of sections: {','.join(SECTION_KEYS)}")
+    parser.add_argument(
+        "--only",
+        type=_csv,
+        default=list(SECTION_KEYS),
+        help=f"comma list of sections: {','.join(SECTION_KEYS)}",
+    )
     parser.add_argument("--skip", type=_csv, default=[], help="comma list of sections to skip")
-    parser.add_argument("--targets", type=_csv, default=list(ALL_TARGETS),
-                        help=f"comma list of targets: {','.join(ALL_TARGETS)}")
-    parser.add_argument("--labelproxy-cmd", default=shlex.join(default_labelproxy_cmd()),
-                        help="command that runs labelproxy (default: %(default)s)")
+    parser.add_argument(
+        "--targets",
+        type=_csv,
+        default=list(DEFAULT_TARGETS),
+        help=f"comma list of targets: {','.join(ALL_TARGETS)} (default: "
+        f"{','.join(DEFAULT_TARGETS)})",
+    )
+    parser.add_argument(
+        "--labelproxy-cmd",
+        default=shlex.join(default_labelproxy_cmd()),
+        help="command that runs labelproxy (default: %(default)s)",
+    )
     parser.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
-    parser.add_argument("--skip-docker", action="store_true",
-                        help="skip the convergence section (it needs dockerd)")
+    parser.add_argument(
+        "--skip-docker", action="store_true", help="skip the convergence section (it needs dockerd)"
+    )
     parser.add_argument("--containers", type=int, help="containers for the initial sync")
     parser.add_argument("--starts", type=int, help="docker starts per repetition")
-    parser.add_argument("--no-install", action="store_true",
-                        help="never apt-get install missing peers")
+    parser.add_argument(
+        "--no-install", action="store_true", help="never apt-get install missing peers"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and logs")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="record labelproxy with py-spy during each data-plane measurement "
+        "and write profile-<section>.md to --out (needs py-spy)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     unknown = [s for s in args.only + args.skip if s not in SECTION_KEYS]
     unknown += [t for t in args.targets if t not in ALL_TARGETS]
     if unknown:
         parser.error(f"unknown section or target: {', '.join(unknown)}")
+    if args.profile and pyspy.PROFILED_TARGET not in args.targets:
+        parser.error(f"--profile records {pyspy.PROFILED_TARGET}: add it to --targets")
     return args
 
 
@@ -99,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     signal.signal(signal.SIGTERM, _on_sigterm)
+    py_spy = pyspy.find_py_spy() if args.profile else None
+    if args.profile and py_spy is None:
+        logger.error("--profile needs py-spy, which was not found: %s", pyspy.INSTALL_HINT)
+        return 2
     sections = [s for s in SECTION_KEYS if s in args.only and s not in args.skip]
     if args.skip_docker and "convergence" in sections:
         sections.remove("convergence")
@@ -135,20 +166,48 @@ def main(argv: list[str] | None = None) -> int:
     try:
         upstream = {route: free_port() for route in TCP_ROUTES + UDP_ROUTES}
         upstreams = start_upstreams(children, tools=tools, workdir=workdir, ports=upstream)
-        ctx = StartContext(children=children, workdir=workdir, upstream=upstream, repo=REPO,
-                           labelproxy_cmd=labelproxy_cmd)
+        ctx = StartContext(
+            children=children,
+            workdir=workdir,
+            upstream=upstream,
+            repo=REPO,
+            labelproxy_cmd=labelproxy_cmd,
+        )
         running = start_targets(ctx, targets, results)
         notes = {t.name: t.note for t in running}
         env = Env(plan=plan, tools=tools, upstreams=upstreams, children=children)
-        run_data_plane(env, running, sections, results,
-                       restart=lambda target: restart_target(ctx, target))
+        recorder = pyspy.Recorder(py_spy, children, workdir) if py_spy else None
+        run_data_plane(
+            env,
+            running,
+            sections,
+            results,
+            restart=lambda target: restart_target(ctx, target),
+            record=recorder.record if recorder else None,
+        )
+        if recorder is not None:
+            try:
+                for summary in pyspy.write_summaries(args.out, recorder.raw, repo=REPO):
+                    logger.info("profile written to %s", summary)
+            except OSError as exc:
+                results.errors.append(f"profile summaries not written: {exc}")
+            if pyspy.PROFILED_TARGET in notes:
+                notes[pyspy.PROFILED_TARGET] += (
+                    f"; recorded by py-spy at {pyspy.RATE} Hz during the data-plane "
+                    "measurements (its figures include the sampling overhead)"
+                )
         for target in running:
             observed = observed_threads(target)
             notes[target.name] += f"; {observed}" if observed else ""
         children.stop_all()
         if "convergence" in sections:
-            convergence.run(plan=plan, workdir=workdir, repo=REPO, labelproxy_cmd=labelproxy_cmd,
-                            results=results)
+            convergence.run(
+                plan=plan,
+                workdir=workdir,
+                repo=REPO,
+                labelproxy_cmd=labelproxy_cmd,
+                results=results,
+            )
     finally:
         children.stop_all()
         if args.keep_workdir:

@@ -85,8 +85,9 @@ def _pct(values: list[float], p: float) -> float:
 
 
 @contextlib.contextmanager
-def _labelproxy(children: Children, *, cmd: list[str], repo: Path, engine_host: str,
-                name: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def _labelproxy(
+    children: Children, *, cmd: list[str], repo: Path, engine_host: str, name: str
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     http_port = free_port()
     env = labelproxy_env(routes_file=None, http_port=http_port, docker_host=engine_host)
     env["LABELPROXY_DRAIN_TIMEOUT"] = "1s"
@@ -97,8 +98,17 @@ def _labelproxy(children: Children, *, cmd: list[str], repo: Path, engine_host: 
         children.stop(proc, timeout=15)
 
 
-def _start_accept(client: Any, image: str, *, children: Children, cmd: list[str], repo: Path,
-                  host: str, starts: int, dead_port: int) -> tuple[list[float], list[float]]:
+def _start_accept(
+    client: Any,
+    image: str,
+    *,
+    children: Children,
+    cmd: list[str],
+    repo: Path,
+    host: str,
+    starts: int,
+    dead_port: int,
+) -> tuple[list[float], list[float]]:
     port = _port_block(1)[0]
     container = client.containers.create(
         image, ["sleep", "86400"], labels=_labels("probe", port, dead_port),
@@ -146,8 +156,9 @@ def _create_many(client: Any, image: str, count: int, dead_port: int) -> list[in
     return ports
 
 
-def _sync(*, children: Children, cmd: list[str], repo: Path, host: str,
-          ports: list[int]) -> tuple[float, float, int]:
+def _sync(
+    *, children: Children, cmd: list[str], repo: Path, host: str, ports: list[int]
+) -> tuple[float, float, int]:
     spawned = time.monotonic()
     with _labelproxy(children, cmd=cmd, repo=repo, engine_host=host, name="labelproxy-sync") as (
         proc,
@@ -168,8 +179,9 @@ def _sync(*, children: Children, cmd: list[str], repo: Path, host: str,
     return ready - spawned, accepting - spawned, status
 
 
-def run(*, plan: Plan, workdir: Path, repo: Path, labelproxy_cmd: list[str],
-        results: Results) -> None:
+def run(
+    *, plan: Plan, workdir: Path, repo: Path, labelproxy_cmd: list[str], results: Results
+) -> None:
     """Measure convergence; every failure lands in `results.errors`."""
     section = next(s for s in SECTIONS if s.key == SECTION)
     for target in results.targets:

@@ -54,8 +54,9 @@ SECTIONS: tuple[Section, ...] = (
         "short_conns",
         "Short connections",
         (
-            _m("short_conns_per_s", "connect, 64 B, echo, close; 50 clients", "conn/s",
-               higher=True),
+            _m(
+                "short_conns_per_s", "connect, 64 B, echo, close; 50 clients", "conn/s", higher=True
+            ),
             _m("short_conns_user_us", "proxy user CPU per connection", "us", higher=False),
             _m("short_conns_sys_us", "proxy kernel CPU per connection", "us", higher=False),
         ),
@@ -114,8 +115,12 @@ SECTIONS: tuple[Section, ...] = (
             _m("start_accept_p99_ms", "start returned -> accepting, p99", "ms", higher=False),
             _m("start_call_accept_p99_ms", "start issued -> accepting, p99", "ms", higher=False),
             _m("sync_ready_s", "initial sync: spawn -> /readyz 200", "s", higher=False),
-            _m("sync_accepting_s", "initial sync: spawn -> every listener accepting", "s",
-               higher=False),
+            _m(
+                "sync_accepting_s",
+                "initial sync: spawn -> every listener accepting",
+                "s",
+                higher=False,
+            ),
         ),
     ),
 )
@@ -132,8 +137,9 @@ class Results:
     not_applicable: dict[str, dict[str, str]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
-    def add(self, *, section: str, target: str, rep: int, values: dict[str, float],
-            raw: dict[str, Any]) -> None:
+    def add(
+        self, *, section: str, target: str, rep: int, values: dict[str, float], raw: dict[str, Any]
+    ) -> None:
         for key, value in values.items():
             self.samples.setdefault(key, {}).setdefault(target, []).append(value)
         self.records.append(
@@ -194,8 +200,9 @@ def render_metric(metric: Metric, results: Results) -> list[str]:
     return [*lines, ""]
 
 
-def render_markdown(*, header: dict[str, str], notes: dict[str, str], results: Results,
-                    sections: list[str]) -> str:
+def render_markdown(
+    *, header: dict[str, str], notes: dict[str, str], results: Results, sections: list[str]
+) -> str:
     out = [
         "# labelproxy side-by-side benchmark",
         "",

@@ -22,6 +22,8 @@ from bench.targets import STARTERS, StartContext, Target
 logger = logging.getLogger(__name__)
 
 Measurement = Callable[[Env, Target], Measured]
+# wraps one measurement of (section, target), e.g. a profiler recording it (--profile)
+Recording = Callable[[str, Target], contextlib.AbstractContextManager[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +111,10 @@ def run_data_plane(
     results: Results,
     *,
     restart: Callable[[Target], Target] | None = None,
+    record: Recording | None = None,
 ) -> None:
-    """Run `sections` over `targets`; `targets` is updated in place when one is restarted."""
+    """Run `sections` over `targets`; `targets` is updated in place when one is restarted.
+    Each measurement runs inside `record(section, target)` when given."""
     for target in targets:
         if not target.roots:
             for metric_key in NO_PROXY_METRICS:
@@ -137,14 +141,15 @@ def run_data_plane(
                     try:
                         target = restart(scheduled)
                     except (BenchError, OSError) as exc:
-                        results.error(section=key, target=scheduled.name, rep=rep,
-                                      message=str(exc))
+                        results.error(section=key, target=scheduled.name, rep=rep, message=str(exc))
                         continue
                     targets[targets.index(scheduled)] = target
                     eligible[eligible.index(scheduled)] = target
                 for measurement in run.measurements:
+                    recording = record(key, target) if record else contextlib.nullcontext()
                     try:
-                        measured = measurement(env, target)
+                        with recording:
+                            measured = measurement(env, target)
                     except (BenchError, OSError, KeyError, ValueError) as exc:
                         logger.error("%s / %s failed: %s", key, target.name, exc)
                         results.error(section=key, target=target.name, rep=rep, message=str(exc))

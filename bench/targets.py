@@ -1,4 +1,5 @@
-"""The targets the same load runs through: direct, HAProxy, nginx stream, socat, labelproxy.
+"""The targets the same load runs through: direct, HAProxy, nginx stream, socat, labelproxy,
+and on request the reference floor `pyfloor` (a bare CPython relay, `bench/tools/pyfloor.py`).
 
 Each `start_*` writes the target's configuration into the work directory, starts it as a child
 of the bench, listening on 127.0.0.1 only, with one listen port per route, and returns a
@@ -33,7 +34,11 @@ from bench.upstreams import TCP_ROUTES, UDP_ROUTES
 logger = logging.getLogger(__name__)
 
 PEERS = ("haproxy", "nginx", "socat")
-ALL_TARGETS = ("direct", "haproxy", "nginx", "socat", "labelproxy")
+DEFAULT_TARGETS = ("direct", "haproxy", "nginx", "socat", "labelproxy")
+# run only when named in --targets; never a peer ("vs best peer" compares with PEERS only)
+REFERENCE_TARGETS = ("pyfloor",)
+ALL_TARGETS = DEFAULT_TARGETS + REFERENCE_TARGETS
+PYFLOOR = Path(__file__).resolve().parent / "tools" / "pyfloor.py"
 START_TIMEOUT = 30.0
 
 
@@ -68,9 +73,7 @@ def _wait_ready(ctx: StartContext, target: Target, name: str) -> Target:
     deadline = time.monotonic() + START_TIMEOUT
     proc = next(p for p in ctx.children.procs if p.pid == target.roots[0])
     try:
-        wait_until_listening(
-            [target.ports[r] for r in TCP_ROUTES], deadline=deadline, alive=proc
-        )
+        wait_until_listening([target.ports[r] for r in TCP_ROUTES], deadline=deadline, alive=proc)
         if target.udp:
             wait_until_udp_bound([target.ports[r] for r in UDP_ROUTES], deadline=deadline)
     except BenchError as exc:
@@ -245,12 +248,28 @@ def start_labelproxy(ctx: StartContext) -> Target:
     return _wait_ready(ctx, target, "labelproxy")
 
 
+def start_pyfloor(ctx: StartContext) -> Target:
+    ports = _listen_ports(udp=False)
+    pairs = [f"{ports[route]}:{ctx.upstream[route]}" for route in TCP_ROUTES]
+    proc = ctx.children.start([sys.executable, str(PYFLOOR), *pairs], name="pyfloor")
+    target = Target(
+        name="pyfloor",
+        ports=ports,
+        roots=[proc.pid],
+        udp=False,
+        note="reference floor, not a peer: bench/tools/pyfloor.py, a bare single-threaded "
+        "CPython epoll relay (no metrics, ACL, splice or timeouts); no UDP",
+    )
+    return _wait_ready(ctx, target, "pyfloor")
+
+
 STARTERS: dict[str, Callable[[StartContext], Target]] = {
     "direct": start_direct,
     "haproxy": start_haproxy,
     "nginx": start_nginx,
     "socat": start_socat,
     "labelproxy": start_labelproxy,
+    "pyfloor": start_pyfloor,
 }
 
 

@@ -120,4 +120,3 @@ def start_upstreams(
     wait_until_listening([ports["http"]], deadline=deadline, alive=http)
     wait_until_listening([ports["iperf"]], deadline=deadline, alive=iperf)
     return Upstreams(ports=dict(ports), sink=sink)
-

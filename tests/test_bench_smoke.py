@@ -3,7 +3,9 @@
 It runs the real benchmark (real peers, real labelproxy, the C load generators, a private
 dockerd for the convergence section when dockerd is installed) with tiny loads, and checks what
 a user sees: exit status 0, a Markdown table for every metric with a row for every target, and
-the report written to the results directory. It asserts no timing: speed belongs in bench/.
+the report written to the results directory. Two short runs check the optional parts: the
+reference floor `pyfloor` (only when named, never a peer) and `--profile` (when py-spy is
+installed). It asserts no timing: speed belongs in bench/.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.report import SECTIONS
-from bench.targets import ALL_TARGETS
+from bench.pyspy import find_py_spy
+from bench.report import SECTIONS, Results, render_metric
+from bench.targets import DEFAULT_TARGETS
 from bench.toolchain import find_missing
 from tests.support.dockerd import missing_requirements
 
@@ -69,7 +72,7 @@ def test_quick_benchmark_prints_every_target_in_every_table(tmp_path: Path) -> N
     assert [title.split(" (")[0] for title in tables] == expected
     for title, table in tables.items():
         assert "| target | median | min-max | vs direct | vs best peer |" in table
-        for target in ALL_TARGETS:
+        for target in DEFAULT_TARGETS:
             assert re.search(rf"^\| {target} \| \S", table, re.MULTILINE), (title, target)
 
     # labelproxy measured every section it takes part in (a number, not n/a or an error; the
@@ -81,3 +84,54 @@ def test_quick_benchmark_prints_every_target_in_every_table(tmp_path: Path) -> N
     saved = (tmp_path / "latest.md").read_text()
     assert saved.strip() == out.strip()
     assert (tmp_path / "latest.json").is_file()
+
+
+def test_reference_floor_runs_only_when_named_and_is_no_peer(tmp_path: Path) -> None:
+    _require_peers()
+    args = [sys.executable, "-m", "bench", "--quick", "--no-install", "--out", str(tmp_path)]
+    args += ["--targets", "direct,pyfloor", "--only", "short_conns,pingpong"]
+    done = subprocess.run(
+        args, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
+    )
+    assert done.returncode == 0, f"bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "  - pyfloor: reference floor, not a peer" in done.stdout
+    tables = _tables(done.stdout)
+    assert len(tables) == 7  # the short_conns and pingpong metrics
+    for title, table in tables.items():
+        rows = re.findall(r"^\| (\w+) \|", table, re.MULTILINE)
+        assert rows == ["target", "direct", "pyfloor"], (title, rows)
+        row = re.search(r"^\| pyfloor \| ([-\d,.]+) \|.* \| n/a \|$", table, re.MULTILINE)
+        assert row is not None, (title, table)  # measured, and never a "best peer"
+
+
+def test_the_reference_floor_is_never_the_best_peer() -> None:
+    results = Results(targets=["haproxy", "pyfloor"])
+    for target, rate in (("haproxy", 100.0), ("pyfloor", 200.0)):
+        results.add(
+            section="short_conns", target=target, rep=0, values={"short_conns_per_s": rate}, raw={}
+        )
+    metric = next(
+        m for section in SECTIONS for m in section.metrics if m.key == "short_conns_per_s"
+    )
+    table = "\n".join(render_metric(metric, results))
+    assert "| haproxy | 100 | 100-100 | n/a | 1.00x |" in table
+    assert "| pyfloor | 200 | 200-200 | n/a | 2.00x |" in table
+
+
+def test_profile_writes_a_summary_per_section(tmp_path: Path) -> None:
+    _require_peers()
+    if find_py_spy() is None:
+        pytest.skip("py-spy is not installed (pip install py-spy)")
+    args = [sys.executable, "-m", "bench", "--quick", "--no-install", "--out", str(tmp_path)]
+    args += ["--targets", "labelproxy", "--only", "short_conns,pingpong", "--profile"]
+    done = subprocess.run(
+        args, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
+    )
+    assert done.returncode == 0, f"bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "recorded by py-spy" in done.stdout
+    for section in ("short_conns", "pingpong"):
+        summary = (tmp_path / f"profile-{section}.md").read_text()
+        assert summary.startswith(f"# labelproxy profile: {section}")
+        assert "## Data-plane thread (labelproxy-tcp)" in summary
+        assert "## Whole process" in summary
+        assert (tmp_path / f"profile-{section}.raw").is_file()
