@@ -200,6 +200,42 @@ def render_metric(metric: Metric, results: Results) -> list[str]:
     return [*lines, ""]
 
 
+def render_summary(results: Results, sections: list[str]) -> list[str]:
+    """One row per measurement: each target's median, then labelproxy's ratio to HAProxy
+    and to the best peer (the table the README's Performance section shows)."""
+    names = {"direct": "direct", "haproxy": "HAProxy", "nginx": "nginx", "socat": "socat"}
+    targets = results.targets
+    out = [
+        "| measurement | "
+        + " | ".join(names.get(t, t) for t in targets)
+        + " | vs HAProxy | vs best peer |",
+        "|---|" + "---:|" * (len(targets) + 2),
+    ]
+    for section in SECTIONS:
+        if section.key not in sections or section.key == "convergence":
+            continue
+        for metric in section.metrics:
+            by_target = results.samples.get(metric.key, {})
+            medians = {t: statistics.median(v) for t, v in by_target.items() if v}
+            if "labelproxy" not in medians:
+                continue
+            pick = max if metric.higher_is_better else min
+            peers = [medians[p] for p in PEERS if p in medians]
+            ours = medians["labelproxy"]
+            cells = [
+                (f"**{fmt(medians[t])}**" if t == "labelproxy" else fmt(medians[t]))
+                if t in medians
+                else "n/a"
+                for t in targets
+            ]
+            direction = "higher is better" if metric.higher_is_better else "lower is better"
+            title = f"{section.title.split(' (')[0]}: {metric.title} ({metric.unit}, {direction})"
+            vs_haproxy = _ratio(ours, medians.get("haproxy"))
+            vs_best = _ratio(ours, pick(peers) if peers else None)
+            out.append(f"| {title} | " + " | ".join(cells) + f" | {vs_haproxy} | {vs_best} |")
+    return [*out, ""]
+
+
 def render_markdown(
     *, header: dict[str, str], notes: dict[str, str], results: Results, sections: list[str]
 ) -> str:
@@ -218,7 +254,8 @@ def render_markdown(
         "- targets:",
     ]
     out += [f"  - {name}: {note}" for name, note in notes.items()]
-    out.append("")
+    out += ["", "### Summary (medians; labelproxy's ratios)", ""]
+    out += render_summary(results, sections)
     for section in SECTIONS:
         if section.key not in sections:
             continue

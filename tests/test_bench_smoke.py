@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bench.pyspy import find_py_spy
-from bench.report import SECTIONS, Results, render_metric
+from bench.report import SECTIONS, Results, render_metric, render_summary
 from bench.targets import DEFAULT_TARGETS
 from bench.toolchain import find_missing
 from tests.support.dockerd import missing_requirements
@@ -135,3 +135,28 @@ def test_profile_writes_a_summary_per_section(tmp_path: Path) -> None:
         assert "## Data-plane thread (labelproxy-tcp)" in summary
         assert "## Whole process" in summary
         assert (tmp_path / f"profile-{section}.raw").is_file()
+
+
+def test_summary_has_one_row_per_measurement_with_labelproxy_ratios() -> None:
+    results = Results(targets=["direct", "haproxy", "nginx", "labelproxy"])
+    rates = {"direct": [300.0], "haproxy": [100.0, 110.0, 90.0], "nginx": [120.0]}
+    rates["labelproxy"] = [60.0]
+    for target, values in rates.items():
+        for rep, rate in enumerate(values):
+            results.add(
+                section="short_conns",
+                target=target,
+                rep=rep,
+                values={"short_conns_per_s": rate},
+                raw={},
+            )
+    lines = render_summary(results, ["short_conns", "pingpong"])
+    assert (
+        lines[0]
+        == "| measurement | direct | HAProxy | nginx | labelproxy | vs HAProxy | vs best peer |"
+    )
+    rows = [line for line in lines[2:] if line]
+    assert rows == [
+        "| Short connections: connect, 64 B, echo, close; 50 clients (conn/s, higher is better)"
+        " | 300 | 100 | 120 | **60.0** | 0.60x | 0.50x |"
+    ]  # medians; the best peer is nginx; metrics labelproxy has no sample for are left out
