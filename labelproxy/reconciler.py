@@ -103,16 +103,21 @@ class Reconciler:
         self.desired = desired
         todo = plan(desired.routes, self.actual())
         try:
-            for key in todo.stop:
-                await self._stop(key)
+            # stops, then starts, each batch concurrently: a listener's start or stop waits
+            # for a hand-over to the data-plane thread, and a thousand of them in a row
+            # would add up; tasks run in order, so ports are released and bound in plan order
+            async with anyio.create_task_group() as stopping:
+                for key in todo.stop:
+                    stopping.start_soon(self._stop, key)
             for spec in todo.update:
                 self.live[spec.key].update(spec)
                 logger.info(
                     "route updated",
                     extra=_ctx(spec, action="update"),
                 )
-            for spec in todo.start:
-                await self._start(spec)
+            async with anyio.create_task_group() as starting:
+                for spec in todo.start:
+                    starting.start_soon(self._start, spec)
             # forget bind problems of routes that are gone from the desired state
             for key in list(self.bind_problems):
                 if key not in desired.routes:

@@ -14,6 +14,7 @@ relaying a chunk calls no hook at all.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -69,8 +70,13 @@ class BaseHook:
 
 def overriding(hooks: tuple[Hook, ...], method: str) -> tuple[Hook, ...]:
     """The hooks whose `method` does something (a `BaseHook` no-op is left out)."""
+    return tuple(h for h in hooks if _overrides(type(h), method))
+
+
+@functools.cache
+def _overrides(cls: type, method: str) -> bool:
     default = getattr(BaseHook, method)
-    return tuple(h for h in hooks if getattr(type(h), method, default) is not default)
+    return getattr(cls, method, default) is not default
 
 
 class AclHook(BaseHook):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 
@@ -23,8 +24,9 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
+@functools.cache
 def splice_supported() -> bool:
-    """True when `os.splice` exists and works on this kernel."""
+    """True when `os.splice` exists and works on this kernel (probed once per process)."""
     if not hasattr(os, "splice"):
         return False
     try:

@@ -270,19 +270,34 @@ class PrivateDockerd:
         return found
 
     def _kill_leftover_processes(self) -> None:
-        """Kill, by PID, any process (containerd, shims) still naming this engine's dir."""
+        """Kill, by PID, what outlived the daemon: processes still naming this engine's dir
+        (containerd, shims) and the containers those shims ran (their children), so no
+        container process is left behind, reparented to init."""
         marker = str(self.root).encode()
+        leftovers: set[int] = set()
+        parents: dict[int, int] = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
             try:
                 cmdline = (entry / "cmdline").read_bytes()
+                stat = (entry / "stat").read_text()
             except OSError:
                 continue
+            pid = int(entry.name)
+            parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
             if marker in cmdline:
-                logger.warning("killing leftover process %s: %r", entry.name, cmdline[:120])
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(entry.name), signal.SIGKILL)
+                leftovers.add(pid)
+        containers = {pid for pid, parent in parents.items() if parent in leftovers}
+        if leftovers:
+            logger.warning(
+                "killing %d leftover engine processes and %d container processes",
+                len(leftovers),
+                len(containers - leftovers),
+            )
+        for pid in [*sorted(containers - leftovers), *sorted(leftovers)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def _tail(self, lines: int = 15) -> str:
         try:
