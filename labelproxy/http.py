@@ -66,6 +66,17 @@ def handle(method: str, path: str, state: HttpState) -> Response:
     return Response(404, b"not found\n")
 
 
+async def _respond(method: str, path: str, state: HttpState) -> Response:
+    """`handle`, except that a scrape is written on a worker thread from a snapshot taken
+    here: rendering every route's series must not hold up the event loop (UDP relays,
+    Docker events) while it runs."""
+    if method in ("GET", "HEAD") and path.split("?", 1)[0] == "/metrics":
+        snapshot = state.metrics.state()
+        body = await anyio.to_thread.run_sync(state.metrics.render, snapshot)
+        return Response(200, body, PROMETHEUS_TEXT)
+    return handle(method, path, state)
+
+
 async def _read_head(stream: anyio.abc.ByteStream) -> bytes | None:
     data = b""
     while b"\r\n\r\n" not in data and b"\n\n" not in data:
@@ -95,7 +106,7 @@ async def _serve_one(stream: anyio.abc.SocketStream, state: HttpState) -> None:
                 else:
                     method = parts[0]
                     try:
-                        response = handle(method, parts[1], state)
+                        response = await _respond(method, parts[1], state)
                     except Exception:
                         logger.exception("HTTP handler failed", extra={"action": parts[1]})
                         response = Response(500, b"internal error\n")

@@ -14,6 +14,7 @@ Label values are route aliases and fixed reason words, never client addresses.
 from __future__ import annotations
 
 import math
+import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -152,6 +153,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._routes: dict[str, RouteCounters] = {}
         self._state: StateProvider = StateSnapshot
+        self._pinned: StateSnapshot | None = None  # the snapshot of the render in progress
+        self._render_lock = threading.Lock()
         self.reconcile_total = Counter(
             PREFIX + "reconcile",
             "Reconcile passes by result (ok or error).",
@@ -197,9 +200,21 @@ class Metrics:
     def state(self) -> StateSnapshot:
         return self._state()
 
-    def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+    def _render_state(self) -> StateSnapshot:
+        """What the exposition shows: the snapshot `render` was given, else a fresh one."""
+        pinned = self._pinned
+        return pinned if pinned is not None else self._state()
+
+    def render(self, state: StateSnapshot | None = None) -> bytes:
+        """The Prometheus text exposition of every metric. `state`: a snapshot the caller
+        took, so that the text can be written on another thread (a thousand routes take a
+        few hundred ms) while the runtime's own structures are only read on theirs."""
+        with self._render_lock:
+            self._pinned = state
+            try:
+                return generate_latest(self.registry)
+            finally:
+                self._pinned = None
 
 
 class _LiveCollector(Collector):
@@ -215,7 +230,7 @@ class _LiveCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        state = self._metrics.state()
+        state = self._metrics._render_state()
         info = GaugeMetricFamily(
             PREFIX + "route_info",
             "Configured routes (value 1).",
