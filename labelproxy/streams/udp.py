@@ -34,8 +34,9 @@ Behaviour a user sees:
   delivered once it is closed. Outside cancellation does the same, promptly.
 
 Requires the asyncio event loop (uvloop or the standard one) under anyio: the relay runs in
-`add_reader` callbacks (see `udp_relay`); on Linux they move datagrams in batches with
-recvmmsg/sendmmsg (`udp_batched`), elsewhere one system call per datagram.
+`add_reader` callbacks (see `udp_relay`); on Linux they move what queued behind a wake-up's
+first datagram in batches with recvmmsg/sendmmsg (`udp_batched`), elsewhere one system call
+per datagram.
 """
 
 from __future__ import annotations

@@ -2,9 +2,13 @@
 call per datagram and direction.
 
 `BatchedUdpRelay` is a `UdpRelay` whose two readiness callbacks move up to `udp_mmsg.SLOTS`
-datagrams per system call. From clients: one `recvmmsg` on the listening socket, the batch
-is cut into runs of consecutive datagrams from one source address (looked up by the raw
-sockaddr bytes, so no address tuple is built per datagram), and each run goes to its
+datagrams per system call. Latency first: each wake-up takes its first datagram the plain
+way (`recvfrom_into` + `send`, or `recv_into` + `sendto`, as `UdpRelay` does), so a lone
+query or reply costs no vector set-up; only what queued behind it is batched. A session
+opened by that plain read is keyed by `udp_mmsg.sockaddr_raw` of its address, the bytes a
+`recvmmsg` reports for the same source. From clients: one `recvmmsg` on the listening
+socket, the batch is cut into runs of consecutive datagrams from one source address (looked
+up by the raw sockaddr bytes, so no address tuple is built per datagram), and each run goes to its
 session's connected upstream socket in one `sendmmsg` (with the session's PROXY v2 header as
 a second iovec when the route asks for it). From a backend: one `recvmmsg` on the session's
 upstream socket and one `sendmmsg` to the client from the listening socket. Sessions,
