@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import errno
 import logging
-import time
+import socket
 
 from labelproxy.streams.hooks import Hook
 from labelproxy.streams.udp_mmsg import MmsgArena, arena, available, sockaddr_raw, sockaddr_tuple
@@ -80,65 +80,38 @@ class BatchedUdpRelay(UdpRelay):
         return session
 
     # -- clients -> backends -------------------------------------------------------------
-    def _on_client_readable(self) -> None:
+    PLAIN_READS = 1  # the first datagram of a wake-up; the rest in batches
+
+    def _client_batches(self, now: float, hooks: tuple[Hook, ...]) -> tuple[int, int, int, bool]:
         ar = self._arena
         fd = self.listener.fileno()
-        counters = self.live.counters
-        if self.live.spec is not self._spec_seen:
-            self._adopt_spec()
-        hooks = self._chunk_hooks_now()
-        now = time.monotonic()
         count = nbytes = errors = 0
-        rearm = False
-        try:
-            # the first datagram the plain way: a lone query or game tick costs no vector
-            # work; whatever queued behind it goes in batches
-            try:
-                n, addr = self.listener.recvfrom_into(self._buf)
-            except BlockingIOError:
-                return
-            except OSError as exc:  # never fatal; see _rearm
-                logger.debug("udp listener %s: %s", self.live.spec.key, exc)
-                rearm = True
-                return
-            sent = self._from_client(self._view[:n], addr, now, hooks)
-            if sent:
-                count, nbytes = 1, n
-            elif sent is None:
-                errors = 1
-            for _ in range(self._rounds):
-                n = ar.recv(fd)
-                if n <= 0:
-                    if n < 0 and n not in (_EAGAIN, _EINTR):  # never fatal; see _rearm
-                        logger.debug("udp listener %s: errno %d", self.live.spec.key, -n)
-                        rearm = True
-                    break
-                keys = ar.sources(n)
-                lens = ar.lengths(n)
-                first = keys[0]
-                if keys[-1] == first and keys.count(first) == n:
-                    c, b, e = self._run(first, 0, n, lens, now=now, hooks=hooks)
+        for _ in range(self._rounds):
+            n = ar.recv(fd)
+            if n <= 0:
+                if n < 0 and n not in (_EAGAIN, _EINTR):  # never fatal; see _rearm
+                    logger.debug("udp listener %s: errno %d", self.live.spec.key, -n)
+                    return count, nbytes, errors, True
+                break
+            keys = ar.sources(n)
+            lens = ar.lengths(n)
+            first = keys[0]
+            if keys[-1] == first and keys.count(first) == n:
+                c, b, e = self._run(first, 0, n, lens, now=now, hooks=hooks)
+                count, nbytes, errors = count + c, nbytes + b, errors + e
+            else:
+                start = 0
+                while start < n:
+                    key = keys[start]
+                    end = start + 1
+                    while end < n and keys[end] == key:
+                        end += 1
+                    c, b, e = self._run(key, start, end, lens, now=now, hooks=hooks)
                     count, nbytes, errors = count + c, nbytes + b, errors + e
-                else:
-                    start = 0
-                    while start < n:
-                        key = keys[start]
-                        end = start + 1
-                        while end < n and keys[end] == key:
-                            end += 1
-                        c, b, e = self._run(key, start, end, lens, now=now, hooks=hooks)
-                        count, nbytes, errors = count + c, nbytes + b, errors + e
-                        start = end
-                if n < ar.slots:
-                    break
-        finally:
-            counters.udp_datagrams_in += count
-            counters.bytes_in += nbytes
-            if errors:
-                counters.drop("upstream_error", errors)
-            if rearm and self._listening:
-                self.loop.remove_reader(fd)
-                self.loop.add_reader(fd, self._on_client_readable)
+                    start = end
+            if n < ar.slots:
+                break
+        return count, nbytes, errors, False
 
     def _run(
         self,
@@ -199,76 +172,51 @@ class BatchedUdpRelay(UdpRelay):
         return sent, nbytes, errors
 
     # -- backends -> clients -------------------------------------------------------------
-    def _on_upstream_readable(self, session: UdpSession) -> None:
-        sock = session.sock
+    def _upstream_batches(
+        self, session: UdpSession, sock: socket.socket, hooks: tuple[Hook, ...]
+    ) -> tuple[int, int, int, int]:
         refs = session.raw
-        if sock is None or session.closed or refs is None:
-            return
+        if refs is None:  # not indexed (cannot happen: `_open_session` indexes every one)
+            return 0, 0, 0, 0
         ar = self._arena
         fd = sock.fileno()
         out = self.listener.fileno()
-        name = refs.name
         conn = session.conn
-        hooks = self._chunk_hooks_now()
         count = nbytes = errors = dropped = 0
-        try:
-            # the first reply the plain way (see _on_client_readable), the rest in batches
-            try:
-                n = sock.recv_into(self._buf)
-            except BlockingIOError:
-                return
-            except ConnectionRefusedError:  # ICMP port unreachable from the backend
-                errors = 1
-            except OSError as exc:
-                errors = 1
-                logger.debug("udp upstream %s: %s", conn.backend, exc)
-                return
-            else:
-                try:
-                    self.listener.sendto(self._view[:n], session.addr)
-                except OSError:  # the client's side is full or gone: it is lost
-                    dropped = 1
-                else:
-                    count, nbytes = 1, n
+        for _ in range(self._rounds):
+            n = ar.recv(fd)
+            if n < 0:
+                if n == _EAGAIN:
+                    break
+                if n == _EINTR:
+                    continue
+                errors += 1
+                if n == _ECONNREFUSED:  # ICMP port unreachable from the backend
+                    continue
+                logger.debug("udp upstream %s: errno %d", conn.backend, -n)
+                break
+            if n == 0:
+                break
+            lens = ar.lengths(n)
+            pos = 0
+            while pos < n:
+                r = ar.send_replies(out, pos, n - pos, lens[pos:], refs.name)
+                if r > 0:
+                    done = lens[pos : pos + r]
+                    count += r
+                    nbytes += sum(done)
                     for hook in hooks:
-                        hook.on_chunk(conn, "out", n)
-            for _ in range(self._rounds):
-                n = ar.recv(fd)
-                if n < 0:
-                    if n == _EAGAIN:
-                        break
-                    if n == _EINTR:
-                        continue
-                    errors += 1
-                    if n == _ECONNREFUSED:  # ICMP port unreachable from the backend
-                        continue
-                    logger.debug("udp upstream %s: errno %d", conn.backend, -n)
+                        for size in done:
+                            hook.on_chunk(conn, "out", size)
+                    pos += r
+                elif r == _EINTR:
+                    continue
+                elif r == _EAGAIN:  # the client's side is full: these are lost
+                    dropped += n - pos
                     break
-                if n == 0:
-                    break
-                lens = ar.lengths(n)
-                pos = 0
-                while pos < n:
-                    r = ar.send_replies(out, pos, n - pos, lens[pos:], name)
-                    if r > 0:
-                        done = lens[pos : pos + r]
-                        count += r
-                        nbytes += sum(done)
-                        for hook in hooks:
-                            for size in done:
-                                hook.on_chunk(conn, "out", size)
-                        pos += r
-                    elif r == _EINTR:
-                        continue
-                    elif r == _EAGAIN:  # the client's side is full: these are lost
-                        dropped += n - pos
-                        break
-                    else:
-                        dropped += 1
-                        pos += 1
-                if n < ar.slots:
-                    break
-        finally:
-            self._settle_upstream_read(
-                session, sock, count=count, nbytes=nbytes, errors=errors, dropped=dropped
-            )
+                else:
+                    dropped += 1
+                    pos += 1
+            if n < ar.slots:
+                break
+        return count, nbytes, errors, dropped

@@ -218,6 +218,10 @@ class UdpRelay:
         log_session_closed(conn, listen=str(self.live.spec.key), reason=reason)
 
     # -- hot path ------------------------------------------------------------------------
+    #: Datagrams a wake-up reads one at a time before `_client_batches` / `_upstream_batches`
+    #: take what is queued behind them (this relay has no batches: it reads them all so).
+    PLAIN_READS = BATCH
+
     def _on_client_readable(self) -> None:
         recvfrom_into = self.listener.recvfrom_into
         buf, view = self._buf, self._view
@@ -229,7 +233,7 @@ class UdpRelay:
         count = nbytes = errors = 0
         rearm = False
         try:
-            for _ in range(BATCH):
+            for _ in range(self.PLAIN_READS):
                 try:
                     n, addr = recvfrom_into(buf)
                 except BlockingIOError:
@@ -244,6 +248,9 @@ class UdpRelay:
                     nbytes += n
                 elif sent is None:
                     errors += 1
+            else:  # every plain read found a datagram: more may be queued
+                c, b, e, rearm = self._client_batches(now, chunk_hooks)
+                count, nbytes, errors = count + c, nbytes + b, errors + e
         finally:
             counters.udp_datagrams_in += count
             counters.bytes_in += nbytes
@@ -252,6 +259,11 @@ class UdpRelay:
             if rearm and self._listening:
                 self.loop.remove_reader(self.listener.fileno())
                 self.loop.add_reader(self.listener.fileno(), self._on_client_readable)
+
+    def _client_batches(self, now: float, hooks: tuple[Hook, ...]) -> tuple[int, int, int, bool]:
+        """Move what is queued on the listening socket in batches: (sent, bytes, lost,
+        re-arm). The per-datagram relay has none; its next wake-up reads on."""
+        return 0, 0, 0, False
 
     def _from_client(
         self, data: memoryview, addr: SockAddr, now: float, chunk_hooks: tuple[Hook, ...]
@@ -294,7 +306,7 @@ class UdpRelay:
         chunk_hooks = self._chunk_hooks_now()
         count = nbytes = errors = dropped = 0
         try:
-            for _ in range(BATCH):
+            for _ in range(self.PLAIN_READS):
                 try:
                     n = recv_into(buf)
                 except BlockingIOError:
@@ -315,10 +327,20 @@ class UdpRelay:
                 nbytes += n
                 for hook in chunk_hooks:
                     hook.on_chunk(conn, "out", n)
+            else:  # every plain read found a datagram: more may be queued
+                c, b, e, d = self._upstream_batches(session, sock, chunk_hooks)
+                count, nbytes, errors, dropped = count + c, nbytes + b, errors + e, dropped + d
         finally:
             self._settle_upstream_read(
                 session, sock, count=count, nbytes=nbytes, errors=errors, dropped=dropped
             )
+
+    def _upstream_batches(
+        self, session: UdpSession, sock: socket.socket, hooks: tuple[Hook, ...]
+    ) -> tuple[int, int, int, int]:
+        """Move the replies queued on `session`'s upstream socket in batches: (sent, bytes,
+        errors, dropped). The per-datagram relay has none."""
+        return 0, 0, 0, 0
 
     def _settle_upstream_read(
         self,
