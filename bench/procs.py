@@ -152,13 +152,20 @@ class Children:
         logger.debug("started %s pid %d: %s", name, proc.pid, " ".join(argv))
         return proc
 
-    def stop(self, proc: subprocess.Popen[bytes], *, timeout: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout`; always reaps the child. Its descendants
-        (socat's per-client forks) get SIGTERM too, by PID, so none outlives the bench."""
+    def stop(
+        self,
+        proc: subprocess.Popen[bytes],
+        *,
+        timeout: float = 5.0,
+        first: signal.Signals = signal.SIGTERM,
+    ) -> None:
+        """`first` (SIGTERM), then SIGKILL after `timeout`; always reaps the child. Its
+        descendants (socat's per-client forks) get SIGTERM too, by PID, so none outlives
+        the bench."""
         descendants = process_tree([proc.pid])[1:] if proc.poll() is None else []
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, first)
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

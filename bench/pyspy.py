@@ -91,16 +91,8 @@ class Recorder:
             ) from None
 
     def _stop(self, proc: subprocess.Popen[bytes]) -> None:
-        """SIGINT by PID (py-spy then writes its output), wait with a deadline, and make
-        sure it is gone and reaped."""
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                logger.warning("py-spy %d did not stop within %.0fs", proc.pid, STOP_TIMEOUT)
-        self.children.stop(proc)
+        """SIGINT by PID (py-spy then writes its output), SIGKILL after the deadline."""
+        self.children.stop(proc, timeout=STOP_TIMEOUT, first=signal.SIGINT)
 
 
 def source_roots(repo: Path) -> list[Path]:
