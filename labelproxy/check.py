@@ -16,21 +16,30 @@ Beside the problems, `check` warns about Docker traps that are not label errors:
 - proxy labels set only under `deploy.labels` (Swarm *service* labels, never put on containers,
   so labelproxy does not see them): this one is a problem, not a warning.
 
+A compose file is read by the first Compose reader installed (`composeread`: the `docker
+compose` plugin, a standalone `docker-compose`, else the YAML as Compose v2 reads it); one line on
+stderr says which. Its services are ordered as Compose creates them, and a conflict between two
+services says whether `depends_on` decides the holder or creation order does (`composeorder`);
+the routes table then names every service that may hold the port.
+
 Exit status: 1 when there is any problem (label, conflict, address, unreadable input), else 0.
 Warnings are printed but do not change the exit status.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import socket
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from labelproxy.compose import ComposeError, ComposeProject, load_compose, views_of
+from labelproxy.composeorder import settle
 from labelproxy.containers import ContainerView, DiscoveryContext
 from labelproxy.labels import declare_container
 from labelproxy.snapshot import build_desired
@@ -61,6 +70,8 @@ class CheckResult:
     state: DesiredState
     warnings: tuple[CheckWarning, ...] = ()
     extra_problems: tuple[Problem, ...] = field(default_factory=tuple)
+    undecided: Mapping[ListenKey, tuple[str, ...]] = field(default_factory=dict)
+    reader: str = ""  # compose files: which reader, in one line
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -72,9 +83,15 @@ class CheckResult:
 
 
 def run_check(
-    *, compose_file: Path | None, docker_host: str, label_prefix: str, out: TextIO
+    *,
+    compose_file: Path | None,
+    docker_host: str,
+    label_prefix: str,
+    out: TextIO,
+    err: TextIO | None = None,
 ) -> int:
-    """Lint `compose_file`, or the running containers of `docker_host`; print the report.
+    """Lint `compose_file`, or the running containers of `docker_host`; print the report on
+    `out` and, for a compose file, which reader read it on `err` (default: stderr).
 
     Returns 0 when there is no problem, 1 on any problem (warnings do not count)."""
     try:
@@ -85,6 +102,8 @@ def run_check(
     except (ComposeError, CheckError) as exc:
         print(f"labelproxy check: {exc}", file=out)
         return 1
+    if result.reader:
+        print(f"labelproxy check: {compose_file} read by {result.reader}", file=err or sys.stderr)
     print(render(result), file=out)
     return 0 if result.ok else 1
 
@@ -100,12 +119,19 @@ def check_compose(path: Path, *, label_prefix: str, use_cli: bool = True) -> Che
     own = _own_networks(project)
     ctx = DiscoveryContext(label_prefix=label_prefix, own_networks=own)
     state = build_desired(views, ctx)
-    warnings = [*_port_warnings(state), *_network_warnings(views, ctx, own_on_host=not own)]
+    settled = settle(project, views, ctx, state)
+    warnings = [
+        *(CheckWarning(str(path), "", "", note) for note in project.notes),
+        *_port_warnings(state),
+        *_network_warnings(views, ctx, own_on_host=not own),
+    ]
     return CheckResult(
         subject=f"compose file {path} (project {project.name}, read by {project.reader})",
-        state=state,
+        state=dataclasses.replace(state, problems=settled.problems),
         warnings=tuple(warnings),
         extra_problems=tuple(_deploy_label_problems(project, label_prefix=label_prefix)),
+        undecided=settled.undecided,
+        reader=project.detail or project.reader,
     )
 
 
@@ -221,6 +247,8 @@ def render(result: CheckResult) -> str:
         spec = result.state.routes[key]
         targets = ",".join(str(b) for b in spec.backends) or "(no ready backend)"
         source = spec.source.removeprefix("compose:").removeprefix("swarm:")
+        if key in result.undecided:
+            source += f" (or {', '.join(result.undecided[key])}: whichever is created first)"
         rows.append((str(key), spec.scheme, spec.alias, targets, source))
     if len(rows) > 1:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -1,48 +1,44 @@
 """Compose files -> `ContainerView`s, for `labelproxy check --compose FILE`.
 
-The file is read as Compose itself reads it: `load_compose` asks `docker compose config
---format json` (Compose v2), else `docker-compose config` (v1), for the normalised model
-(interpolation, `.env`, profiles, `extends`, merged override files); only when neither tool is
-installed does it read the YAML itself. Both shapes go through one normaliser, which accepts
-`labels` and `deploy.labels` as a map or a `KEY=VALUE` list, `ports` in short (`[IP:]HOST:CONTAINER
-[/proto]`, ranges) and long syntax, `expose`, `network_mode`, `networks` (list or map) and
-`deploy.replicas` / `scale`.
+`load_compose` gets the compose model from `composeread.read_compose` (the `docker compose`
+plugin, else a standalone `docker-compose`, else the YAML read as Compose v2 reads it) and
+normalises it. One normaliser serves every reader: `labels` and `deploy.labels` as a map or a
+`KEY=VALUE` list, `ports` in short (`[IP:]HOST:CONTAINER[/proto]`, ranges) and long syntax,
+`expose`, `network_mode`, `networks` (list or map), `deploy.replicas` / `scale`, and what
+orders container creation (`depends_on`, `links`, `network_mode: service:X`, `volumes_from`).
 
 Each service becomes one `ContainerView` named after the service (or its `container_name`), in
-replica group `compose:<project>/<service>`, created in file order (so the earlier service holds
-a contested port, as the one started first would). Network addresses are not known before the
-containers run, so a service's address on network N is shown as `<service>@<N>`.
+replica group `compose:<project>/<service>` (its replicas share its routes), with `created` in
+the order Compose creates containers: the services a service depends on first, file order
+otherwise. Compose creates services that do not depend on each other in parallel, so between
+those the order is not known before `up` (`composeorder` reports that). Network addresses are
+not known before the containers run, so a service's address on network N is `<service>@<N>`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import logging
 import re
-import shutil
-import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from labelproxy.composeread import ComposeError, read_compose
 from labelproxy.containers import ContainerView, PortBinding
 from labelproxy.spec import Transport
 
+__all__ = ["ComposeError", "ComposeProject", "ComposeService", "load_compose", "views_of"]
+
 logger = logging.getLogger(__name__)
 
-CONFIG_TIMEOUT = 30.0
 _SHORT_PORT = re.compile(
     r"^(?:(?P<ip>\[[^\]]*\]|[^:\[\]]*):)??(?:(?P<host>[0-9]*(?:-[0-9]+)?):)?"
     r"(?P<target>[0-9]+(?:-[0-9]+)?)(?:/(?P<proto>tcp|udp|sctp))?$"
 )
-
-
-class ComposeError(Exception):
-    """The compose file cannot be read; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +56,7 @@ class ComposeService:
     replicas: int
     environment: Mapping[str, str]
     entrypoint_overridden: bool
+    depends_on: tuple[str, ...] = ()  # services whose containers Compose creates first
 
     @property
     def looks_like_labelproxy(self) -> bool:
@@ -70,69 +67,58 @@ class ComposeService:
         return "labelproxy" in self.image and not self.entrypoint_overridden
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ComposeProject:
     """A normalised compose model: project name, services in file order, and who read it."""
 
     name: str
     services: tuple[ComposeService, ...]
     reader: str  # "docker compose config", "docker-compose config" or "yaml"
+    detail: str = ""  # the reader in one line (version, why the ones before it were not used)
+    notes: tuple[str, ...] = ()  # things about the reading the user should see
+
+    def depends_on(self, name: str) -> frozenset[str]:
+        """Every service that service `name` depends on, directly or not."""
+        return self._closure.get(name, frozenset())
+
+    @cached_property
+    def _closure(self) -> dict[str, frozenset[str]]:
+        names = {svc.name for svc in self.services}
+        direct = {svc.name: set(svc.depends_on) & names for svc in self.services}
+        closure: dict[str, frozenset[str]] = {}
+        for name, deps in direct.items():
+            seen: set[str] = set()
+            todo = list(deps)
+            while todo:
+                dep = todo.pop()
+                if dep not in seen and dep != name:
+                    seen.add(dep)
+                    todo.extend(direct.get(dep, ()))
+            closure[name] = frozenset(seen)
+        return closure
+
+    def creation_order(self) -> list[ComposeService]:
+        """Services in the order Compose creates them: dependencies first, else file order."""
+        placed: list[ComposeService] = []
+        done: set[str] = set()
+        pending = list(self.services)
+        while pending:  # a cycle (Compose refuses it) falls back to file order
+            ready = next((s for s in pending if self.depends_on(s.name) <= done), pending[0])
+            placed.append(ready)
+            done.add(ready.name)
+            pending.remove(ready)
+        return placed
 
 
 def load_compose(path: Path, *, use_cli: bool = True) -> ComposeProject:
-    """Read `path` as Compose does (see the module docstring); raises `ComposeError`."""
+    """Read `path` as Compose does (see `composeread`); raises `ComposeError`."""
     if not path.is_file():
         raise ComposeError(f"{path}: no such file")
-    default_name = _project_name(path.resolve().parent.name)
-    if use_cli:
-        for reader, config in _cli_configs(path):
-            return project_from_config(config, default_name=default_name, reader=reader)
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ComposeError(f"{path}: not a readable YAML file: {exc}") from None
-    if not isinstance(config, dict):
-        raise ComposeError(f"{path}: expected a mapping with `services`")
-    return project_from_config(config, default_name=default_name, reader="yaml")
-
-
-def _cli_configs(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """The normalised model from the first Compose CLI that is installed and accepts the file.
-
-    A CLI that rejects the file raises `ComposeError` with its message (that *is* the lint
-    result); a CLI that is missing or broken is skipped."""
-    commands: list[tuple[str, list[str], bool]] = []
-    if shutil.which("docker"):
-        commands.append(
-            ("docker compose config",
-             ["docker", "compose", "-f", str(path), "config", "--format", "json"], True)
-        )  # fmt: skip
-    if shutil.which("docker-compose"):
-        commands.append(
-            ("docker-compose config", ["docker-compose", "-f", str(path), "config"], False)
-        )
-    for reader, cmd, is_json in commands:
-        try:
-            done = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=CONFIG_TIMEOUT, check=False,
-                cwd=path.resolve().parent,
-            )  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            logger.debug("%s unusable: %s", reader, exc)
-            continue
-        if done.returncode != 0:
-            stderr = done.stderr.strip()
-            if "unknown command" in stderr or "is not a docker command" in stderr:
-                continue  # docker without the compose plugin
-            raise ComposeError(f"{reader} rejected {path}: {stderr}")
-        try:
-            config = json.loads(done.stdout) if is_json else yaml.safe_load(done.stdout)
-        except (ValueError, yaml.YAMLError) as exc:
-            logger.debug("%s printed an unreadable model: %s", reader, exc)
-            continue
-        if isinstance(config, dict):
-            yield reader, config
-            return
+    model = read_compose(path, use_cli=use_cli)
+    project = project_from_config(
+        model.config, default_name=_project_name(path.resolve().parent.name), reader=model.reader
+    )
+    return dataclasses.replace(project, detail=model.detail, notes=model.notes)
 
 
 def project_from_config(
@@ -144,17 +130,25 @@ def project_from_config(
     if not isinstance(services_raw, dict):
         raise ComposeError("expected `services` to be a mapping of service name -> service")
     top_networks = config.get("networks") or {}
-    services = tuple(
-        _service(svc_name, svc or {}, project=name, top_networks=top_networks)
-        for svc_name, svc in services_raw.items()
-    )
-    return ComposeProject(name=name, services=services, reader=reader)
+    if not isinstance(top_networks, dict):
+        raise ComposeError("expected `networks` to be a mapping of network name -> network")
+    services: list[ComposeService] = []
+    for svc_name, svc in services_raw.items():
+        if not isinstance(svc or {}, dict):
+            raise ComposeError(f"service {svc_name}: expected a mapping, got {svc!r}")
+        try:
+            services.append(
+                _service(str(svc_name), svc or {}, project=name, top_networks=top_networks)
+            )
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ComposeError(f"service {svc_name}: unreadable: {exc}") from None
+    return ComposeProject(name=name, services=tuple(services), reader=reader)
 
 
 def views_of(project: ComposeProject) -> list[ContainerView]:
-    """One `ContainerView` per service (replicas share its routes), in file order."""
+    """One `ContainerView` per service (replicas share its routes), in creation order."""
     views: list[ContainerView] = []
-    for order, svc in enumerate(project.services):
+    for order, svc in enumerate(project.creation_order()):
         labels = dict(svc.labels)  # deploy.labels never reach containers
         group = f"compose:{project.name}/{svc.name}"
         digest = hashlib.sha256(group.encode()).hexdigest()
@@ -192,6 +186,7 @@ def _service(
         replicas = svc.get("scale", 1)
     entrypoint = svc.get("entrypoint")
     return ComposeService(
+        depends_on=tuple(_dependencies(svc)),
         name=name,
         container_name=str(svc.get("container_name") or ""),
         image=str(svc.get("image") or ""),
@@ -204,6 +199,21 @@ def _service(
         environment=_labels(svc.get("environment")),
         entrypoint_overridden=entrypoint is not None,
     )
+
+
+def _dependencies(svc: Mapping[str, Any]) -> Iterator[str]:
+    """The services whose containers Compose creates before this service's."""
+    deps = svc.get("depends_on") or ()
+    yield from (str(d) for d in deps)  # list form, or the keys of the map form
+    for link in svc.get("links") or ():
+        yield str(link).split(":", 1)[0]
+    mode = str(svc.get("network_mode") or "")
+    if mode.startswith("service:"):
+        yield mode.removeprefix("service:")
+    for source in svc.get("volumes_from") or ():
+        text = str(source)
+        if not text.startswith("container:"):
+            yield text.split(":", 1)[0]
 
 
 def _network_name(key: str, project: str, top_networks: Mapping[str, Any]) -> str:
