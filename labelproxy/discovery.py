@@ -51,6 +51,7 @@ EVENT_FILTERS = {"type": ["container", "network"], "event": [*CONTAINER_ACTIONS,
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 RELIST_THROTTLE = 0.05  # at most one list per 50 ms; events in between are coalesced
 SETTLE_DELAY = 0.5  # one more list this long after the last event
+CHECK_API_VERSION = "1.24"  # any fixed version: the client then asks the engine nothing
 DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
 
 
@@ -286,6 +287,18 @@ def _close_quietly(resource: Any) -> None:
         logger.debug("closing %r failed: %s", resource, exc)
 
 
+def docker_host_problem(docker_host: str) -> str | None:
+    """What is wrong with a `DOCKER_HOST` URL that no retry can fix (its syntax, a port out
+    of range, ssh:// without paramiko, npipe:// off Windows), or None. Builds a client
+    without asking the engine anything."""
+    try:
+        client = docker.APIClient(base_url=docker_host, version=CHECK_API_VERSION, timeout=1)
+    except (docker.errors.DockerException, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+    client.close()
+    return None
+
+
 class DiscoveryError(Exception):
     """The engine could not be listed (one-shot use); the message names the engine."""
 
@@ -295,6 +308,9 @@ def list_once(
 ) -> tuple[tuple[ContainerView, ...], DiscoveryContext]:
     """Blocking one-shot snapshot of the running containers, as `serve` would publish it
     (used by `labelproxy check`)."""
+    problem = docker_host_problem(docker_host)
+    if problem is not None:
+        raise DiscoveryError(f"cannot use the Docker engine at {docker_host}: {problem}")
     try:
         client: Any = docker.DockerClient(base_url=docker_host, timeout=timeout)
         try:

@@ -24,7 +24,7 @@ import anyio.abc
 
 from labelproxy import __version__
 from labelproxy.containers import ContainerView, DiscoveryContext
-from labelproxy.discovery import Discovery
+from labelproxy.discovery import Discovery, docker_host_problem
 from labelproxy.http import HttpState, serve_http
 from labelproxy.metrics import Metrics
 from labelproxy.reconciler import Reconciler
@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 BIND_RETRY_INTERVAL = 5.0
 ROUTES_FILE_POLL = 1.0
 FORCED_EXIT_STATUS = 1
+
+
+class StartupError(Exception):
+    """Start-up cannot go on (the HTTP address cannot be bound, the engine URL is unusable);
+    the message is one line naming the setting and the value."""
 
 
 class Runtime:
@@ -119,7 +124,15 @@ class Runtime:
             state = HttpState(
                 ready=self.ready, routes=self.view.routes_document, metrics=self.metrics
             )
-            await outer.start(functools.partial(serve_http, host=host, port=port, state=state))
+            try:
+                await outer.start(
+                    functools.partial(serve_http, host=host, port=port, state=state)
+                )
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise StartupError(
+                    f"cannot listen on LABELPROXY_HTTP_ADDR={self.settings.http_addr!r}: {reason}"
+                ) from None
             async with anyio.create_task_group() as listeners:
                 self.reconciler = Reconciler(
                     metrics=self.metrics,
@@ -268,7 +281,14 @@ def raise_fd_limit() -> int:
 
 
 def run(settings: Settings) -> int:
-    """Blocking entry point: anyio on asyncio with uvloop when available."""
+    """Blocking entry point: anyio on asyncio with uvloop when available. Raises
+    `StartupError` when start-up cannot go on."""
+    if settings.discovery_enabled:
+        problem = docker_host_problem(settings.docker_host)
+        if problem is not None:
+            raise StartupError(
+                f"invalid setting LABELPROXY_DOCKER_HOST={settings.docker_host!r}: {problem}"
+            )
     limit = raise_fd_limit()
     logger.info("labelproxy %s starting (open files limit %d)", __version__, limit,
                 extra={"action": "start"})
@@ -280,4 +300,15 @@ def run(settings: Settings) -> int:
         options["use_uvloop"] = True
     except ImportError:  # pragma: no cover - non-Linux
         pass
-    return anyio.run(runtime.serve, backend="asyncio", backend_options=options)
+    try:
+        return anyio.run(runtime.serve, backend="asyncio", backend_options=options)
+    except BaseExceptionGroup as group:  # task groups wrap what they raise
+        found = group.subgroup(StartupError)
+        if found is None or len(found.exceptions) != len(group.exceptions):
+            raise
+        raise _first_leaf(found) from None
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
