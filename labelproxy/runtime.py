@@ -28,16 +28,15 @@ from labelproxy.discovery import Discovery, docker_host_problem
 from labelproxy.http import HttpState, serve_http
 from labelproxy.metrics import Metrics
 from labelproxy.reconciler import Reconciler
-from labelproxy.routesfile import RoutesFileError, load_routes_file
 from labelproxy.routestable import StateView
 from labelproxy.settings import Settings, split_host_port
 from labelproxy.snapshot import build_desired
-from labelproxy.spec import Problem, RouteSpec
+from labelproxy.spec import Problem
+from labelproxy.staticroutes import RoutesFileInput
 
 logger = logging.getLogger(__name__)
 
 BIND_RETRY_INTERVAL = 5.0
-ROUTES_FILE_POLL = 1.0
 FORCED_EXIT_STATUS = 1
 
 
@@ -57,13 +56,13 @@ class Runtime:
         self.ctx = DiscoveryContext(label_prefix=settings.label_prefix)
         self.docker_seen = not settings.discovery_enabled
         self.docker_connected = False
-        self.static: tuple[RouteSpec, ...] = ()
-        self.static_problems: tuple[Problem, ...] = ()
+        self.routes_file = RoutesFileInput(
+            settings.routes_file, metrics=self.metrics, on_change=self.wake
+        )
         self.applied_once = False
         self._problems_logged: set[Problem] = set()
         self._changed: anyio.Event | None = None
         self._stop_requested: anyio.Event | None = None
-        self._routes_mtime: float | None = None
         self.reconciler: Reconciler | None = None
         self.view = StateView(self)
 
@@ -84,31 +83,6 @@ class Runtime:
 
     def on_event(self, action: str) -> None:
         self.metrics.docker_events_total.labels(action).inc()
-
-    def load_routes_file(self) -> None:
-        """(Re)read the routes file; a broken file keeps the previous static routes."""
-        path = self.settings.routes_file
-        if path is None:
-            return
-        try:
-            self._routes_mtime = path.stat().st_mtime
-            static, problems = load_routes_file(path)
-        except (RoutesFileError, OSError) as exc:
-            self.metrics.reloads_total.labels("error").inc()
-            logger.error(
-                "routes file not loaded, keeping the previous routes: %s",
-                exc,
-                extra={"action": "reload"},
-            )
-            return
-        self.metrics.reloads_total.labels("ok").inc()
-        self.static, self.static_problems = static, problems
-        for problem in problems:
-            logger.error("routes file problem: %s", problem, extra={"route": problem.route})
-        logger.info(
-            "routes file loaded: %d routes", len(static), extra={"action": "reload"}
-        )
-        self.wake()
 
     # -- phases --------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -144,9 +118,8 @@ class Runtime:
                 async with anyio.create_task_group() as inputs:
                     inputs.start_soon(self._cancel_on_stop, inputs.cancel_scope)
                     inputs.start_soon(self._retry_binds)
-                    self.load_routes_file()
-                    if self.settings.routes_file is not None:
-                        inputs.start_soon(self._watch_routes_file)
+                    self.routes_file.load()
+                    inputs.start_soon(self.routes_file.watch)
                     if self.settings.discovery_enabled:
                         discovery = Discovery(
                             docker_host=self.settings.docker_host,
@@ -178,7 +151,8 @@ class Runtime:
             await self._changed.wait()
             self._changed = anyio.Event()
             desired = build_desired(
-                self.views, self.ctx, static=self.static, static_problems=self.static_problems
+                self.views, self.ctx, static=self.routes_file.static.specs,
+                static_problems=self.routes_file.static.problems,
             )
             self._log_problem_changes(desired.problems)
             began = time.monotonic()
@@ -229,27 +203,12 @@ class Runtime:
         await self._stop_requested.wait()
         scope.cancel()
 
-    async def _watch_routes_file(self) -> None:
-        """Reload on change of the file's mtime (SIGHUP reloads at once)."""
-        path = self.settings.routes_file
-        assert path is not None
-        while True:
-            await anyio.sleep(ROUTES_FILE_POLL)
-            try:
-                mtime: float | None = path.stat().st_mtime
-            except OSError:
-                mtime = None
-            if mtime != self._routes_mtime:
-                self._routes_mtime = mtime
-                self.load_routes_file()
-
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             stopping = False
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    logger.info("SIGHUP: reloading the routes file", extra={"action": "reload"})
-                    self.load_routes_file()
+                    self.routes_file.on_sighup()
                     self.wake()
                 elif not stopping:
                     stopping = True
