@@ -86,7 +86,15 @@ class Runtime:
 
     # -- phases --------------------------------------------------------------------------
     def ready(self) -> bool:
+        """/readyz: 200 from the first applied snapshot on (the engine listed once, or
+        discovery off), and still 200 when the engine is lost later: what was known keeps
+        being served. `engine_state` tells that case apart."""
         return self.applied_once
+
+    def engine_state(self) -> str:
+        if not self.settings.discovery_enabled:
+            return "off"
+        return "connected" if self.docker_connected else "disconnected"
 
     async def serve(self) -> int:
         """Run until a signal; returns the process exit status."""
@@ -96,8 +104,9 @@ class Runtime:
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._watch_signals)
             state = HttpState(
-                ready=self.ready, routes=self.view.routes_document, metrics=self.metrics
-            )
+                ready=self.ready, routes=self.view.routes_document, metrics=self.metrics,
+                engine=self.engine_state,
+            )  # fmt: skip
             try:
                 await outer.start(
                     functools.partial(serve_http, host=host, port=port, state=state)
