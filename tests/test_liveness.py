@@ -30,7 +30,7 @@ from tests.support.lp import (
 pytestmark = pytest.mark.docker
 
 # a missed ping is noticed after at most one interval plus the deadline (and some scheduling)
-DETECT_WITHIN = PING_INTERVAL + PING_DEADLINE + 2.0
+DETECT_WITHIN = PING_INTERVAL + PING_DEADLINE + 3.0
 RECOVER_WITHIN = 20.0
 EXIT_WITHIN = 5.0
 
