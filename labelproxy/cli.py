@@ -1,7 +1,8 @@
 """Command line: `labelproxy [run]`, `labelproxy check [--compose FILE]`, `labelproxy routes`.
 
-Settings are built here, once, and passed down; a bad setting stops start-up with one line
-naming the variable (exit status 2).
+Settings are built here, once, and passed down; a bad setting, or one start-up cannot use (an
+HTTP address already taken, an unusable engine URL), stops start-up with one line naming the
+variable (exit status 2).
 """
 
 from __future__ import annotations
@@ -131,7 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=out,
         )
     from labelproxy.logs import configure_logging  # noqa: PLC0415
-    from labelproxy.runtime import run  # noqa: PLC0415
+    from labelproxy.runtime import StartupError, run  # noqa: PLC0415
 
     configure_logging(level=settings.log_level, fmt=settings.log_format)
-    return run(settings)
+    try:
+        return run(settings)
+    except StartupError as exc:
+        print(f"labelproxy: {exc}", file=err)
+        return EXIT_SETTINGS

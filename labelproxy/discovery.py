@@ -5,12 +5,18 @@ running containers and publishes the whole list as `ContainerView`s (`on_snapsho
 relevant event, and a timer every `resync_interval`, triggers another full list (coalesced and
 throttled: a burst of events gives few lists, the latest state wins). Views are built from the
 list itself (one request however many containers); a container is inspected only when the list
-cannot describe it exactly, once (`dockerviews.needing_details`). When the
-event stream ends or a call fails, it reports `on_connected(False)` and reconnects with
-exponential backoff (0.1 s doubling up to 5 s), then lists again.
+cannot describe it exactly, once (`dockerviews.needing_details`).
 
-docker-py is blocking: its calls run in worker threads; the event-reading thread talks to the
-event loop only through `anyio.from_thread`. Cancelling `serve` closes the event stream, which
+Liveness: an engine that stops answering (frozen, overloaded, a dead TCP peer) keeps its event
+stream open and silent, so the stream alone cannot tell. The engine is pinged (`GET /_ping`)
+before each connection and every `PING_INTERVAL` while connected; no answer within
+`PING_DEADLINE` counts as a disconnect. When the event stream ends, a call fails or a ping is
+missed, it reports `on_connected(False)` and reconnects with exponential backoff (0.1 s doubling
+up to 5 s), then lists again.
+
+docker-py is blocking: its calls run on daemon threads (`blocking.run_blocking`), which talk to
+the event loop only through `anyio.from_thread`; a call stuck on a frozen engine is abandoned,
+never awaited, and cannot hold up shutdown. Cancelling `serve` closes the event stream, which
 ends that thread. The JSON -> view conversion (`dockerviews`) is pure and usable without an engine.
 """
 
@@ -24,11 +30,13 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.from_thread
-import anyio.to_thread
+import anyio.lowlevel
 import docker
 import docker.errors
 import requests.exceptions
 
+from labelproxy import liveness
+from labelproxy.blocking import run_blocking
 from labelproxy.containers import ContainerView, DiscoveryContext
 from labelproxy.dockerviews import (
     InspectDetails,
@@ -51,6 +59,9 @@ EVENT_FILTERS = {"type": ["container", "network"], "event": [*CONTAINER_ACTIONS,
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 RELIST_THROTTLE = 0.05  # at most one list per 50 ms; events in between are coalesced
 SETTLE_DELAY = 0.5  # one more list this long after the last event
+PING_INTERVAL = 5.0  # how often a connected engine is asked whether it still answers
+PING_DEADLINE = 3.0  # an engine that does not answer a ping within this is disconnected
+CHECK_API_VERSION = "1.24"  # any fixed version: the client then asks the engine nothing
 DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
 
 
@@ -129,6 +140,8 @@ class Discovery:
         on_connected: Callable[[bool], None],
         on_event: Callable[[str], None],
         api_timeout: float = 15.0,
+        ping_interval: float = PING_INTERVAL,
+        ping_deadline: float = PING_DEADLINE,
     ) -> None:
         self._docker_host = docker_host
         self._label_prefix = label_prefix
@@ -137,6 +150,8 @@ class Discovery:
         self._on_connected = on_connected
         self._on_event = on_event
         self._api_timeout = api_timeout
+        self._ping_interval = ping_interval
+        self._ping_deadline = ping_deadline
         self._connected: bool | None = None
         self._known = ListMemo()
         self._published: dict[str, ContainerView] = {}
@@ -147,12 +162,12 @@ class Discovery:
     ) -> None:
         """Watch the engine until cancelled; an unreachable engine is retried, never fatal."""
         task_status.started()
-        self._hints = await anyio.to_thread.run_sync(read_own_hints)
+        self._hints = await run_blocking(read_own_hints)
         delay, last_error = BACKOFF_MIN, ""
         while True:
             try:
                 reason = await self._serve_connection()
-            except DOCKER_ERRORS as exc:
+            except (*DOCKER_ERRORS, liveness.EngineUnresponsiveError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             except Exception as exc:  # a bug must not end discovery: log it and reconnect
                 logger.exception("discovery failed", extra={"action": "disconnect"})
@@ -171,17 +186,25 @@ class Discovery:
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def _serve_connection(self) -> str:
-        """One connection: subscribe, list, then re-list on events and on the timer until lost."""
-        client = await anyio.to_thread.run_sync(self._connect, abandon_on_cancel=True)
+        """One connection: ping, subscribe, list, then re-list on events and on the timer
+        until lost (the stream ends, a call fails, or a ping goes unanswered)."""
+        probe: Any = None
+        client: Any = None
         stream: Any = None
         try:
-            stream = await anyio.to_thread.run_sync(
+            probe = docker.APIClient(
+                base_url=self._docker_host, version=CHECK_API_VERSION, timeout=self._ping_deadline
+            )
+            await liveness.ping(probe, deadline=self._ping_deadline)
+            client = await run_blocking(self._connect, name="labelproxy-docker")
+            stream = await run_blocking(
                 lambda: client.api.events(decode=True, filters=EVENT_FILTERS),
-                abandon_on_cancel=True,
+                name="labelproxy-docker",
             )
             session = _Session()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._follow_events, stream, session, tg.cancel_scope)
+                tg.start_soon(self._watch_liveness, probe, session, tg.cancel_scope)
                 if await self._publish(client, session, tg.cancel_scope):
                     self._set_connected(True, f"API {client.api.api_version}")
                     await self._relist_forever(client, session, tg.cancel_scope)
@@ -189,28 +212,43 @@ class Discovery:
         finally:
             _close_quietly(stream)
             _close_quietly(client)
+            _close_quietly(probe)
 
     def _connect(self) -> Any:
         return docker.DockerClient(base_url=self._docker_host, timeout=self._api_timeout)
 
+    async def _watch_liveness(
+        self, probe: Any, session: _Session, scope: anyio.CancelScope
+    ) -> None:
+        """A missed ping deadline (or a failed ping) ends the session."""
+
+        def lost(reason: str) -> None:
+            session.lost = session.lost or reason
+            scope.cancel()
+
+        await liveness.watch(probe, interval=self._ping_interval, deadline=self._ping_deadline,
+                             errors=DOCKER_ERRORS, on_lost=lost)  # fmt: skip
+
     async def _follow_events(
         self, stream: Any, session: _Session, scope: anyio.CancelScope
     ) -> None:
+        token = anyio.lowlevel.current_token()
         try:
-            await anyio.to_thread.run_sync(
-                self._pump_events, stream, session, abandon_on_cancel=True
-            )
+            await run_blocking(self._pump_events, stream, session, token,
+                               name="labelproxy-docker-events")  # fmt: skip
             session.lost = session.lost or "event stream ended"
         except Exception as exc:  # whatever broke the stream, the cure is to reconnect
             session.lost = f"event stream failed: {type(exc).__name__}: {exc}"
         scope.cancel()
 
-    def _pump_events(self, stream: Any, session: _Session) -> None:
+    def _pump_events(
+        self, stream: Any, session: _Session, token: anyio.lowlevel.EventLoopToken
+    ) -> None:
         """Worker thread: read events until the stream ends; hand each to the event loop."""
         for event in stream:
             action = str(event.get("Action") or event.get("status") or "").split(":", 1)[0]
             try:
-                anyio.from_thread.run_sync(self._note_event, action, session)
+                anyio.from_thread.run_sync(self._note_event, action, session, token=token)
             except RuntimeError:  # the event loop is gone: we are shutting down
                 return
 
@@ -239,9 +277,9 @@ class Discovery:
         """List and hand the whole snapshot over; on failure mark the session lost."""
         prefix = self._label_prefix
         try:
-            views, self._known = await anyio.to_thread.run_sync(
+            views, self._known = await run_blocking(
                 lambda: list_running(client, self._known, label_prefix=prefix),
-                abandon_on_cancel=True,
+                name="labelproxy-docker",
             )
         except DOCKER_ERRORS as exc:
             session.lost = f"listing containers failed: {type(exc).__name__}: {exc}"
@@ -286,6 +324,18 @@ def _close_quietly(resource: Any) -> None:
         logger.debug("closing %r failed: %s", resource, exc)
 
 
+def docker_host_problem(docker_host: str) -> str | None:
+    """What is wrong with a `DOCKER_HOST` URL that no retry can fix (its syntax, a port out
+    of range, ssh:// without paramiko, npipe:// off Windows), or None. Builds a client
+    without asking the engine anything."""
+    try:
+        client = docker.APIClient(base_url=docker_host, version=CHECK_API_VERSION, timeout=1)
+    except (docker.errors.DockerException, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+    client.close()
+    return None
+
+
 class DiscoveryError(Exception):
     """The engine could not be listed (one-shot use); the message names the engine."""
 
@@ -295,6 +345,9 @@ def list_once(
 ) -> tuple[tuple[ContainerView, ...], DiscoveryContext]:
     """Blocking one-shot snapshot of the running containers, as `serve` would publish it
     (used by `labelproxy check`)."""
+    problem = docker_host_problem(docker_host)
+    if problem is not None:
+        raise DiscoveryError(f"cannot use the Docker engine at {docker_host}: {problem}")
     try:
         client: Any = docker.DockerClient(base_url=docker_host, timeout=timeout)
         try:

@@ -28,7 +28,7 @@ from labelproxy.spec import (
     family_of,
     transport_of,
 )
-from labelproxy.units import parse_cidr_list, parse_duration
+from labelproxy.units import parse_cidr_list, parse_positive_duration
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ _HOSTNAME = re.compile(
     r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\.?",
     re.IGNORECASE,
 )
+_PROTOCOL_SUFFIX = re.compile(r"\s*/\s*(tcp|udp)\b", re.IGNORECASE)
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
@@ -136,6 +137,13 @@ def scheme_problem(route: RouteFields, scheme: Scheme) -> tuple[str, str] | None
 
 def parse_ports(text: str) -> tuple[PortMap, ...]:
     """`2222:22`, `53`, `8000-8009:9000-9009`, `7000-7002` -> listen/target pairs."""
+    suffix = _PROTOCOL_SUFFIX.search(text.strip())
+    if suffix is not None:  # Docker's `53/udp`: the protocol has a field of its own here
+        bare = _PROTOCOL_SUFFIX.sub("", text.strip())
+        protocol = suffix.group(1).lower()
+        raise ValueError(
+            f"expected the port without /{protocol}: use port {bare} with scheme {protocol}"
+        )
     listen_text, sep, target_text = text.strip().partition(":")
     listen = _port_range(listen_text)
     target = _port_range(target_text) if sep else listen
@@ -227,13 +235,6 @@ def parse_positive_int(text: str) -> int:
     if not _digits(value) or int(value) < 1:
         raise ValueError("expected a positive whole number such as 100")
     return int(value)
-
-
-def parse_positive_duration(text: str) -> float:
-    seconds = parse_duration(text)
-    if seconds <= 0:
-        raise ValueError("expected a positive duration such as 90s, 5m or 1h30m")
-    return seconds
 
 
 def parse_load_balance(text: str) -> LoadBalance:

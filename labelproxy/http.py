@@ -34,6 +34,7 @@ class HttpState:
     ready: Callable[[], bool]
     routes: Callable[[], object]
     metrics: Metrics
+    engine: Callable[[], str] | None = None  # the /readyz detail: connected, disconnected, off
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +58,10 @@ def handle(method: str, path: str, state: HttpState) -> Response:
     if path == "/healthz":
         return Response(200, b"ok\n")
     if path == "/readyz":
-        return Response(200, b"ready\n") if state.ready() else Response(503, b"not ready\n")
+        status, text = (200, "ready") if state.ready() else (503, "not ready")
+        if state.engine is not None:
+            text += f"\ndocker: {state.engine()}"
+        return Response(status, f"{text}\n".encode())
     if path == "/routes":
         body = json.dumps(state.routes(), indent=2, sort_keys=False).encode() + b"\n"
         return Response(200, body, "application/json")

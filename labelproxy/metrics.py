@@ -174,7 +174,7 @@ class Metrics:
         )
         self.reloads_total = Counter(
             PREFIX + "routes_file_reloads",
-            "Routes file loads, by result (ok or error).",
+            "Routes file loads, by result (ok, partial or error).",
             ["result"],
             registry=self.registry,
         )

@@ -10,12 +10,17 @@ so `port: 2222:22` is not YAML 1.1's base-60 integer 133342 and `max_connections
 through the same parser as the label. A file that cannot be read or is not a mapping with
 `routes:` raises `RoutesFileError` (the caller keeps its previous routes); a bad route is a
 `Problem` naming the file and `routes.<name>.<field>` and affects only that route.
+
+On a reload, `keep_last_good` keeps serving the last good version of a route (by name) that
+an edit broke, with its problem saying so; a route removed from the file is removed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -84,6 +89,44 @@ def parse_routes(text: str, *, source: str) -> tuple[tuple[RouteSpec, ...], tupl
         specs.extend(found_specs)
         problems.extend(found)
     return tuple(specs), tuple(problems)
+
+
+KEPT_NOTE = "still serving its last good version"
+
+
+@dataclass(frozen=True, slots=True)
+class StaticRoutes:
+    """The static routes to serve after a load: by route name, the specs of every good route
+    and the last good version of a broken one (`kept`), and the problems of this load."""
+
+    by_name: Mapping[str, tuple[RouteSpec, ...]]
+    problems: tuple[Problem, ...] = ()
+    kept: tuple[str, ...] = ()
+    specs: tuple[RouteSpec, ...] = ()  # every spec of `by_name`, in name order
+
+
+def keep_last_good(
+    previous: Mapping[str, tuple[RouteSpec, ...]],
+    specs: Iterable[RouteSpec],
+    problems: Iterable[Problem],
+) -> StaticRoutes:
+    """Merge a fresh parse with the previous load: a route that is in the file but broken
+    (it has problems and no specs) keeps its previous specs, and its problems say so; a route
+    no longer in the file is gone."""
+    by_name: dict[str, list[RouteSpec]] = {}
+    for spec in specs:
+        by_name.setdefault(spec.alias, []).append(spec)
+    problems = tuple(problems)
+    broken = {p.route for p in problems if p.route and p.route not in by_name}
+    kept = tuple(sorted(name for name in broken if name in previous))
+    noted = tuple(
+        dataclasses.replace(p, message=f"{p.message}; {KEPT_NOTE}") if p.route in kept else p
+        for p in problems
+    )
+    merged = {name: tuple(found) for name, found in by_name.items()}
+    merged.update((name, previous[name]) for name in kept)
+    flat = tuple(spec for name in sorted(merged) for spec in merged[name])
+    return StaticRoutes(merged, noted, kept, flat)
 
 
 def _parse_route(

@@ -24,21 +24,25 @@ import anyio.abc
 
 from labelproxy import __version__
 from labelproxy.containers import ContainerView, DiscoveryContext
-from labelproxy.discovery import Discovery
+from labelproxy.discovery import Discovery, docker_host_problem
 from labelproxy.http import HttpState, serve_http
 from labelproxy.metrics import Metrics
 from labelproxy.reconciler import Reconciler
-from labelproxy.routesfile import RoutesFileError, load_routes_file
 from labelproxy.routestable import StateView
 from labelproxy.settings import Settings, split_host_port
 from labelproxy.snapshot import build_desired
-from labelproxy.spec import Problem, RouteSpec
+from labelproxy.spec import Problem
+from labelproxy.staticroutes import RoutesFileInput
 
 logger = logging.getLogger(__name__)
 
 BIND_RETRY_INTERVAL = 5.0
-ROUTES_FILE_POLL = 1.0
 FORCED_EXIT_STATUS = 1
+
+
+class StartupError(Exception):
+    """Start-up cannot go on (the HTTP address cannot be bound, the engine URL is unusable);
+    the message is one line naming the setting and the value."""
 
 
 class Runtime:
@@ -52,13 +56,13 @@ class Runtime:
         self.ctx = DiscoveryContext(label_prefix=settings.label_prefix)
         self.docker_seen = not settings.discovery_enabled
         self.docker_connected = False
-        self.static: tuple[RouteSpec, ...] = ()
-        self.static_problems: tuple[Problem, ...] = ()
+        self.routes_file = RoutesFileInput(
+            settings.routes_file, metrics=self.metrics, on_change=self.wake
+        )
         self.applied_once = False
         self._problems_logged: set[Problem] = set()
         self._changed: anyio.Event | None = None
         self._stop_requested: anyio.Event | None = None
-        self._routes_mtime: float | None = None
         self.reconciler: Reconciler | None = None
         self.view = StateView(self)
 
@@ -80,34 +84,17 @@ class Runtime:
     def on_event(self, action: str) -> None:
         self.metrics.docker_events_total.labels(action).inc()
 
-    def load_routes_file(self) -> None:
-        """(Re)read the routes file; a broken file keeps the previous static routes."""
-        path = self.settings.routes_file
-        if path is None:
-            return
-        try:
-            self._routes_mtime = path.stat().st_mtime
-            static, problems = load_routes_file(path)
-        except (RoutesFileError, OSError) as exc:
-            self.metrics.reloads_total.labels("error").inc()
-            logger.error(
-                "routes file not loaded, keeping the previous routes: %s",
-                exc,
-                extra={"action": "reload"},
-            )
-            return
-        self.metrics.reloads_total.labels("ok").inc()
-        self.static, self.static_problems = static, problems
-        for problem in problems:
-            logger.error("routes file problem: %s", problem, extra={"route": problem.route})
-        logger.info(
-            "routes file loaded: %d routes", len(static), extra={"action": "reload"}
-        )
-        self.wake()
-
     # -- phases --------------------------------------------------------------------------
     def ready(self) -> bool:
+        """/readyz: 200 from the first applied snapshot on (the engine listed once, or
+        discovery off), and still 200 when the engine is lost later: what was known keeps
+        being served. `engine_state` tells that case apart."""
         return self.applied_once
+
+    def engine_state(self) -> str:
+        if not self.settings.discovery_enabled:
+            return "off"
+        return "connected" if self.docker_connected else "disconnected"
 
     async def serve(self) -> int:
         """Run until a signal; returns the process exit status."""
@@ -117,9 +104,18 @@ class Runtime:
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._watch_signals)
             state = HttpState(
-                ready=self.ready, routes=self.view.routes_document, metrics=self.metrics
-            )
-            await outer.start(functools.partial(serve_http, host=host, port=port, state=state))
+                ready=self.ready, routes=self.view.routes_document, metrics=self.metrics,
+                engine=self.engine_state,
+            )  # fmt: skip
+            try:
+                await outer.start(
+                    functools.partial(serve_http, host=host, port=port, state=state)
+                )
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise StartupError(
+                    f"cannot listen on LABELPROXY_HTTP_ADDR={self.settings.http_addr!r}: {reason}"
+                ) from None
             async with anyio.create_task_group() as listeners:
                 self.reconciler = Reconciler(
                     metrics=self.metrics,
@@ -131,9 +127,8 @@ class Runtime:
                 async with anyio.create_task_group() as inputs:
                     inputs.start_soon(self._cancel_on_stop, inputs.cancel_scope)
                     inputs.start_soon(self._retry_binds)
-                    self.load_routes_file()
-                    if self.settings.routes_file is not None:
-                        inputs.start_soon(self._watch_routes_file)
+                    self.routes_file.load()
+                    inputs.start_soon(self.routes_file.watch)
                     if self.settings.discovery_enabled:
                         discovery = Discovery(
                             docker_host=self.settings.docker_host,
@@ -165,7 +160,8 @@ class Runtime:
             await self._changed.wait()
             self._changed = anyio.Event()
             desired = build_desired(
-                self.views, self.ctx, static=self.static, static_problems=self.static_problems
+                self.views, self.ctx, static=self.routes_file.static.specs,
+                static_problems=self.routes_file.static.problems,
             )
             self._log_problem_changes(desired.problems)
             began = time.monotonic()
@@ -216,27 +212,12 @@ class Runtime:
         await self._stop_requested.wait()
         scope.cancel()
 
-    async def _watch_routes_file(self) -> None:
-        """Reload on change of the file's mtime (SIGHUP reloads at once)."""
-        path = self.settings.routes_file
-        assert path is not None
-        while True:
-            await anyio.sleep(ROUTES_FILE_POLL)
-            try:
-                mtime: float | None = path.stat().st_mtime
-            except OSError:
-                mtime = None
-            if mtime != self._routes_mtime:
-                self._routes_mtime = mtime
-                self.load_routes_file()
-
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             stopping = False
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    logger.info("SIGHUP: reloading the routes file", extra={"action": "reload"})
-                    self.load_routes_file()
+                    self.routes_file.on_sighup()
                     self.wake()
                 elif not stopping:
                     stopping = True
@@ -268,7 +249,14 @@ def raise_fd_limit() -> int:
 
 
 def run(settings: Settings) -> int:
-    """Blocking entry point: anyio on asyncio with uvloop when available."""
+    """Blocking entry point: anyio on asyncio with uvloop when available. Raises
+    `StartupError` when start-up cannot go on."""
+    if settings.discovery_enabled:
+        problem = docker_host_problem(settings.docker_host)
+        if problem is not None:
+            raise StartupError(
+                f"invalid setting LABELPROXY_DOCKER_HOST={settings.docker_host!r}: {problem}"
+            )
     limit = raise_fd_limit()
     logger.info("labelproxy %s starting (open files limit %d)", __version__, limit,
                 extra={"action": "start"})
@@ -280,4 +268,15 @@ def run(settings: Settings) -> int:
         options["use_uvloop"] = True
     except ImportError:  # pragma: no cover - non-Linux
         pass
-    return anyio.run(runtime.serve, backend="asyncio", backend_options=options)
+    try:
+        return anyio.run(runtime.serve, backend="asyncio", backend_options=options)
+    except BaseExceptionGroup as group:  # task groups wrap what they raise
+        found = group.subgroup(StartupError)
+        if found is None or len(found.exceptions) != len(group.exceptions):
+            raise
+        raise _first_leaf(found) from None
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -14,15 +14,26 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from labelproxy.spec import AcceptProxyProtocol, EdgePolicy, IPNetwork
-from labelproxy.units import parse_cidr_list, parse_duration
+from labelproxy.units import (
+    check_duration,
+    parse_cidr_list,
+    parse_duration,
+    parse_positive_duration,
+)
 
 ENV_PREFIX = "LABELPROXY_"
 
 
 def _duration(value: Any) -> float:
     if isinstance(value, int | float):
-        return float(value)
+        return check_duration(float(value))
     return parse_duration(str(value))
+
+
+def _positive_duration(value: Any) -> float:
+    if isinstance(value, int | float):
+        return check_duration(float(value), positive=True)
+    return parse_positive_duration(str(value))
 
 
 def _cidrs(value: Any) -> tuple[IPNetwork, ...]:
@@ -31,7 +42,9 @@ def _cidrs(value: Any) -> tuple[IPNetwork, ...]:
     return parse_cidr_list(str(value))
 
 
+# zero is a valid drain ("close at once"), never a valid dial, idle, header or resync period
 Duration = Annotated[float, BeforeValidator(_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
 CidrList = Annotated[tuple[IPNetwork, ...], NoDecode, BeforeValidator(_cidrs)]
 
 
@@ -55,15 +68,15 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     drain_timeout: Duration = 30.0
-    connect_timeout: Duration = 5.0
-    udp_idle_timeout: Duration = 300.0
+    connect_timeout: PositiveDuration = 5.0
+    udp_idle_timeout: PositiveDuration = 300.0
     udp_max_sessions: int = Field(default=10_000, ge=1)
     accept_proxy_protocol: AcceptProxyProtocol = "off"
-    proxy_header_timeout: Duration = 5.0
+    proxy_header_timeout: PositiveDuration = 5.0
     trusted_proxies: CidrList = ()
     allow: CidrList = ()
     deny: CidrList = ()
-    resync_interval: Duration = 60.0
+    resync_interval: PositiveDuration = 60.0
 
     @field_validator("log_level", "log_format", "accept_proxy_protocol", mode="before")
     @classmethod

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from labelproxy.routesfile import RoutesFileError, load_routes_file
+from labelproxy.routesfile import RoutesFileError, keep_last_good, load_routes_file
 from labelproxy.spec import Backend, ListenKey, Problem, RouteOptions, RouteSpec
 
 
@@ -119,6 +119,16 @@ routes:
          "positive"),
         ("port: 22\n    host: a.lan\n    idle_timeout: soon", "routes.bad.idle_timeout", "soon",
          "duration"),
+        ("port: 22\n    host: a.lan\n    idle_timeout: nan", "routes.bad.idle_timeout", "nan",
+         "duration"),
+        ("port: 22\n    host: a.lan\n    idle_timeout: .inf", "routes.bad.idle_timeout", ".inf",
+         "duration"),
+        ("port: 22\n    host: a.lan\n    connect_timeout: 1e400", "routes.bad.connect_timeout",
+         "1e400", "duration"),
+        ("port: 22\n    host: a.lan\n    connect_timeout: 0", "routes.bad.connect_timeout", "0",
+         "positive duration"),
+        ("port: 53/udp\n    host: a.lan", "routes.bad.port", "53/udp",
+         "use port 53 with scheme udp"),
         ("port: 22\n    host: a.lan\n    load_balance: [a]", "routes.bad.load_balance", "[a]",
          "single value"),
         ("port: 22\n    host: a.lan\n    middlewares: x", "routes.bad.middlewares", "x",
@@ -191,3 +201,33 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
     with pytest.raises(RoutesFileError) as caught:
         load_routes_file(path)
     assert str(path) in str(caught.value)
+
+
+def test_keep_last_good_keeps_broken_routes_and_drops_removed_ones() -> None:
+    source = "/etc/routes.yaml"
+
+    def spec(name: str, port: int) -> RouteSpec:
+        return RouteSpec(name, "tcp", ListenKey("tcp", "::", port), (Backend("h", 1),),
+                         source=source)  # fmt: skip
+
+    def bad(name: str) -> Problem:
+        return Problem("label", name, source, f"routes.{name}.scheme", "udpp", "expected tcp")
+
+    previous = {"a": (spec("a", 1),), "b": (spec("b", 2),), "gone": (spec("gone", 3),)}
+    file_level = Problem("label", "", source, "rotes", "", "unknown key; expected routes:")
+    merged = keep_last_good(
+        previous, [spec("b", 20), spec("c", 4)], [bad("a"), bad("new"), file_level]
+    )
+    assert merged.by_name == {"a": (spec("a", 1),), "b": (spec("b", 20),), "c": (spec("c", 4),)}
+    assert merged.specs == (spec("a", 1), spec("b", 20), spec("c", 4))
+    assert merged.kept == ("a",)
+    assert [p.message for p in merged.problems] == [
+        "expected tcp; still serving its last good version",
+        "expected tcp",
+        "unknown key; expected routes:",
+    ]
+    # broken again: the kept version is kept again; fixed: the new version replaces it
+    again = keep_last_good(merged.by_name, [], [bad("a")])
+    assert again.by_name == {"a": (spec("a", 1),)}
+    fixed = keep_last_good(again.by_name, [spec("a", 10)], [])
+    assert (fixed.by_name, fixed.problems, fixed.kept) == ({"a": (spec("a", 10),)}, (), ())

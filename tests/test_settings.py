@@ -60,6 +60,16 @@ def test_values_parse() -> None:
         ("LABELPROXY_DOCKER_HOST", "docker.sock", "unix://"),
         ("LABELPROXY_ACCEPT_PROXY_PROTOCOL", "yes", "optional"),
         ("LABELPROXY_LABEL_PREFIX", "my prefix", "prefix"),
+        ("LABELPROXY_CONNECT_TIMEOUT", "0", "positive duration"),
+        ("LABELPROXY_CONNECT_TIMEOUT", "nan", "duration"),
+        ("LABELPROXY_CONNECT_TIMEOUT", "inf", "duration"),
+        ("LABELPROXY_CONNECT_TIMEOUT", "1e400", "duration"),
+        ("LABELPROXY_UDP_IDLE_TIMEOUT", "0s", "positive duration"),
+        ("LABELPROXY_UDP_IDLE_TIMEOUT", "9999999h", "at most 8760h"),
+        ("LABELPROXY_PROXY_HEADER_TIMEOUT", "0", "positive duration"),
+        ("LABELPROXY_RESYNC_INTERVAL", "0", "positive duration"),
+        ("LABELPROXY_DRAIN_TIMEOUT", "nan", "duration"),
+        ("LABELPROXY_DRAIN_TIMEOUT", "-1s", "non-negative"),
     ],
 )
 def test_bad_setting_names_the_variable(name: str, value: str, expected: str) -> None:
@@ -68,6 +78,10 @@ def test_bad_setting_names_the_variable(name: str, value: str, expected: str) ->
     message = str(info.value)
     assert "\n" not in message
     assert name in message and repr(value) in message and expected in message
+
+
+def test_zero_drain_timeout_means_close_at_once() -> None:
+    assert load_settings({"LABELPROXY_DRAIN_TIMEOUT": "0"}).drain_timeout == 0.0
 
 
 def test_bad_setting_stops_startup_with_one_line() -> None:

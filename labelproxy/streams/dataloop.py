@@ -25,6 +25,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import os
 import select
 import threading
@@ -107,6 +108,7 @@ class DataLoop:
         self._inbox: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._bad_deadline_logged = False
 
     # -- any thread --------------------------------------------------------------------
     def start(self) -> None:
@@ -170,9 +172,26 @@ class DataLoop:
         return timer
 
     def call_at(self, when: float, fn: Callable[..., object], *args: Any) -> Timer:
+        if not math.isfinite(when):
+            return self._unschedulable(when, fn, args)
         timer = Timer(when, fn, args, self)
         heapq.heappush(self._timers, (when, next(self._seq), timer))
         return timer
+
+    def _unschedulable(
+        self, when: float, fn: Callable[..., object], args: tuple[Any, ...]
+    ) -> Timer:
+        """A NaN deadline compares false with every other: on the heap it would sit at the
+        top and no timer of any route would fire again. Validation keeps such values out;
+        should one get through anyway, it stays off the heap: NaN or +inf never fires (no
+        deadline), -inf runs at once."""
+        if not self._bad_deadline_logged:
+            self._bad_deadline_logged = True
+            logger.error("timer with a non-finite deadline (%r) for %r not put on the heap",
+                         when, fn)  # fmt: skip
+        if when < 0:
+            return self.call_soon(fn, *args)
+        return Timer(when, fn, args)
 
     def call_later(self, delay: float, fn: Callable[..., object], *args: Any) -> Timer:
         return self.call_at(time.monotonic() + delay, fn, *args)
