@@ -258,7 +258,7 @@ class _LiveCollector(Collector):
             limit.add_metric([route], value)
         errors = GaugeMetricFamily(
             PREFIX + "route_errors",
-            "Routes currently in error, by reason (label, conflict, bind, address).",
+            "Routes currently in error, by reason (label, conflict, bind, address, loop).",
             labels=["route", "reason"],
         )
         error_counts: dict[tuple[str, str], int] = {}
