@@ -10,7 +10,10 @@ every connection goes through here, with one accounting: in-flight per backend, 
 errors, the dial histogram, the error log.
 
 Addresses are resolved before: IP literals directly (`literal_address`), host names by the
-setup task (`tcp_setup`); a backend whose name did not resolve counts as a failed dial.
+setup task (`tcp_setup`); a backend whose name did not resolve counts as a failed dial. An
+address that is one of labelproxy's own listeners (`shared.OwnListeners`) is never dialled
+(each hop would dial the next): the next backend is tried, and a connection left with none
+is refused with reason `loop`.
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ class Connector:
     answers."""
 
     __slots__ = (
+        "_looped",
         "_order",
         "_sock",
         "_started",
@@ -155,6 +159,7 @@ class Connector:
         self.sniff = sniff
         self._sock: _socket.socket | None = None
         self._started = 0.0
+        self._looped = False  # the last backend tried is one of our own listeners
         self.done = False
 
     def start(self) -> None:
@@ -170,6 +175,14 @@ class Connector:
                 self._dial_error("the host name did not resolve")
                 continue
             family, addr = address
+            own = live.shared.own
+            if addr[1] in own.tcp and own.refuse(
+                "tcp", addr[0], addr[1], route=self.conn.route, backend=backend
+            ):
+                live.backend_closed(backend)  # not dialled: each hop would dial the next
+                self.conn.backend = None
+                self._looped = True
+                continue
             try:  # SOCK_NONBLOCK: born non-blocking, no extra syscall; the C socket type
                 sock = _socket.socket(family, _STREAM_NONBLOCK)  # (no Python __init__)
             except OSError as exc:
@@ -195,7 +208,11 @@ class Connector:
             return
         if not self.done:
             self.done = True
-            self.conn.close_reason = "dial_error"
+            if self._looped:
+                self.conn.close_reason = "loop"
+                live.counters.reject("loop")
+            else:
+                self.conn.close_reason = "dial_error"
             owner.failed(self)
 
     def on_event(self, fd: int, events: int) -> None:
@@ -236,6 +253,7 @@ class Connector:
         if backend is not None:
             live.backend_closed(backend)
         self.conn.backend = None
+        self._looped = False
         live.counters.dial_errors += 1
         logger.error("route %s: dial %s failed: %s", self.conn.route, backend, why)
 
