@@ -5,7 +5,9 @@
 in the listener's `Deadlines` (one timer for all dials in flight, not a handle each). The
 first backend that accepts wins and the connector hands the socket to its owner
 (`connected`), which starts the relay; when every backend failed, or on `abort`, it tells
-the owner (`failed`), which closes the client and releases the connection. Every dial of
+the owner (`failed`), which closes the client and releases the connection. A dial error is
+a connect that failed: an upstream that accepted and then reset the connection before the
+relay began ends it as `upstream_error`, like a reset during the relay. Every dial of
 every connection goes through here, with one accounting: in-flight per backend, dial
 errors, the dial histogram, the error log.
 
@@ -46,6 +48,9 @@ logger = logging.getLogger(__name__)
 Address = tuple[socket.AddressFamily, tuple[str, int]]
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _FAILED = EPOLLERR | EPOLLHUP
+# SO_ERROR of a connection that was established and then reset (a refused connect is
+# ECONNREFUSED): the dial itself succeeded
+_RESET_AFTER_CONNECT = frozenset({errno.ECONNRESET, errno.EPIPE})
 
 
 def literal_address(backend: Backend) -> Address | None:
@@ -226,6 +231,9 @@ class Connector:
         if err == 0:
             self._connected(events)
             return
+        if err in _RESET_AFTER_CONNECT:
+            self._reset_after_connect(os.strerror(err))
+            return
         self._drop_socket()
         self._dial_error(os.strerror(err))
         self.owner.loop.call_soon(self.start)  # not inside this dispatch (fd reuse)
@@ -246,6 +254,17 @@ class Connector:
         self.done = True
         self.owner.live.counters.observe_dial(time.monotonic() - self._started)
         self.owner.connected(self, sock.detach(), events)
+
+    def _reset_after_connect(self, why: str) -> None:
+        """The connect succeeded and the upstream reset the connection before the relay
+        began: an upstream error of this connection (as in the relay), not a failed dial,
+        and not retried on another backend (the relay would not either)."""
+        self.owner.live.counters.observe_dial(time.monotonic() - self._started)
+        self._drop_socket()
+        self.done = True
+        self.conn.close_reason = "upstream_error"
+        logger.debug("route %s: upstream %s reset: %s", self.conn.route, self.conn.backend, why)
+        self.owner.failed(self)
 
     def _dial_error(self, why: str) -> None:
         live = self.owner.live
