@@ -33,16 +33,17 @@ from prometheus_client.utils import floatToGoString
 
 PREFIX = "labelproxy_"
 Direction = Literal["in", "out"]
-RejectReason = Literal["acl", "limit", "no_backend", "proxy_header"]
-DropReason = Literal["acl", "limit", "no_backend", "proxy_header", "upstream_error"]
+RejectReason = Literal["acl", "limit", "no_backend", "proxy_header", "loop"]
+DropReason = Literal["acl", "limit", "no_backend", "proxy_header", "upstream_error", "loop"]
 
-REJECT_REASONS: tuple[RejectReason, ...] = ("acl", "limit", "no_backend", "proxy_header")
+REJECT_REASONS: tuple[RejectReason, ...] = ("acl", "limit", "no_backend", "proxy_header", "loop")
 DROP_REASONS: tuple[DropReason, ...] = (
     "acl",
     "limit",
     "no_backend",
     "proxy_header",
     "upstream_error",
+    "loop",
 )
 DIAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
@@ -258,7 +259,7 @@ class _LiveCollector(Collector):
             limit.add_metric([route], value)
         errors = GaugeMetricFamily(
             PREFIX + "route_errors",
-            "Routes currently in error, by reason (label, conflict, bind, address).",
+            "Routes currently in error, by reason (label, conflict, bind, address, loop).",
             labels=["route", "reason"],
         )
         error_counts: dict[tuple[str, str], int] = {}

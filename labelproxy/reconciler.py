@@ -22,6 +22,7 @@ import anyio.abc
 from labelproxy.metrics import Metrics
 from labelproxy.spec import DesiredState, EdgePolicy, ListenKey, Problem, RouteSpec
 from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.shared import SharedState
 from labelproxy.streams.tcp import serve_tcp
 from labelproxy.streams.udp import serve_udp
 
@@ -93,6 +94,9 @@ class Reconciler:
         self.bind_problems: dict[ListenKey, Problem] = {}
         self.desired: DesiredState = DesiredState()
         self.draining: set[LiveRoute] = set()
+        # the global caps and own-listener registry every route shares
+        self.shared = SharedState.from_edge(edge)
+        logger.info("global limits: %s", self.shared.describe(), extra={"action": "start"})
 
     def actual(self) -> dict[ListenKey, RouteSpec]:
         return {key: live.spec for key, live in self.live.items()}
@@ -138,7 +142,9 @@ class Reconciler:
         logger.info("route down", extra=_ctx(live.spec, action="stop"))
 
     async def _start(self, spec: RouteSpec) -> None:
-        live = LiveRoute(spec, counters=self._metrics.route(spec.alias), edge=self._edge)
+        live = LiveRoute(
+            spec, counters=self._metrics.route(spec.alias), edge=self._edge, shared=self.shared
+        )
         serve: ServeFn = serve_tcp if spec.transport == "tcp" else serve_udp
         try:
             await self._tg.start(self._supervise, live, serve)

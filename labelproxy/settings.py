@@ -7,6 +7,7 @@ error into one `SettingsError` line naming the variable and what it expected.
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -48,6 +49,35 @@ PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
 CidrList = Annotated[tuple[IPNetwork, ...], NoDecode, BeforeValidator(_cidrs)]
 
 
+# -- process-wide limits ----------------------------------------------------------------
+def _limit(value: Any) -> int | None:
+    """`auto` (or empty) -> None, derived at start from the open-files limit; else a count."""
+    text = str(value).strip().lower() if value is not None else "auto"
+    if text in ("", "auto"):
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError("expected a positive whole number or auto")
+    return int(text)
+
+
+Limit = Annotated[int | None, BeforeValidator(_limit)]
+
+
+def auto_limit(open_files: int) -> int:
+    """The default of each global cap for a process allowed `open_files` descriptors: an
+    eighth (at least 1,024, at most half) is kept for the control plane (listeners, the
+    HTTP server, the engine, pipes), and each cap gets a quarter of the rest, so TCP at its
+    cap (two sockets a connection) and UDP at its cap (one a session) take three quarters."""
+    reserve = max(open_files // 8, min(1024, open_files // 2))
+    return max(1, (open_files - reserve) // 4)
+
+
+def open_files_limit() -> int:
+    """The soft RLIMIT_NOFILE in force (`runtime.raise_fd_limit` raised it at start)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 20 if soft == resource.RLIM_INFINITY else int(soft)
+
+
 def _default_docker_host() -> str:
     return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
@@ -77,6 +107,9 @@ class Settings(BaseSettings):
     allow: CidrList = ()
     deny: CidrList = ()
     resync_interval: PositiveDuration = 60.0
+    # process-wide caps (None: `auto`, see `auto_limit`)
+    max_connections: Limit = None
+    udp_max_sessions_total: Limit = None
 
     @field_validator("log_level", "log_format", "accept_proxy_protocol", mode="before")
     @classmethod
@@ -111,8 +144,10 @@ class Settings(BaseSettings):
     def discovery_enabled(self) -> bool:
         return self.docker_host != "none"
 
-    def edge_policy(self) -> EdgePolicy:
-        """The data-plane part of the settings."""
+    def edge_policy(self, *, open_files: int | None = None) -> EdgePolicy:
+        """The data-plane part of the settings; `auto` caps are derived from `open_files`
+        (default: the open-files limit in force now)."""
+        auto = auto_limit(open_files_limit() if open_files is None else open_files)
         return EdgePolicy(
             allow=self.allow,
             deny=self.deny,
@@ -123,6 +158,8 @@ class Settings(BaseSettings):
             udp_idle_timeout=self.udp_idle_timeout,
             udp_max_sessions=self.udp_max_sessions,
             drain_timeout=self.drain_timeout,
+            max_connections=self.max_connections or auto,
+            udp_max_sessions_total=self.udp_max_sessions_total or auto,
         )
 
 

@@ -4,7 +4,9 @@ A `RouteSpec` says everything a listener needs: where to listen (its `ListenKey`
 relay to (`Backend`s, already resolved to addresses) and how (`RouteOptions`). A snapshot of
 the desired state is a `DesiredState`: a mapping listen key -> RouteSpec plus the `Problem`s
 found while building it. Everything here is frozen and hashable, so two snapshots are compared
-by plain equality and an unchanged route is recognised as such.
+by plain equality and an unchanged route is recognised as such. `binds_overlap` and
+`listener_takes` say, as the kernel would, whether two listeners clash and whether a dial
+would land on a listener (loop detection).
 
 This module imports nothing from the rest of labelproxy.
 """
@@ -22,7 +24,7 @@ Family = Literal["dual", "ipv4", "ipv6"]
 ProxyProtocolVersion = Literal["v1", "v2"]
 LoadBalance = Literal["round_robin", "least_conn", "source_hash"]
 AcceptProxyProtocol = Literal["off", "optional", "required"]
-ProblemKind = Literal["label", "conflict", "bind", "address"]
+ProblemKind = Literal["label", "conflict", "bind", "address", "loop"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -62,6 +64,78 @@ class ListenKey:
     def __str__(self) -> str:
         host = f"[{self.bind}]" if ":" in self.bind else self.bind
         return f"{self.transport}://{host}:{self.port}"
+
+
+_ALL = "all"
+# What a bind takes, per IP version: nothing (None), every address (_ALL) or one address.
+_Cover = IPAddress | str | None
+
+
+def _ip(host: str) -> IPAddress | None:
+    """`host` as an address (zone id dropped, IPv4-mapped IPv6 unwrapped); None: a name."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _coverage(bind: str, family: Family) -> tuple[_Cover, _Cover]:
+    """The IPv4 and IPv6 addresses a listener on `bind` takes, as the kernel sees it: `::`
+    dual-stack takes every address of both versions, `::` IPv6-only only the IPv6 ones,
+    `0.0.0.0` every IPv4 address, a specific (or IPv4-mapped) address just that one."""
+    ip = _ip(bind)
+    if ip is None:
+        return bind, bind  # not an address (refused by the labels): equal to itself only
+    if ip.version == 4:
+        return (_ALL if ip.is_unspecified else ip), None
+    if ip.is_unspecified:
+        return (None if family == "ipv6" else _ALL), _ALL
+    return None, ip
+
+
+def binds_overlap(a: ListenKey, a_family: Family, b: ListenKey, b_family: Family) -> bool:
+    """True when listeners on `a` and `b` cannot both own their port: same transport and
+    port, and one bind takes an address the other takes too (`::` and `127.0.0.1`,
+    `0.0.0.0` and `::` dual-stack; not `127.0.0.1` and `127.0.0.2`, nor `0.0.0.0` and
+    `::` IPv6-only). TCP refuses the second bind; UDP binds both and hands each datagram to
+    the more specific one, which no route owner would expect either."""
+    if (a.transport, a.port) != (b.transport, b.port):
+        return False
+    if a.bind == b.bind:
+        return True
+    for x, y in zip(_coverage(a.bind, a_family), _coverage(b.bind, b_family), strict=True):
+        if x is not None and y is not None and (_ALL in (x, y) or x == y):
+            return True
+    return False
+
+
+def listener_takes(
+    key: ListenKey, family: Family, host: str, *, local: frozenset[IPAddress] = frozenset()
+) -> bool:
+    """True when a connection to `host` (an IP literal; a name is never judged here) on
+    `key.port` lands on a listener on `key`: a wildcard bind takes every local address
+    (loopback, the unspecified address, and the addresses in `local`), a specific bind its
+    own address."""
+    ip = _ip(host)
+    if ip is None:
+        return False
+    if ip.is_unspecified:  # dialling 0.0.0.0 or :: reaches this host's loopback
+        ip = ipaddress.ip_address("127.0.0.1" if ip.version == 4 else "::1")
+    cover = _coverage(key.bind, family)[0 if ip.version == 4 else 1]
+    if cover is None:
+        return False
+    if cover == _ALL:
+        return ip.is_loopback or ip in local
+    return cover == ip
+
+
+def bind_address(key: ListenKey) -> IPAddress | None:
+    """The one address a listener with a specific bind takes (None for a wildcard bind)."""
+    ip = _ip(key.bind)
+    return None if ip is None or ip.is_unspecified else ip
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -179,3 +253,6 @@ class EdgePolicy:
     udp_idle_timeout: float = 300.0
     udp_max_sessions: int = DEFAULT_UDP_MAX_SESSIONS
     drain_timeout: float = 30.0
+    # process-wide caps, across every route (None: none); new work beyond them is shed
+    max_connections: int | None = None
+    udp_max_sessions_total: int | None = None

@@ -136,6 +136,38 @@ def test_conflict_first_container_keeps_the_port(lp: LabelproxyProcess, run: Run
     assert echoes(listen)
 
 
+def test_two_standalone_containers_on_one_port_conflict(lp: LabelproxyProcess, run: Run) -> None:
+    """Containers without a compose or swarm service are not replicas: the first created
+    keeps the route and its one backend, the second is in conflict naming it."""
+    listen, db_target, debug_target = free_port(), free_port(), free_port()
+
+    def labels(target: int) -> dict[str, str]:
+        return {"proxy.db.port": f"{listen}:{target}", "proxy.db.bind": "127.0.0.1"}
+
+    run(labels(db_target), ["nc", "-ll", "-p", str(db_target), "-e", "echo", "db"], name="db")
+    wait_for(lambda: len((lp.route("db") or {}).get("backends", [])) == 1, what="db route up")
+    run(labels(debug_target), ["nc", "-ll", "-p", str(debug_target), "-e", "echo", "debug"],
+        name="debug")
+
+    def conflict() -> dict[str, Any] | None:
+        for p in lp.routes()["problems"]:
+            if p["kind"] == "conflict" and p["source"] == "debug":
+                return dict(p)
+        return None
+
+    problem = wait_for(conflict, what="the second standalone container in conflict")
+    assert problem["route"] == "db" and "container db" in problem["text"]
+    route = lp.route("db")
+    assert route is not None
+    assert [b["address"] for b in route["backends"]] == [f"127.0.0.1:{db_target}"]
+
+    def answer() -> bytes:
+        with socket.create_connection(("127.0.0.1", listen), timeout=5) as s:
+            return s.recv(100).strip()
+
+    assert {wait_for(answer, what="the route answers") for _ in range(6)} == {b"db"}
+
+
 def test_bad_label_is_visible_and_contained(lp: LabelproxyProcess, run: Run) -> None:
     listen, target = free_port(), free_port()
     run({"proxy.good.port": f"{listen}:{target}", "proxy.good.bind": "127.0.0.1",

@@ -298,3 +298,78 @@ async def test_optional_serves_a_trusted_peer_without_header() -> None:
         async with stream:
             assert await ping(stream, b"no header here") == b"no header here"
         assert live.counters.rejected["proxy_header"] == 0
+
+
+# -- bounded peeks: a client that has not (yet) sent a whole signature ---------------------
+BANNER = b"SSH-2.0-OpenSSH_9.6\r\n"
+
+
+async def server_first(stream: anyio.abc.SocketStream) -> None:
+    """An upstream whose protocol starts with the server (SSH, SMTP): banner, then echo."""
+    async with stream:
+        try:
+            await stream.send(BANNER)
+            async for chunk in stream:
+                await stream.send(chunk)
+        except (anyio.BrokenResourceError, OSError):
+            pass
+
+
+async def test_optional_trusted_client_of_a_server_first_protocol_gets_the_banner() -> None:
+    """A trusted client in `optional` mode that sends nothing is not held for the header
+    timeout (5 s): the upstream is dialled once the short peek finds no signature."""
+    edge = EdgePolicy(
+        accept_proxy_protocol="optional",
+        trusted_proxies=TRUST_LOCAL.trusted_proxies,
+        proxy_header_timeout=5.0,
+    )
+    async with upstream(server_first) as up, running_route(tcp_spec(up.port), edge) as live:
+        stream = await raw(live, b"")
+        async with stream:
+            with anyio.fail_after(edge.proxy_header_timeout / 2):
+                assert await recv_exactly(stream, len(BANNER)) == BANNER
+            assert await ping(stream, b"client hello") == b"client hello"
+        assert live.counters.rejected["proxy_header"] == 0
+
+
+@pytest.mark.parametrize(
+    "trusted",
+    [pytest.param("127.0.0.2/32", id="untrusted"), pytest.param("127.0.0.1/32", id="trusted")],
+)
+async def test_a_pause_after_a_signature_prefix_relays_those_bytes(trusted: str) -> None:
+    """`PRO` and then nothing: not a header. The bytes reach the upstream unchanged (here:
+    come back from the echo) instead of being held until the client sends more."""
+    edge = EdgePolicy(
+        accept_proxy_protocol="optional",
+        trusted_proxies=(ipaddress.ip_network(trusted),),
+        proxy_header_timeout=5.0,
+    )
+    async with upstream() as up, running_route(tcp_spec(up.port), edge) as live:
+        stream = await raw(live, b"PRO")
+        async with stream:
+            with anyio.fail_after(edge.proxy_header_timeout / 2):
+                assert await recv_exactly(stream, 3) == b"PRO"
+            assert await ping(stream, b"FILE please") == b"FILE please"
+        assert live.counters.rejected["proxy_header"] == 0
+
+
+async def test_optional_header_paused_after_its_signature_is_still_read() -> None:
+    """Once the signature is complete it is a header: a pause longer than the peek does not
+    turn it into payload (the rest has the header timeout)."""
+    rec = HeaderRecorder()
+    edge = EdgePolicy(
+        accept_proxy_protocol="optional",
+        trusted_proxies=TRUST_LOCAL.trusted_proxies,
+        proxy_header_timeout=5.0,
+    )
+    async with (
+        upstream(rec) as up,
+        running_route(tcp_spec(up.port, proxy_protocol="v1"), edge) as live,
+    ):
+        header = build_header("v1", ("203.0.113.9", 5555), ("127.0.0.1", 1))
+        stream = await raw(live, header[:10])
+        async with stream:
+            await anyio.sleep(0.5)  # the pause under test, longer than the peek
+            await stream.send(header[10:] + b"payload")
+            assert await recv_exactly(stream, 7) == b"payload"
+        assert rec.sources == [("203.0.113.9", 5555)]

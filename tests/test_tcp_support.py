@@ -25,7 +25,9 @@ from labelproxy.spec import (
     RouteSpec,
     Scheme,
 )
+from labelproxy.streams.hooks import Hook
 from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.shared import SharedState
 from labelproxy.streams.tcp import serve_tcp
 
 DEADLINE = 10.0
@@ -108,10 +110,19 @@ async def running_route(
     *,
     metrics: Metrics | None = None,
     zero_copy: bool | None = None,
+    shared: SharedState | None = None,
+    extra_hooks: tuple[Hook, ...] = (),
 ) -> AsyncIterator[LiveRoute]:
-    """Serve `spec` with `serve_tcp`; on exit close it (no drain) and wait until finished."""
+    """Serve `spec` with `serve_tcp`; on exit close it (no drain) and wait until finished.
+    `shared`: the global caps and own listeners of several routes (default: its own)."""
     metrics = metrics or Metrics()
-    live = LiveRoute(spec, counters=metrics.route(spec.alias), edge=edge or EdgePolicy())
+    live = LiveRoute(
+        spec,
+        counters=metrics.route(spec.alias),
+        edge=edge or EdgePolicy(),
+        shared=shared,
+        extra_hooks=extra_hooks,
+    )
     async with anyio.create_task_group() as tg:
         await tg.start(partial(serve_tcp, zero_copy=zero_copy), live)
         try:

@@ -20,6 +20,7 @@ from labelproxy.spec import Backend, EdgePolicy, ListenKey, RouteOptions, RouteS
 from labelproxy.streams import udp_batched, udp_mmsg
 from labelproxy.streams.hooks import Hook
 from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.shared import SharedState
 from labelproxy.streams.udp import serve_udp
 
 logger = logging.getLogger(__name__)
@@ -119,12 +120,21 @@ def udp_spec(
 
 @asynccontextmanager
 async def running_route(
-    spec: RouteSpec, *, edge: EdgePolicy | None = None, extra_hooks: tuple[Hook, ...] = ()
+    spec: RouteSpec,
+    *,
+    edge: EdgePolicy | None = None,
+    extra_hooks: tuple[Hook, ...] = (),
+    shared: SharedState | None = None,
 ) -> AsyncIterator[LiveRoute]:
-    """serve_udp for `spec` on a fresh Metrics; closed (and awaited) on exit."""
+    """serve_udp for `spec` on a fresh Metrics; closed (and awaited) on exit. `shared`: the
+    global caps and own listeners of several routes (default: its own)."""
     metrics = Metrics()
     live = LiveRoute(
-        spec, counters=metrics.route(spec.alias), edge=edge or EdgePolicy(), extra_hooks=extra_hooks
+        spec,
+        counters=metrics.route(spec.alias),
+        edge=edge or EdgePolicy(),
+        extra_hooks=extra_hooks,
+        shared=shared,
     )
     async with anyio.create_task_group() as tg:
         await tg.start(serve_udp, live)

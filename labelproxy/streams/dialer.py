@@ -5,12 +5,17 @@
 in the listener's `Deadlines` (one timer for all dials in flight, not a handle each). The
 first backend that accepts wins and the connector hands the socket to its owner
 (`connected`), which starts the relay; when every backend failed, or on `abort`, it tells
-the owner (`failed`), which closes the client and releases the connection. Every dial of
+the owner (`failed`), which closes the client and releases the connection. A dial error is
+a connect that failed: an upstream that accepted and then reset the connection before the
+relay began ends it as `upstream_error`, like a reset during the relay. Every dial of
 every connection goes through here, with one accounting: in-flight per backend, dial
 errors, the dial histogram, the error log.
 
 Addresses are resolved before: IP literals directly (`literal_address`), host names by the
-setup task (`tcp_setup`); a backend whose name did not resolve counts as a failed dial.
+setup task (`tcp_setup`); a backend whose name did not resolve counts as a failed dial. An
+address that is one of labelproxy's own listeners (`shared.OwnListeners`) is never dialled
+(each hop would dial the next): the next backend is tried, and a connection left with none
+is refused with reason `loop`.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ logger = logging.getLogger(__name__)
 Address = tuple[socket.AddressFamily, tuple[str, int]]
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _FAILED = EPOLLERR | EPOLLHUP
+# SO_ERROR of a connection that was established and then reset (a refused connect is
+# ECONNREFUSED): the dial itself succeeded
+_RESET_AFTER_CONNECT = frozenset({errno.ECONNRESET, errno.EPIPE})
 
 
 def literal_address(backend: Backend) -> Address | None:
@@ -125,6 +133,7 @@ class Connector:
     answers."""
 
     __slots__ = (
+        "_looped",
         "_order",
         "_sock",
         "_started",
@@ -155,6 +164,7 @@ class Connector:
         self.sniff = sniff
         self._sock: _socket.socket | None = None
         self._started = 0.0
+        self._looped = False  # the last backend tried is one of our own listeners
         self.done = False
 
     def start(self) -> None:
@@ -170,6 +180,14 @@ class Connector:
                 self._dial_error("the host name did not resolve")
                 continue
             family, addr = address
+            own = live.shared.own
+            if addr[1] in own.tcp and own.refuse(
+                "tcp", addr[0], addr[1], route=self.conn.route, backend=backend
+            ):
+                live.backend_closed(backend)  # not dialled: each hop would dial the next
+                self.conn.backend = None
+                self._looped = True
+                continue
             try:  # SOCK_NONBLOCK: born non-blocking, no extra syscall; the C socket type
                 sock = _socket.socket(family, _STREAM_NONBLOCK)  # (no Python __init__)
             except OSError as exc:
@@ -195,7 +213,11 @@ class Connector:
             return
         if not self.done:
             self.done = True
-            self.conn.close_reason = "dial_error"
+            if self._looped:
+                self.conn.close_reason = "loop"
+                live.counters.reject("loop")
+            else:
+                self.conn.close_reason = "dial_error"
             owner.failed(self)
 
     def on_event(self, fd: int, events: int) -> None:
@@ -208,6 +230,9 @@ class Connector:
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err == 0:
             self._connected(events)
+            return
+        if err in _RESET_AFTER_CONNECT:
+            self._reset_after_connect(os.strerror(err))
             return
         self._drop_socket()
         self._dial_error(os.strerror(err))
@@ -230,12 +255,24 @@ class Connector:
         self.owner.live.counters.observe_dial(time.monotonic() - self._started)
         self.owner.connected(self, sock.detach(), events)
 
+    def _reset_after_connect(self, why: str) -> None:
+        """The connect succeeded and the upstream reset the connection before the relay
+        began: an upstream error of this connection (as in the relay), not a failed dial,
+        and not retried on another backend (the relay would not either)."""
+        self.owner.live.counters.observe_dial(time.monotonic() - self._started)
+        self._drop_socket()
+        self.done = True
+        self.conn.close_reason = "upstream_error"
+        logger.debug("route %s: upstream %s reset: %s", self.conn.route, self.conn.backend, why)
+        self.owner.failed(self)
+
     def _dial_error(self, why: str) -> None:
         live = self.owner.live
         backend = self.conn.backend
         if backend is not None:
             live.backend_closed(backend)
         self.conn.backend = None
+        self._looped = False
         live.counters.dial_errors += 1
         logger.error("route %s: dial %s failed: %s", self.conn.route, backend, why)
 

@@ -8,7 +8,8 @@ and turns results into plain (host, port) pairs:
   source/destination, or None for LOCAL/UNKNOWN, plus the bytes that followed the header),
   None while more is needed, or raises `HeaderError` (malformed, oversized, checksum).
   `looks_like_header(prefix)` tells whether a client's first bytes are (or may become) a
-  PROXY signature, so an untrusted client's header can be refused.
+  PROXY signature, so an untrusted client's header can be refused. Bytes that are only the
+  start of a signature for longer than `PEEK_DEADLINE` are not a header.
   `build_header(version, source, dest)` builds the header sent upstream (TCP, v1 or v2);
   `build_dgram_header(source, dest)` the v2 DGRAM header UDP puts on each datagram;
   `parse_dgram(data)` reads one back (for UDP receivers and tests).
@@ -41,6 +42,11 @@ SIGNATURE_V2 = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107  # the spec's longest v1 line, CRLF included
 V2_FIXED = 16
 V2_MAX = V2_FIXED + 2048  # addresses + generous TLVs; anything larger is refused
+# How long a client's first bytes may stay an unfinished PROXY signature (`PRO`, or nothing
+# yet from a trusted client in `optional` mode) before they are taken as no header at all:
+# a proxy sends its header in one piece right after connecting, while a client of a
+# protocol where the server speaks first (SSH, SMTP) sends nothing until it hears a banner.
+PEEK_DEADLINE = 0.2
 
 _V1 = ProxyProtocolV1()
 _V2 = ProxyProtocolV2()

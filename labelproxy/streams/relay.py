@@ -18,7 +18,8 @@ was written (half-close), while the other direction keeps flowing; the relay end
 reached EOF, on an error, on the optional idle timeout, or on `abort`. Hooks get each
 chunk's size (`on_chunk`), never the bytes. `prefix` is written upstream before any client
 byte (a PROXY header, bytes read after the client's own header); with `sniff=True` the first
-client bytes are checked for a PROXY signature (a header from an untrusted client is refused).
+client bytes are checked for a PROXY signature (a header from an untrusted client is refused;
+bytes that are still only the start of one after `PEEK_DEADLINE` are relayed as they came).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from labelproxy.streams.half import EOF as _EOF
 from labelproxy.streams.half import SHUT as _SHUT
 from labelproxy.streams.half import Half, shutdown_write
 from labelproxy.streams.hooks import ConnInfo
-from labelproxy.streams.proxyproto import looks_like_header
+from labelproxy.streams.proxyproto import PEEK_DEADLINE, looks_like_header
 from labelproxy.streams.transfer import Owner, Transfer
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,17 @@ class Relay(Transfer):
     """Relays a client and a connected upstream (raw, non-blocking socket fds the relay
     owns and closes) until both end."""
 
-    __slots__ = ("_idle_handle", "_in", "_out", "_sniff", "conn", "done", "last_active", "owner")
+    __slots__ = (
+        "_idle_handle",
+        "_in",
+        "_out",
+        "_sniff",
+        "_sniff_timer",
+        "conn",
+        "done",
+        "last_active",
+        "owner",
+    )
 
     def __init__(
         self,
@@ -63,6 +74,7 @@ class Relay(Transfer):
         if prefix:
             self._in.pending = prefix
         self._sniff = bytearray() if sniff else None
+        self._sniff_timer: Timer | None = None
         self._idle_handle: Timer | None = None
         self.last_active = 0.0
         self.done = False
@@ -108,6 +120,9 @@ class Relay(Transfer):
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
+        if self._sniff_timer is not None:
+            self._sniff_timer.cancel()
+            self._sniff_timer = None
         for half in (self._in, self._out):
             try:  # noqa: SIM105 (hot path: no context manager per close)
                 os.close(half.src_fd)
@@ -221,7 +236,12 @@ class Relay(Transfer):
         sniff += data
         verdict = looks_like_header(bytes(sniff))
         if verdict is None and data:
+            if self._sniff_timer is None:  # the start of a signature: only for so long
+                self._sniff_timer = self.owner.loop.call_later(PEEK_DEADLINE, self._sniff_expired)
             return True
+        if self._sniff_timer is not None:
+            self._sniff_timer.cancel()
+            self._sniff_timer = None
         if verdict:
             logger.info(
                 "route %s: refused a PROXY header from untrusted client %s",
@@ -238,6 +258,18 @@ class Relay(Transfer):
             half.readable = False
             half.eof = _EOF
         return True
+
+    def _sniff_expired(self) -> None:
+        """The client's first bytes stayed the start of a PROXY signature (`PRO`) for
+        `PEEK_DEADLINE`: not a header; relay them as they came."""
+        self._sniff_timer = None
+        sniff = self._sniff
+        if self.done or sniff is None:
+            return
+        self._sniff = None
+        half = self._in
+        half.pending = bytes(sniff) if half.pending is None else half.pending + bytes(sniff)
+        self._pump(half)
 
     def _check_idle(self) -> None:
         self._idle_handle = None

@@ -1,10 +1,11 @@
 """`LiveRoute`: the mutable runtime side of one listener.
 
 It holds the current `RouteSpec` (swapped in place by `update` when only backends or options
-change), the route's counters and hooks, backend selection (round robin, least connections,
+change), the route's counters and hooks (ACL, the route's cap, the process-wide cap of
+`shared.SharedState`, metrics), backend selection (round robin, least connections,
 source hash) and the stop/drain handshake between the runtime and the listener task:
 
-    live = LiveRoute(spec, counters=..., edge=...)
+    live = LiveRoute(spec, counters=..., edge=..., shared=...)
     await task_group.start(serve_tcp, live)   # returns once bound; raises OSError if not
     live.update(new_spec)                      # new connections use the new backends
     live.close()                               # stop accepting, then drain
@@ -23,6 +24,7 @@ from labelproxy.metrics import RouteCounters
 from labelproxy.spec import Backend, EdgePolicy, RouteSpec
 from labelproxy.streams.acl import Acl, LayeredAcl
 from labelproxy.streams.hooks import AclHook, CapHook, ConnInfo, Hook, MetricsHook, overriding
+from labelproxy.streams.shared import SharedState
 
 
 class LiveRoute:
@@ -35,9 +37,12 @@ class LiveRoute:
         counters: RouteCounters,
         edge: EdgePolicy,
         extra_hooks: tuple[Hook, ...] = (),
+        shared: SharedState | None = None,
     ) -> None:
         self.counters = counters
         self.edge = edge
+        # the process-wide caps and own listeners; a route alone gets its own (tests)
+        self.shared = shared if shared is not None else SharedState.from_edge(edge)
         self.global_acl = Acl(edge.allow, edge.deny)
         self.trusted_proxies = Acl(edge.trusted_proxies) if edge.trusted_proxies else None
         self._extra_hooks = extra_hooks
@@ -76,6 +81,7 @@ class LiveRoute:
         if not acl.permits_all:
             hooks.append(AclHook(acl))
         hooks.append(self.cap)
+        hooks.append(self.shared.cap(spec.transport))
         hooks.append(MetricsHook(self.counters))
         hooks.extend(self._extra_hooks)
         self.hooks = tuple(hooks)

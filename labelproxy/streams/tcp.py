@@ -33,7 +33,7 @@ from collections.abc import Mapping
 import anyio
 import anyio.abc
 
-from labelproxy.spec import Backend, RouteSpec
+from labelproxy.spec import Backend, ListenKey, RouteSpec
 from labelproxy.streams import dataloop
 from labelproxy.streams.accept import Acceptor
 from labelproxy.streams.dialer import Address, Connector, Deadlines, literal_addresses
@@ -78,10 +78,13 @@ async def serve_tcp(
     except BaseException:
         sock.close()
         raise
+    own = ListenKey("tcp", live.spec.key.bind, bound_address(sock)[1])
+    live.shared.own.add(own, live.spec.family)
     try:
         live.bound = [bound_address(sock)]
         await server.run(task_status)
     finally:
+        live.shared.own.remove(own, live.spec.family)
         with anyio.CancelScope(shield=True):
             await loop.call(server.shutdown)
         live.listener_closed.set()
@@ -308,6 +311,7 @@ class _TcpServer:
             listen = self._last_listen
         else:
             self._last_listen = listen
+            self.live.shared.own.learn(listen[0])  # a local address: dials to it may loop
         return peer, listen
 
     # -- one connection, the task path (asyncio) -------------------------------------------

@@ -49,6 +49,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from labelproxy.spec import ListenKey
 from labelproxy.streams import udp_batched
 from labelproxy.streams.route import LiveRoute
 from labelproxy.streams.udp_batched import BatchedUdpRelay
@@ -71,8 +72,10 @@ async def serve_udp(
     sock = bind_udp_listener(spec)
     relay: UdpRelay | None = None
     reason = "cancelled"
+    name = sock.getsockname()
+    own = ListenKey("udp", spec.key.bind, int(name[1]))
+    live.shared.own.add(own, spec.family)
     try:
-        name = sock.getsockname()
         live.bound = [(str(name[0]), int(name[1]))]
         loop = asyncio.get_running_loop()
         async with anyio.create_task_group() as tg:
@@ -95,6 +98,7 @@ async def serve_udp(
             reason = "closed"
             tg.cancel_scope.cancel()
     finally:
+        live.shared.own.remove(own, spec.family)
         if relay is not None:
             relay.stop_listening()
         else:

@@ -150,6 +150,8 @@ class UdpRelay:
         self.sessions[addr] = session
         log_session_opened(conn, listen=str(live.spec.key))
         if is_ip_literal(backend.host):
+            if self._refuse_loop(session, backend.host):
+                return None
             try:
                 self._attach(session, open_upstream(backend.host, backend.port))
             except OSError as exc:
@@ -162,6 +164,21 @@ class UdpRelay:
             self._spawn(lambda: self._resolve(session, backend))
         return session
 
+    def _refuse_loop(self, session: UdpSession, host: str) -> bool:
+        """True (the session closed, its datagrams dropped as `loop`) when the backend at
+        `host` is one of labelproxy's own listeners: relaying there would loop."""
+        backend = session.conn.backend
+        own = self.live.shared.own
+        if backend is None or backend.port not in own.udp:
+            return False
+        route = self.live.spec.alias
+        if own.refuse("udp", host, backend.port, route=route, backend=backend) is None:
+            return False
+        if not session.closed:
+            self.live.counters.drop("loop", max(1, len(session.pending or ())))
+            self.close_session(session, "loop")
+        return True
+
     def _attach(self, session: UdpSession, sock: socket.socket) -> None:
         session.sock = sock
         self.loop.add_reader(sock.fileno(), self._on_upstream_readable, session)
@@ -170,6 +187,8 @@ class UdpRelay:
         try:
             infos = await anyio.getaddrinfo(backend.host, backend.port, type=socket.SOCK_DGRAM)
             host = str(infos[0][4][0])
+            if self._refuse_loop(session, host):
+                return
             sock = open_upstream(host, backend.port)
         except OSError as exc:
             if not session.closed:
