@@ -103,7 +103,7 @@ CASES: list[tuple[str, Callable[[Snapshot], None], list[str], list[str]]] = [
     ("an iptables rule is gone",
      _remove("iptables", "filter -A INPUT -s 198.51.100.7/32 -j DROP", "iptables-save"),
      ["iptables-save rule is gone: filter -A INPUT -s 198.51.100.7/32 -j DROP"], []),
-    ("a network namespace is gone", _remove("netns", "vpn"), ["network namespace vpn is gone"], []),
+    ("a network namespace is gone", _remove("netns", "vpn"), [], ["network namespace vpn is gone"]),
     ("a suite namespace is gone", _remove("netns", "lpt77-2"), [], []),
     ("ip_forward was turned off", _set(("sysctls", "net/ipv4/ip_forward"), "0"),
      ["sysctl net/ipv4/ip_forward changed: 1 -> 0"], []),
