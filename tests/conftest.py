@@ -5,7 +5,8 @@ removes it at the end; `busybox_image` (session) builds `labelproxy-test/busybox
 `docker_client` (per test) makes sure the engine is up, hands out a docker-py client and, after
 the test, removes every container (and network) the test created. When `dockerd` is not
 installed, tests that need it are skipped with the reason, or fail when the env var CI is set.
-Tests that use `dockerd` are marked `docker` automatically (`pytest -m "not docker"`).
+A test that starts an engine of its own asks for `dockerd_available` (the same checks, no engine).
+Tests that use either are marked `docker` automatically (`pytest -m "not docker"`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ import docker
 import docker.errors
 import pytest
 
-from tests.support.dockerd import PrivateDockerd, build_busybox_image, missing_requirements
+from tests.support.dockerd import (
+    PREDEFINED_NETWORKS,
+    PrivateDockerd,
+    build_busybox_image,
+    missing_requirements,
+)
 
 logger = logging.getLogger(__name__)
-
-PREDEFINED_NETWORKS = frozenset({"bridge", "host", "none"})
+DOCKER_FIXTURES = frozenset({"dockerd", "dockerd_available"})
 
 
 def _unavailable(reason: str) -> None:
@@ -34,7 +39,7 @@ def _unavailable(reason: str) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "dockerd" in getattr(item, "fixturenames", ()):
+        if DOCKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.docker)
 
 
@@ -44,11 +49,16 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def dockerd() -> Iterator[PrivateDockerd]:
-    """The suite's private engine: `.host`, `.client()`, `.restart()`, `.stop()`, `.start()`."""
+def dockerd_available() -> None:
+    """Skip (or in CI fail) unless a private engine can run here; starts none."""
     reason = missing_requirements()
     if reason is not None:
         _unavailable(reason)
+
+
+@pytest.fixture(scope="session")
+def dockerd(dockerd_available: None) -> Iterator[PrivateDockerd]:
+    """The suite's private engine: `.host`, `.client()`, `.restart()`, `.stop()`, `.start()`."""
     engine = PrivateDockerd()
     try:
         engine.start()

@@ -211,7 +211,8 @@ async def test_engine_restart_reconnects_and_resyncs(
         assert container.id in rec.latest()
 
 
-async def test_engine_down_at_start_is_retried_until_it_comes_up() -> None:
+async def test_engine_down_at_start_is_retried_until_it_comes_up(dockerd_available: None) -> None:
+    # an engine of its own (not the session's), on its own bridge like every private engine
     engine = PrivateDockerd()
     try:
         async with discovering(engine.host) as rec:

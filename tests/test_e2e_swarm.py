@@ -8,7 +8,6 @@ networking and `--no-resolve-image` (no registry here).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -19,11 +18,9 @@ pytestmark = pytest.mark.docker
 
 
 @pytest.fixture(scope="module")
-def swarm(dockerd: Any) -> Iterator[PrivateDockerd]:
-    del dockerd  # the session engine's availability checks (skip/fail in CI) apply here too
+def swarm(dockerd_available: None) -> Iterator[PrivateDockerd]:
     with private_dockerd(live_restore=False) as engine:
-        engine.cli("swarm", "init", "--advertise-addr", "127.0.0.1",
-                   "--listen-addr", f"127.0.0.1:{free_port()}")
+        engine.init_swarm()
         yield engine
 
 

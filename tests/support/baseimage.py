@@ -7,7 +7,7 @@ and caches the root filesystem as a tarball under a persistent cache dir (defaul
 `labelproxy-test/python-base:bookworm`) unless the engine already has it. The image has Python at
 `/usr/bin/python3` with the `venv` module and no pip in the system, which the Dockerfile handles.
 
-Command line (used by `.ci/run` to warm the cache):
+Command line (warms the cache ahead of a test run):
     python tests/support/baseimage.py [--docker-host unix:///path] [--tag NAME]
 """
 

@@ -1,10 +1,16 @@
 """The test suite's private Docker engine, the busybox test image, and small test helpers.
 
 `PrivateDockerd` runs a `dockerd` of the suite's own (DESIGN.md section 4): data-root, exec-root,
-pidfile and socket under one temp dir, no bridge, no iptables, and `--live-restore`, so a test
-can restart the engine (`restart()`) while its containers keep running. It is stopped by PID;
-`cleanup()` removes its containers, unmounts what it left mounted and deletes the dir.
-Swarm mode refuses live-restore: a swarm test starts its own `PrivateDockerd(live_restore=False)`.
+pidfile and socket under one temp dir, no iptables, and `--live-restore`, so a test can restart
+the engine (`restart()`) while its containers keep running. Its default bridge network is a
+bridge the suite creates for it (`hostnet.SuiteBridge`, `dockerd -b NAME`): never `--bridge=none`,
+with which dockerd deletes the host's `docker0`. It is stopped by PID. `cleanup()` removes its
+containers, leaves its swarm and removes its networks through its own API, by ID (so the engine
+deletes the bridges it made for them), stops it, unmounts what it left mounted, deletes the dir
+and then the bridge it was started with. Nothing on the host is deleted by a name pattern.
+`PrivateDockerd(netns=NAME)` runs the engine inside a network namespace the caller created.
+Swarm mode refuses live-restore: a swarm test starts its own `PrivateDockerd(live_restore=False)`
+and calls `init_swarm()`, which gives swarm's `docker_gwbridge` network a bridge of its own name.
 
 `build_busybox_image` builds `labelproxy-test/busybox` (FROM scratch + Debian's static busybox)
 with the classic builder, never pulling. `run_container` creates and starts a container the
@@ -30,6 +36,8 @@ from typing import Any, TypeVar
 
 import docker
 
+from tests.support.hostnet import ENGINE_POOL, SuiteBridge, unique_name
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -39,15 +47,25 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 POLL_INTERVAL = 0.05
 DOCKERD_FLAGS = (
-    "--bridge=none",
     "--iptables=false",
+    "--ip6tables=false",
     "--ip-forward=false",
     "--ip-masq=false",
     "--log-level=warn",
 )
 # Networks get /24s from a block of their own: bridges another engine left on this host
-# (in docker's default 172.17-31.x and 192.168.x pools) cannot starve this one.
-DAEMON_CONFIG = {"default-address-pools": [{"base": "10.213.0.0/16", "size": 24}]}
+# (in docker's default 172.17-31.x and 192.168.x pools) cannot starve this one. dockerd skips a
+# /24 that overlaps a route already on the host.
+DAEMON_CONFIG = {"default-address-pools": [{"base": str(ENGINE_POOL), "size": 24}]}
+PREDEFINED_NETWORKS = frozenset({"bridge", "host", "none"})
+NETWORK_REMOVE_TIMEOUT = 15.0
+# `ip netns exec` would mount a fresh /sys and hide the cgroup mounts dockerd needs: enter the
+# namespace with nsenter, and in a mount namespace of the engine's own carry /sys/fs/cgroup over
+# to a /sys of that network namespace (so /sys/class/net shows its links, not the host's).
+NETNS_SYS = (
+    'mkdir -p "$1/sys-cgroup" && mount --rbind /sys/fs/cgroup "$1/sys-cgroup" && '
+    'mount -t sysfs sysfs /sys && mount --move "$1/sys-cgroup" /sys/fs/cgroup && shift && exec "$@"'
+)
 BUSYBOX_DOCKERFILE = """\
 FROM scratch
 COPY busybox /bin/busybox
@@ -86,6 +104,8 @@ def free_port(*, kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
 
 def missing_requirements() -> str | None:
     """Why the private engine cannot run here, or None when it can."""
+    if os.geteuid() != 0:
+        return "the private dockerd needs root"
     if shutil.which("dockerd") is None:
         return "dockerd is not installed (apt-get install -y docker.io busybox-static)"
     if not BUSYBOX_BINARY.is_file():
@@ -112,21 +132,17 @@ def _ping(socket_path: Path) -> bool:
         sock.close()
 
 
-def _net_links() -> set[str]:
-    try:
-        return set(os.listdir("/sys/class/net"))
-    except OSError:
-        return set()
-
-
 class PrivateDockerd:
     """One private dockerd under `root` (a temp dir it owns); see the module doc."""
 
-    def __init__(self, *, root: Path | None = None, live_restore: bool = True) -> None:
+    def __init__(
+        self, *, root: Path | None = None, live_restore: bool = True, netns: str | None = None
+    ) -> None:
         self.root = root or Path(tempfile.mkdtemp(prefix="lp-dockerd-"))
         self.live_restore = live_restore
+        self.netns = netns
+        self.bridge: SuiteBridge | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._links_before: set[str] | None = None
         (self.root / "daemon.json").write_text(json.dumps(DAEMON_CONFIG) + "\n")
 
     @property
@@ -156,24 +172,38 @@ class PrivateDockerd:
         return self._proc is not None and self._proc.poll() is None
 
     def command(self) -> list[str]:
+        """The dockerd command line (needs `self.bridge`, which `start()` creates)."""
+        if self.bridge is None:
+            raise DockerdError("the engine's bridge is not created yet: call start()")
         r = self.root
         return [
+            *self._netns_prefix(),
             "dockerd",
             f"--config-file={r / 'daemon.json'}",
             f"--data-root={r / 'data'}",
             f"--exec-root={r / 'exec'}",
             f"--pidfile={r / 'dockerd.pid'}",
             f"--host={self.host}",
+            f"--bridge={self.bridge.name}",
             *DOCKERD_FLAGS,
             *(["--live-restore"] if self.live_restore else []),
         ]
+
+    def _netns_prefix(self) -> list[str]:
+        if self.netns is None:
+            return []
+        return [
+            "nsenter", f"--net=/run/netns/{self.netns}", "--",
+            "unshare", "--mount", "--propagation", "slave", "--",
+            "sh", "-c", NETNS_SYS, "sh", str(self.root),
+        ]  # fmt: skip
 
     def start(self, *, timeout: float = READY_TIMEOUT) -> None:
         """Start the daemon (if not running) and wait until it answers."""
         if self.running:
             return
-        if self._links_before is None:
-            self._links_before = _net_links()
+        if self.bridge is None:
+            self.bridge = SuiteBridge.create(netns=self.netns)
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log
@@ -235,30 +265,71 @@ class PrivateDockerd:
                 with contextlib.suppress(docker.errors.NotFound):
                     container.remove(force=True, v=True)
 
+    def init_swarm(self) -> None:
+        """`docker swarm init` on loopback. Swarm attaches its ingress to a network named
+        `docker_gwbridge`, whose bridge would be the link `docker_gwbridge` (perhaps the host
+        engine's own): create that network first, on a bridge with a run-unique name."""
+        gateway_bridge = unique_name(netns=self.netns)
+        with contextlib.closing(self.client()) as client:
+            client.networks.create(
+                "docker_gwbridge",
+                driver="bridge",
+                options={
+                    "com.docker.network.bridge.name": gateway_bridge,
+                    "com.docker.network.bridge.enable_icc": "false",
+                    "com.docker.network.bridge.enable_ip_masquerade": "false",
+                },
+            )
+        self.cli("swarm", "init", "--advertise-addr", "127.0.0.1",
+                 "--listen-addr", f"127.0.0.1:{free_port()}")  # fmt: skip
+
+    def remove_own_networks(self) -> None:
+        """Leave swarm mode and remove every network of this engine through its API, by ID, so
+        the engine deletes the bridge it made for each. A network still in use (an endpoint
+        going away) is retried until `NETWORK_REMOVE_TIMEOUT`."""
+        if not self.running:
+            return
+        with contextlib.closing(self.client()) as client:
+            if client.info().get("Swarm", {}).get("LocalNodeState") == "active":
+                client.swarm.leave(force=True)
+            deadline = time.monotonic() + NETWORK_REMOVE_TIMEOUT
+            while True:
+                left = [n for n in client.networks.list()
+                        if n.name not in PREDEFINED_NETWORKS and n.attrs.get("Scope") != "swarm"]
+                for network in left:
+                    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                        client.api.remove_network(network.id)
+                if not left or time.monotonic() > deadline:
+                    break
+                time.sleep(POLL_INTERVAL)
+            if left:
+                logger.warning("could not remove networks %s of the private engine",
+                               ", ".join(n.name for n in left))  # fmt: skip
+
     def cleanup(self) -> None:
-        """Remove the containers, stop the daemon, unmount its leftovers and delete its dir."""
+        """Remove the containers and networks (through the engine), stop the daemon, unmount its
+        leftovers, delete its dir, then the bridge it was started with. An engine a test left
+        stopped is started again first when it has state to clean up."""
+        if not self.running and self.bridge is not None and (self.root / "data").is_dir():
+            try:
+                self.start()
+            except DockerdError as exc:
+                logger.warning("could not restart the private engine to clean it up: %s", exc)
         try:
             self.remove_all_containers()
+            self.remove_own_networks()
         except Exception as exc:
-            logger.warning("could not remove the private engine's containers: %s", exc)
+            logger.warning("could not clean up the private engine's containers/networks: %s", exc)
         self.stop()
         self._kill_leftover_processes()
-        self._remove_bridges()
         for mount in sorted(self._mounts(), key=lambda p: p.count("/"), reverse=True):
             done = subprocess.run(["umount", mount], capture_output=True, check=False)
             if done.returncode != 0:
                 subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
         shutil.rmtree(self.root, ignore_errors=True)
-
-    def _remove_bridges(self) -> None:
-        """Delete the host bridges this engine's networks left behind: a network's bridge
-        outlives the daemon, and with a fresh data dir every run the next engine would
-        never reuse it; enough of them exhaust the address pool."""
-        if self._links_before is None:
-            return
-        for name in sorted(_net_links() - self._links_before):
-            if name.startswith("br-") or name == "docker_gwbridge":
-                subprocess.run(["ip", "link", "delete", name], capture_output=True, check=False)
+        if self.bridge is not None:
+            self.bridge.delete()
+            self.bridge = None
 
     def _mounts(self) -> list[str]:
         prefix = str(self.root)
