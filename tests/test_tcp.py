@@ -55,7 +55,13 @@ async def test_echo_and_counters_match_bytes_relayed(caplog: pytest.LogCaptureFi
         c = live.counters
         assert (c.bytes_in, c.bytes_out) == (100_005, 100_005)
         assert c.connections_total == 1
-        records = [r for r in caplog.records if r.name == "labelproxy.access"]
+        # the access record is written on the data-loop thread right after the connection
+        # is released (counters first): wait for it rather than race it
+        def access_records() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.name == "labelproxy.access"]
+
+        await wait_for(lambda: bool(access_records()))
+        records = access_records()
         assert len(records) == 1
         rec: Any = records[0]
         assert (rec.route, rec.bytes_in, rec.bytes_out, rec.reason) == (
