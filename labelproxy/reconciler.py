@@ -6,12 +6,16 @@ backends or options). `Reconciler.apply` carries a plan out, stops before starts
 touches a route whose spec did not change: its listener and its connections stay. A route whose
 bind fails is reported as a `Problem(kind="bind")` and simply planned again on the next pass.
 A listener task that dies after binding is logged, forgotten and restarted by the next pass.
+
+A route's counters (`Metrics.route`, per listen key) live as long as the route is desired,
+listening or draining; when none of that holds any more, its series are dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +97,7 @@ class Reconciler:
         self.bind_problems: dict[ListenKey, Problem] = {}
         self.desired: DesiredState = DesiredState()
         self.draining: set[LiveRoute] = set()
+        self._draining_keys: Counter[ListenKey] = Counter()
 
     def actual(self) -> dict[ListenKey, RouteSpec]:
         return {key: live.spec for key, live in self.live.items()}
@@ -100,6 +105,7 @@ class Reconciler:
     async def apply(self, desired: DesiredState) -> Plan:
         """Make the listeners match `desired`; returns the plan that was carried out."""
         began = time.monotonic()
+        previous = self.desired
         self.desired = desired
         todo = plan(desired.routes, self.actual())
         try:
@@ -111,6 +117,7 @@ class Reconciler:
                     stopping.start_soon(self._stop, key)
             for spec in todo.update:
                 self.live[spec.key].update(spec)
+                self._metrics.route(spec.alias, spec.key)  # the alias served there may change
                 logger.info(
                     "route updated",
                     extra=_ctx(spec, action="update"),
@@ -122,6 +129,8 @@ class Reconciler:
             for key in list(self.bind_problems):
                 if key not in desired.routes:
                     del self.bind_problems[key]
+            for key in previous.routes:
+                self._forget_if_gone(key)
         except Exception:
             self._metrics.reconcile_total.labels("error").inc()
             raise
@@ -132,13 +141,14 @@ class Reconciler:
     async def _stop(self, key: ListenKey) -> None:
         live = self.live.pop(key)
         self.draining.add(live)
+        self._draining_keys[key] += 1
         live.close()
         with anyio.move_on_after(LISTENER_CLOSE_DEADLINE):
             await live.listener_closed.wait()
         logger.info("route down", extra=_ctx(live.spec, action="stop"))
 
     async def _start(self, spec: RouteSpec) -> None:
-        live = LiveRoute(spec, counters=self._metrics.route(spec.alias), edge=self._edge)
+        live = LiveRoute(spec, counters=self._metrics.route(spec.alias, spec.key), edge=self._edge)
         serve: ServeFn = serve_tcp if spec.transport == "tcp" else serve_udp
         try:
             await self._tg.start(self._supervise, live, serve)
@@ -152,6 +162,7 @@ class Reconciler:
                 label="port",
                 value=str(spec.key.port),
                 message=message + " (retrying)",
+                listen=str(spec.key),
             )
             log = logger.error if first_time else logger.debug
             log("route bind failed: %s", message, extra=_ctx(spec, action="bind"))
@@ -162,6 +173,14 @@ class Reconciler:
             "route up",
             extra=_ctx(spec, action="start"),
         )
+
+    def _forget_if_gone(self, key: ListenKey) -> None:
+        """Drop the series of the route on `key` once it is not desired, listening or
+        draining any more (a route restarted or updated in place keeps its counters)."""
+        if key in self.desired.routes or key in self.live or self._draining_keys[key]:
+            return
+        del self._draining_keys[key]
+        self._metrics.forget(key)
 
     async def _supervise(
         self,
@@ -178,11 +197,15 @@ class Reconciler:
                 raise
             logger.exception("listener failed", extra=_ctx(live.spec, action="crash"))
         finally:
-            self.draining.discard(live)
-            if self.live.get(live.spec.key) is live:
+            key = live.spec.key
+            if live in self.draining:
+                self.draining.discard(live)
+                self._draining_keys[key] -= 1
+            if self.live.get(key) is live:
                 # died on its own: forget it so the next pass starts it again
-                del self.live[live.spec.key]
+                del self.live[key]
                 self._on_listener_lost()
+            self._forget_if_gone(key)
 
     async def close_all(self, *, drain_timeout: float) -> None:
         """Shutdown: stop accepting everywhere, then wait for connections up to the deadline."""

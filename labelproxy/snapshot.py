@@ -64,7 +64,7 @@ def build_desired(
         problems.append(
             Problem(
                 "conflict", spec.alias, spec.source, f"routes.{spec.alias}.port", str(spec.key),
-                f"listen {spec.key} is already held by {held.holder}",
+                f"listen {spec.key} is already held by {held.holder}", listen=str(spec.key),
             )
         )  # fmt: skip
     for view in sorted(views, key=lambda v: (v.created, v.id)):
@@ -97,7 +97,8 @@ def build_desired(
             where = str(keys[0]) if len(keys) == 1 else f"{keys[0]} .. {keys[-1]} ({len(keys)})"
             message = f"listen {where} is already held by {holder}"
             logger.debug("conflict: %s %s: %s", view.name, alias, message)
-            problems.append(Problem("conflict", alias, view.name, label, value, message))
+            listen = str(keys[0]) if len(keys) == 1 else ""
+            problems.append(Problem("conflict", alias, view.name, label, value, message, listen))
     routes: dict[ListenKey, RouteSpec] = {}
     for key in sorted(claims):
         claim = claims[key]

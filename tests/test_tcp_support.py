@@ -111,7 +111,7 @@ async def running_route(
 ) -> AsyncIterator[LiveRoute]:
     """Serve `spec` with `serve_tcp`; on exit close it (no drain) and wait until finished."""
     metrics = metrics or Metrics()
-    live = LiveRoute(spec, counters=metrics.route(spec.alias), edge=edge or EdgePolicy())
+    live = LiveRoute(spec, counters=metrics.route(spec.alias, spec.key), edge=edge or EdgePolicy())
     async with anyio.create_task_group() as tg:
         await tg.start(partial(serve_tcp, zero_copy=zero_copy), live)
         try:

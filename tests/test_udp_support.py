@@ -123,9 +123,8 @@ async def running_route(
 ) -> AsyncIterator[LiveRoute]:
     """serve_udp for `spec` on a fresh Metrics; closed (and awaited) on exit."""
     metrics = Metrics()
-    live = LiveRoute(
-        spec, counters=metrics.route(spec.alias), edge=edge or EdgePolicy(), extra_hooks=extra_hooks
-    )
+    counters = metrics.route(spec.alias, spec.key)
+    live = LiveRoute(spec, counters=counters, edge=edge or EdgePolicy(), extra_hooks=extra_hooks)
     async with anyio.create_task_group() as tg:
         await tg.start(serve_udp, live)
         try:
