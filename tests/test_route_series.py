@@ -111,6 +111,13 @@ def test_removed_routes_leave_no_series_and_the_exposition_shrinks_back(
         assert len(after) <= baseline + 200, (baseline, len(after))
         ids = f'listen="tcp://127.0.0.1:{keep_port}",route="keep"'
         assert f"labelproxy_connections_total{{{ids}}} 1.0" in after.splitlines()
+        # the range is one line each way in the log, not one per port
+        burst = [x for x in lp.log().splitlines() if "route=burst" in x]
+        listen = f"listen=tcp://127.0.0.1:{first}-{first + RANGE - 1}"
+        assert [x.split("route=")[0].split("  ", 1)[1].strip() for x in burst] == [
+            f"route up ({RANGE} ports)", f"route down ({RANGE} ports)"
+        ], burst
+        assert all(listen in x for x in burst)
 
 
 def test_each_route_exports_the_families_of_its_transport(
