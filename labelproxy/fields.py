@@ -37,6 +37,13 @@ FIELDS = (
     "idle_timeout", "connect_timeout", "load_balance",
 )  # fmt: skip
 HTTP_SCHEMES = frozenset({"http", "https", "h2c", "fileserver"})
+# An alias is a label value of every per-route series and a word in every log line about it:
+# bounded in length and alphabet, like a Docker or compose name (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`)
+MAX_ALIAS_CHARS = 64
+ALIAS_SYNTAX = (
+    f"a route name of at most {MAX_ALIAS_CHARS} characters, each a letter, digit, '_', '.' or '-'"
+)
+_ALIAS = re.compile(r"[A-Za-z0-9_.-]+")
 PORT_SYNTAX = "LISTEN:TARGET, LISTEN, or ranges A-B:C-D of equal length, ports 1-65535"
 
 _HOSTNAME = re.compile(
@@ -120,6 +127,16 @@ def parse_route_fields(
             problem = Problem("label", alias, source, label_of(name), fields[name], message)
             return None, (problem,)
     return route, ()
+
+
+def alias_problem(alias: str) -> str | None:
+    """What is wrong with `alias` as a route name (see `ALIAS_SYNTAX`), or None."""
+    if len(alias) > MAX_ALIAS_CHARS:
+        return f"expected {ALIAS_SYNTAX}; it has {len(alias)} characters"
+    bad = next((c for c in alias if not _ALIAS.fullmatch(c)), None)
+    if bad is not None:
+        return f"expected {ALIAS_SYNTAX}; {bad!r} is not allowed"
+    return None
 
 
 def scheme_problem(route: RouteFields, scheme: Scheme) -> tuple[str, str] | None:

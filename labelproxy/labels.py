@@ -8,7 +8,9 @@ container-level `aliases`, `exclude`, `network`; per alias `<alias>.<field>`, `#
 with the routes file.
 
 Errors are contained: a problem in a field kills only that alias (a bad `allow` must never turn
-into "allow all"), other aliases and containers are untouched. An unreadable `exclude` skips the
+into "allow all"), other aliases and containers are untouched. An alias must be a bounded
+route name (`fields.ALIAS_SYNTAX`: it becomes a metric label value and a log field); one that
+is not is a problem without a route name of its own. An unreadable `exclude` skips the
 container (it asked for something about exclusion we cannot honour) with a problem.
 
 GoDoxy compatibility: `aliases`, `<alias>.port|scheme|bind|host` mean the same as in GoDoxy.
@@ -31,6 +33,7 @@ from labelproxy.fields import (
     HTTP_SCHEMES,
     PortMap,
     RouteFields,
+    alias_problem,
     parse_bool,
     parse_ports,
     parse_route_fields,
@@ -110,6 +113,12 @@ def declare_container(
         merged = grouped.merged(alias)
         if merged.get("scheme", ("", ""))[1].strip().lower() in HTTP_SCHEMES:
             logger.debug("skipping HTTP route %s of %s (not an L4 route)", alias, view.name)
+            continue
+        bad_alias = alias_problem(alias)
+        if bad_alias is not None:  # no route label of its own: the alias is not one
+            own = grouped.specific[alias]
+            key = min(own.values())[0] if own else prefix + "aliases"
+            problems.append(Problem("label", "", view.name, key, alias, bad_alias))
             continue
         route, route_problems = parse_route_fields(
             alias,

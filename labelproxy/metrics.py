@@ -1,24 +1,26 @@
 """Prometheus metrics: one `Metrics` object with its own `CollectorRegistry`, passed in.
 
-The data plane updates plain integers on a `RouteCounters` (one per route alias, kept for the
-life of the process so counters never go backwards when a listener restarts), and observes the
-per-route dial and connection durations into `PlainHistogram`s of the same kind: plain lists
-and numbers, no locks (the data plane and the scrape share one event-loop thread). A custom
-collector reads both at scrape time, so the hot path pays an attribute increment or a bisect,
-not a lock.
+A route is its listen key: every per-route series carries `route` (the alias) and `listen`
+(the listen key, `tcp://[::]:2222`), so one alias on two ports (the `ssh` of two compose
+projects) is two routes with series of their own. The data plane updates plain integers on a
+`RouteCounters` (one per listen key, kept while the route is desired, listening or draining,
+so counters do not go backwards when a listener restarts or is updated in place; `forget`
+drops them once the route is gone), and observes the per-route dial and connection durations
+into `PlainHistogram`s of the same kind: plain lists and numbers, no locks (each counter has
+one writer thread). A custom collector reads both at scrape time, so the hot path pays an
+attribute increment or a bisect, not a lock. A route exports only the families of its
+transport: TCP routes no `udp_*` series, UDP routes no connection, rejection or dial series.
 Current-state gauges (route_info, route_up, route_errors, active connections and sessions)
 come from a `StateProvider` the runtime installs: read from live state, they cannot drift.
-Label values are route aliases and fixed reason words, never client addresses.
+Label values are route aliases (at most 64 characters of `[A-Za-z0-9_.-]`, see `fields`),
+listen keys and fixed reason words, never client addresses.
 """
 
 from __future__ import annotations
 
-import math
 import threading
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import accumulate, pairwise
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -29,7 +31,9 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+
+from labelproxy.histogram import PlainHistogram, le_labels
+from labelproxy.spec import ListenKey, Transport
 
 PREFIX = "labelproxy_"
 Direction = Literal["in", "out"]
@@ -45,58 +49,25 @@ DROP_REASONS: tuple[DropReason, ...] = (
     "upstream_error",
     "loop",
 )
+ROUTE_LABELS = ("route", "listen")  # the labels of every per-route series
 DIAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
-
-
-class PlainHistogram:
-    """A Prometheus histogram the data plane observes into without locks.
-
-    `counts[i]` is the number of observations in `(bounds[i-1], bounds[i]]` (not cumulative);
-    the extra last slot counts those above every bound (`+Inf`). Prometheus's `le` is
-    inclusive, hence `bisect_left`: a value equal to a bound lands in that bound's bucket.
-    """
-
-    __slots__ = ("bounds", "count", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        if not bounds or any(not math.isfinite(b) for b in bounds):
-            raise ValueError(f"histogram bounds must be finite and non-empty: {bounds!r}")
-        if any(a >= b for a, b in pairwise(bounds)):
-            raise ValueError(f"histogram bounds must increase: {bounds!r}")
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def cumulative(self) -> list[int]:
-        """Observations at or below each bound, then the total (the `+Inf` bucket)."""
-        return list(accumulate(self.counts))
-
-
-_go_float: Callable[[float], str] = floatToGoString  # typed alias: the library's is untyped
-
-
-def _le_labels(bounds: tuple[float, ...]) -> tuple[str, ...]:
-    """The `le` label values, formatted as prometheus_client's own `Histogram` formats them."""
-    return (*(_go_float(b) for b in bounds), "+Inf")
 
 
 @dataclass(slots=True)
 class RouteCounters:
     """Monotonic per-route counters and histograms, updated by the data plane without locks.
 
-    `connections_active` and `udp_sessions_active` are live values the data plane raises and
-    lowers; everything else only grows. `observe_dial` and `observe_connection` are the
-    `observe` of `dial_durations` and `connection_durations`, bound once.
+    One per listen key (`listen`, its text; `transport`, which families it exports); `route`
+    is the alias now served there (an in-place update may change it). `connections_active`
+    and `udp_sessions_active` are live values the data plane raises and lowers; everything
+    else only grows. `observe_dial` and `observe_connection` are the `observe` of
+    `dial_durations` and `connection_durations`, bound once.
     """
 
     route: str
+    listen: str = ""
+    transport: Transport = "tcp"
     dial_durations: PlainHistogram = field(default_factory=lambda: PlainHistogram(DIAL_BUCKETS))
     connection_durations: PlainHistogram = field(
         default_factory=lambda: PlainHistogram(DURATION_BUCKETS)
@@ -140,7 +111,9 @@ class RouteState:
 @dataclass(frozen=True, slots=True)
 class StateSnapshot:
     routes: tuple[RouteState, ...] = ()
-    errors: tuple[tuple[str, str], ...] = ()  # (route, reason) pairs currently in error
+    # (route, listen, reason) of each problem now: listen is "" for a problem that is not
+    # about one listen key (a label or address error keeps the route from being built)
+    errors: tuple[tuple[str, str, str], ...] = ()
     docker_connected: bool = False
 
 
@@ -152,7 +125,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._routes: dict[str, RouteCounters] = {}
+        self._routes: dict[ListenKey, RouteCounters] = {}
         self._state: StateProvider = StateSnapshot
         self._pinned: StateSnapshot | None = None  # the snapshot of the render in progress
         self._render_lock = threading.Lock()
@@ -184,13 +157,25 @@ class Metrics:
         )
         self.registry.register(_LiveCollector(self))
 
-    def route(self, alias: str) -> RouteCounters:
-        """The counters of route `alias`, created on first use and kept afterwards."""
-        counters = self._routes.get(alias)
+    def route(self, alias: str, key: ListenKey) -> RouteCounters:
+        """The counters of the route listening on `key`, created on first use and kept until
+        `forget(key)`; their `route` label becomes `alias` (the alias served there now)."""
+        counters = self._routes.get(key)
         if counters is None:
-            counters = RouteCounters(route=alias)
-            self._routes[alias] = counters
+            counters = RouteCounters(route=alias, listen=str(key), transport=key.transport)
+            self._routes[key] = counters
+        elif counters.route != alias:
+            counters.route = alias
         return counters
+
+    def counters(self, key: ListenKey) -> RouteCounters | None:
+        """The counters of the route on `key`, if it has any (read only: creates nothing)."""
+        return self._routes.get(key)
+
+    def forget(self, key: ListenKey) -> None:
+        """Drop the series of the route on `key`: it is gone (not desired, not listening, not
+        draining). Should it come back, its counters start again from zero."""
+        self._routes.pop(key, None)
 
     def all_routes(self) -> Iterable[RouteCounters]:
         return tuple(self._routes.values())
@@ -221,8 +206,8 @@ class Metrics:
 class _LiveCollector(Collector):
     """Turns `RouteCounters` and the runtime's `StateSnapshot` into metric families."""
 
-    _DIAL_LE = _le_labels(DIAL_BUCKETS)
-    _DURATION_LE = _le_labels(DURATION_BUCKETS)
+    _DIAL_LE = le_labels(DIAL_BUCKETS)
+    _DURATION_LE = le_labels(DURATION_BUCKETS)
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -232,97 +217,95 @@ class _LiveCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         state = self._metrics._render_state()
+        yield from self._state_families(state)
+        yield from self._counter_families(self._metrics.all_routes())
+
+    def _state_families(self, state: StateSnapshot) -> Iterator[Metric]:
         info = GaugeMetricFamily(
             PREFIX + "route_info",
             "Configured routes (value 1).",
             labels=["route", "scheme", "listen", "targets"],
         )
         up = GaugeMetricFamily(
-            PREFIX + "route_up", "1 when the route's listener is bound.", labels=["route"]
+            PREFIX + "route_up", "1 when the route's listener is bound.", labels=ROUTE_LABELS
         )
-        up_by_route: dict[str, bool] = {}
-        limit_by_route: dict[str, int] = {}
-        for r in state.routes:
-            info.add_metric([r.route, r.scheme, r.listen, r.targets], 1)
-            # a port range is one alias with several listeners: up only if all of them are
-            up_by_route[r.route] = up_by_route.get(r.route, True) and r.up
-            if r.limit is not None:
-                limit_by_route[r.route] = r.limit
-        for route, is_up in up_by_route.items():
-            up.add_metric([route], 1 if is_up else 0)
         limit = GaugeMetricFamily(
             PREFIX + "route_connection_limit",
             "The cap on concurrent TCP connections / UDP sessions of a route, where it has one.",
-            labels=["route"],
+            labels=ROUTE_LABELS,
         )
-        for route, value in limit_by_route.items():
-            limit.add_metric([route], value)
+        for r in state.routes:
+            info.add_metric([r.route, r.scheme, r.listen, r.targets], 1)
+            up.add_metric([r.route, r.listen], 1 if r.up else 0)
+            if r.limit is not None:
+                limit.add_metric([r.route, r.listen], r.limit)
         errors = GaugeMetricFamily(
             PREFIX + "route_errors",
-            "Routes currently in error, by reason (label, conflict, bind, address, loop).",
-            labels=["route", "reason"],
+            "Route problems now, by reason (label, conflict, bind, address, loop); listen is "
+            "empty for a problem that is not about one listen key.",
+            labels=[*ROUTE_LABELS, "reason"],
         )
-        error_counts: dict[tuple[str, str], int] = {}
-        for pair in state.errors:
-            error_counts[pair] = error_counts.get(pair, 0) + 1
-        for (route, reason), count in sorted(error_counts.items()):
-            errors.add_metric([route, reason], count)
+        error_counts: dict[tuple[str, str, str], int] = {}
+        for triple in state.errors:
+            error_counts[triple] = error_counts.get(triple, 0) + 1
+        for (route, listen, reason), count in sorted(error_counts.items()):
+            errors.add_metric([route, listen, reason], count)
         connected = GaugeMetricFamily(
             PREFIX + "docker_connected", "1 while the Docker engine's event stream is up."
         )
         connected.add_metric([], 1 if state.docker_connected else 0)
+        yield from (info, up, limit, errors, connected)
 
-        def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
-            return CounterMetricFamily(PREFIX + name, doc, labels=labels)
+    def _counter_families(self, routes: Iterable[RouteCounters]) -> Iterator[Metric]:
+        """The data plane's counters, each route exporting the families of its transport."""
 
-        def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
-            return GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+        def counter(name: str, doc: str, *extra: str) -> CounterMetricFamily:
+            return CounterMetricFamily(PREFIX + name, doc, labels=[*ROUTE_LABELS, *extra])
 
-        conns = counter("connections", "TCP connections accepted and relayed.", ["route"])
-        active = gauge("connections_active", "TCP connections open now.", ["route"])
-        rejected = counter(
-            "connections_rejected", "TCP connections refused, by reason.", ["route", "reason"]
-        )
-        dial_err = counter("upstream_dial_errors", "Failed upstream dials.", ["route"])
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(PREFIX + name, doc, labels=ROUTE_LABELS)
+
+        def histogram(name: str, doc: str) -> HistogramMetricFamily:
+            return HistogramMetricFamily(PREFIX + name, doc, labels=ROUTE_LABELS)
+
+        conns = counter("connections", "TCP connections accepted and relayed.")
+        active = gauge("connections_active", "TCP connections open now.")
+        rejected = counter("connections_rejected", "TCP connections refused, by reason.", "reason")
+        dial_err = counter("upstream_dial_errors", "Failed upstream dials.")
         nbytes = counter(
-            "bytes",
-            "Bytes relayed; in = client to upstream, out = upstream to client.",
-            ["route", "direction"],
+            "bytes", "Bytes relayed; in = client to upstream, out = upstream to client.",
+            "direction",
+        )  # fmt: skip
+        sessions = gauge("udp_sessions_active", "UDP sessions open now.")
+        dgrams = counter("udp_datagrams", "UDP datagrams relayed.", "direction")
+        dropped = counter("udp_datagrams_dropped", "UDP datagrams dropped, by reason.", "reason")
+        dial = histogram(
+            "upstream_dial_duration_seconds", "Time to connect to an upstream backend."
         )
-        sessions = gauge("udp_sessions_active", "UDP sessions open now.", ["route"])
-        dgrams = counter("udp_datagrams", "UDP datagrams relayed.", ["route", "direction"])
-        dropped = counter(
-            "udp_datagrams_dropped", "UDP datagrams dropped, by reason.", ["route", "reason"]
+        duration = histogram(
+            "connection_duration_seconds", "Lifetime of a relayed TCP connection or UDP session."
         )
-        dial = HistogramMetricFamily(
-            PREFIX + "upstream_dial_duration_seconds",
-            "Time to connect to an upstream backend.",
-            labels=["route"],
-        )
-        duration = HistogramMetricFamily(
-            PREFIX + "connection_duration_seconds",
-            "Lifetime of a relayed TCP connection or UDP session.",
-            labels=["route"],
-        )
-        for c in self._metrics.all_routes():
-            conns.add_metric([c.route], c.connections_total)
-            active.add_metric([c.route], c.connections_active)
+        for c in routes:
+            ids = [c.route, c.listen]
+            nbytes.add_metric([*ids, "in"], c.bytes_in)
+            nbytes.add_metric([*ids, "out"], c.bytes_out)
+            hist = c.connection_durations
+            duration.add_metric(
+                ids, list(zip(self._DURATION_LE, hist.cumulative(), strict=True)), hist.sum
+            )
+            if c.transport == "udp":
+                sessions.add_metric(ids, c.udp_sessions_active)
+                dgrams.add_metric([*ids, "in"], c.udp_datagrams_in)
+                dgrams.add_metric([*ids, "out"], c.udp_datagrams_out)
+                for reason, n in c.udp_dropped.items():
+                    dropped.add_metric([*ids, reason], n)
+                continue
+            conns.add_metric(ids, c.connections_total)
+            active.add_metric(ids, c.connections_active)
             for reason, n in c.rejected.items():
-                rejected.add_metric([c.route, reason], n)
-            dial_err.add_metric([c.route], c.dial_errors)
-            nbytes.add_metric([c.route, "in"], c.bytes_in)
-            nbytes.add_metric([c.route, "out"], c.bytes_out)
-            sessions.add_metric([c.route], c.udp_sessions_active)
-            dgrams.add_metric([c.route, "in"], c.udp_datagrams_in)
-            dgrams.add_metric([c.route, "out"], c.udp_datagrams_out)
-            for reason, n in c.udp_dropped.items():
-                dropped.add_metric([c.route, reason], n)
-            for family, le, hist in (
-                (dial, self._DIAL_LE, c.dial_durations),
-                (duration, self._DURATION_LE, c.connection_durations),
-            ):
-                family.add_metric(
-                    [c.route], list(zip(le, hist.cumulative(), strict=True)), hist.sum
-                )
-        yield from (info, up, limit, errors, connected, conns, active, rejected, dial_err, nbytes)
-        yield from (sessions, dgrams, dropped, dial, duration)
+                rejected.add_metric([*ids, reason], n)
+            dial_err.add_metric(ids, c.dial_errors)
+            hist = c.dial_durations
+            dial.add_metric(ids, list(zip(self._DIAL_LE, hist.cumulative(), strict=True)), hist.sum)
+        yield from (conns, active, rejected, dial_err, nbytes, sessions, dgrams, dropped)
+        yield from (dial, duration)

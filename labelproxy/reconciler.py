@@ -6,20 +6,30 @@ backends or options). `Reconciler.apply` carries a plan out, stops before starts
 touches a route whose spec did not change: its listener and its connections stay. A route whose
 bind fails is reported as a `Problem(kind="bind")` and simply planned again on the next pass.
 A listener task that dies after binding is logged, forgotten and restarted by the next pass.
+
+Big plans are carried out in slices of `SLICE` listeners, each slice a short burst on the event
+loop that then lets it run: a 5,000-port range must not hold up every relay while it binds.
+The INFO log has one line per route or per run of ports (`routelog`), not one per listener.
+A route's counters (`Metrics.route`, per listen key) live as long as the route is desired,
+listening or draining; when none of that holds any more, its series are dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
+import anyio.to_thread
 
 from labelproxy.metrics import Metrics
+from labelproxy.routelog import context, log_runs, runs
 from labelproxy.spec import DesiredState, EdgePolicy, ListenKey, Problem, RouteSpec
 from labelproxy.streams.route import LiveRoute
 from labelproxy.streams.shared import SharedState
@@ -28,8 +38,12 @@ from labelproxy.streams.udp import serve_udp
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 ServeFn = Callable[..., Awaitable[None]]
 LISTENER_CLOSE_DEADLINE = 5.0
+# listeners started, stopped or updated between two turns of the event loop: one bind or
+# close with its hand-over to the data loop is a fraction of a millisecond of loop time
+SLICE = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +111,7 @@ class Reconciler:
         # the global caps and own-listener registry every route shares
         self.shared = SharedState.from_edge(edge)
         logger.info("global limits: %s", self.shared.describe(), extra={"action": "start"})
+        self._draining_keys: Counter[ListenKey] = Counter()
 
     def actual(self) -> dict[ListenKey, RouteSpec]:
         return {key: live.spec for key, live in self.live.items()}
@@ -104,28 +119,39 @@ class Reconciler:
     async def apply(self, desired: DesiredState) -> Plan:
         """Make the listeners match `desired`; returns the plan that was carried out."""
         began = time.monotonic()
+        previous = self.desired
         self.desired = desired
-        todo = plan(desired.routes, self.actual())
+        # comparing thousands of specs takes tens of ms: on a worker thread, the loop runs on
+        todo = await anyio.to_thread.run_sync(plan, desired.routes, self.actual())
         try:
-            # stops, then starts, each batch concurrently: a listener's start or stop waits
+            # stops, then starts, each slice concurrently: a listener's start or stop waits
             # for a hand-over to the data-plane thread, and a thousand of them in a row
             # would add up; tasks run in order, so ports are released and bound in plan order
-            async with anyio.create_task_group() as stopping:
-                for key in todo.stop:
-                    stopping.start_soon(self._stop, key)
-            for spec in todo.update:
-                self.live[spec.key].update(spec)
-                logger.info(
-                    "route updated",
-                    extra=_ctx(spec, action="update"),
-                )
-            async with anyio.create_task_group() as starting:
-                for spec in todo.start:
-                    starting.start_soon(self._start, spec)
+            stopped: list[RouteSpec] = []
+            for keys in _slices(todo.stop):
+                async with anyio.create_task_group() as stopping:
+                    for key in keys:
+                        stopping.start_soon(self._stop, key, stopped)
+            log_runs("route down", stopped, action="stop")
+            for specs in _slices(todo.update):
+                for spec in specs:
+                    self._update(spec)
+                await anyio.lowlevel.checkpoint()
+            log_runs("route updated", todo.update, action="update")
+            started: list[RouteSpec] = []
+            failed: list[tuple[RouteSpec, str]] = []
+            for specs in _slices(todo.start):
+                async with anyio.create_task_group() as starting:
+                    for spec in specs:
+                        starting.start_soon(self._start, spec, started, failed)
+            log_runs("route up", started, action="start")
+            _log_bind_failures(failed)
             # forget bind problems of routes that are gone from the desired state
             for key in list(self.bind_problems):
                 if key not in desired.routes:
                     del self.bind_problems[key]
+            for key in previous.routes:
+                self._forget_if_gone(key)
         except Exception:
             self._metrics.reconcile_total.labels("error").inc()
             raise
@@ -133,17 +159,32 @@ class Reconciler:
         self._metrics.reconcile_duration.observe(time.monotonic() - began)
         return todo
 
-    async def _stop(self, key: ListenKey) -> None:
-        live = self.live.pop(key)
+    def _update(self, spec: RouteSpec) -> None:
+        live = self.live.get(spec.key)
+        if live is None:  # its listener died since the plan: the next pass starts it again
+            return
+        live.update(spec)
+        self._metrics.route(spec.alias, spec.key)  # the alias served there may be a new one
+
+    async def _stop(self, key: ListenKey, stopped: list[RouteSpec]) -> None:
+        live = self.live.pop(key, None)
+        if live is None:  # its listener died since the plan
+            return
         self.draining.add(live)
+        self._draining_keys[key] += 1
         live.close()
         with anyio.move_on_after(LISTENER_CLOSE_DEADLINE):
             await live.listener_closed.wait()
-        logger.info("route down", extra=_ctx(live.spec, action="stop"))
+        stopped.append(live.spec)
 
-    async def _start(self, spec: RouteSpec) -> None:
+    async def _start(
+        self, spec: RouteSpec, started: list[RouteSpec], failed: list[tuple[RouteSpec, str]]
+    ) -> None:
         live = LiveRoute(
-            spec, counters=self._metrics.route(spec.alias), edge=self._edge, shared=self.shared
+            spec,
+            counters=self._metrics.route(spec.alias, spec.key),
+            edge=self._edge,
+            shared=self.shared,
         )
         serve: ServeFn = serve_tcp if spec.transport == "tcp" else serve_udp
         try:
@@ -158,16 +199,25 @@ class Reconciler:
                 label="port",
                 value=str(spec.key.port),
                 message=message + " (retrying)",
+                listen=str(spec.key),
             )
-            log = logger.error if first_time else logger.debug
-            log("route bind failed: %s", message, extra=_ctx(spec, action="bind"))
+            if first_time:
+                failed.append((spec, message))
+            else:
+                log_ctx = context((spec,), action="bind")
+                logger.debug("route bind failed: %s", message, extra=log_ctx)
             return
         self.bind_problems.pop(spec.key, None)
         self.live[spec.key] = live
-        logger.info(
-            "route up",
-            extra=_ctx(spec, action="start"),
-        )
+        started.append(spec)
+
+    def _forget_if_gone(self, key: ListenKey) -> None:
+        """Drop the series of the route on `key` once it is not desired, listening or
+        draining any more (a route restarted or updated in place keeps its counters)."""
+        if key in self.desired.routes or key in self.live or self._draining_keys[key]:
+            return
+        del self._draining_keys[key]
+        self._metrics.forget(key)
 
     async def _supervise(
         self,
@@ -182,13 +232,17 @@ class Reconciler:
         except Exception:
             if not status.started_ok:
                 raise
-            logger.exception("listener failed", extra=_ctx(live.spec, action="crash"))
+            logger.exception("listener failed", extra=context((live.spec,), action="crash"))
         finally:
-            self.draining.discard(live)
-            if self.live.get(live.spec.key) is live:
+            key = live.spec.key
+            if live in self.draining:
+                self.draining.discard(live)
+                self._draining_keys[key] -= 1
+            if self.live.get(key) is live:
                 # died on its own: forget it so the next pass starts it again
-                del self.live[live.spec.key]
+                del self.live[key]
                 self._on_listener_lost()
+            self._forget_if_gone(key)
 
     async def close_all(self, *, drain_timeout: float) -> None:
         """Shutdown: stop accepting everywhere, then wait for connections up to the deadline."""
@@ -201,13 +255,17 @@ class Reconciler:
                 await live.finished.wait()
 
 
-def _ctx(spec: RouteSpec, *, action: str) -> dict[str, str]:
-    containers = sorted({b.container_name for b in spec.backends if b.container_name})
-    return {
-        "route": spec.alias,
-        "protocol": spec.scheme,
-        "listen": str(spec.key),
-        "dst": ",".join(str(b) for b in spec.backends) or "-",
-        "container": ",".join(containers),
-        "action": action,
-    }
+def _slices(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    """`items` in slices of `SLICE`."""
+    for first in range(0, len(items), SLICE):
+        yield items[first : first + SLICE]
+
+
+def _log_bind_failures(failed: Sequence[tuple[RouteSpec, str]]) -> None:
+    """One ERROR line per route or run of ports that failed to bind for the first time."""
+    message_of = {spec.key: message for spec, message in failed}
+    for run in runs(spec for spec, _ in failed):
+        message = message_of[run[0].key]
+        if len(run) > 1:
+            message += f" (and {len(run) - 1} more ports of the range)"
+        logger.error("route bind failed: %s", message, extra=context(run, action="bind"))

@@ -9,7 +9,8 @@ The YAML is read with PyYAML's `BaseLoader`: every scalar stays a string, exactl
 so `port: 2222:22` is not YAML 1.1's base-60 integer 133342 and `max_connections: 100` goes
 through the same parser as the label. A file that cannot be read or is not a mapping with
 `routes:` raises `RoutesFileError` (the caller keeps its previous routes); a bad route is a
-`Problem` naming the file and `routes.<name>.<field>` and affects only that route.
+`Problem` naming the file and `routes.<name>.<field>` and affects only that route. A route
+name follows the rules of an alias (`fields.ALIAS_SYNTAX`).
 
 On a reload, `keep_last_good` keeps serving the last good version of a route (by name) that
 an edit broke, with its problem saying so; a route removed from the file is removed.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from labelproxy.fields import parse_host_port, parse_route_fields
+from labelproxy.fields import alias_problem, parse_host_port, parse_route_fields
 from labelproxy.spec import (
     Backend,
     ListenKey,
@@ -140,6 +141,9 @@ def _parse_route(
 
     if not name:
         return [], [Problem("label", "", source, "routes", "", "expected a non-empty route name")]
+    bad_name = alias_problem(name)
+    if bad_name is not None:
+        return [], [Problem("label", "", source, "routes", name, bad_name)]
     if not isinstance(entry, dict):
         message = "expected a mapping of fields (port, host, scheme, ...)"
         return [], [Problem("label", name, source, f"routes.{name}", _text(entry), message)]

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from labelproxy.metrics import RouteState, StateSnapshot
+from labelproxy.fields import MAX_ALIAS_CHARS
+from labelproxy.metrics import RouteCounters, RouteState, StateSnapshot
 from labelproxy.spec import Problem, RouteSpec
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class StateView:
         for key in sorted(desired):
             spec = desired[key]
             live = rec.live.get(key) if rec else None
-            counters = rt.metrics.route(spec.alias)
+            counters = rt.metrics.counters(key) or RouteCounters(spec.alias)
             if live is not None and live.spec == spec:
                 state = "up"
             elif rec and key in rec.bind_problems:
@@ -122,7 +123,13 @@ class StateView:
                         limit=limit,
                     )
                 )
-        errors = tuple((p.route or p.source or "-", p.kind) for p in self._problems())
+        errors = tuple((_error_route(p), p.listen, p.kind) for p in self._problems())
         return StateSnapshot(
             routes=tuple(states), errors=errors, docker_connected=rt.docker_connected
         )
+
+
+def _error_route(problem: Problem) -> str:
+    """The `route` label of a problem: its alias, else the container or file it is in (a
+    problem with no alias, such as an unknown container-level label), cut to a bounded size."""
+    return (problem.route or problem.source or "-")[:MAX_ALIAS_CHARS]

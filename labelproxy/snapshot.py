@@ -109,7 +109,9 @@ def build_desired(
             claims.add(_Claim(spec, holder, None, spec.source, label, value, set(spec.backends)))
             continue
         message = _held_by(str(spec.key), held, overlap=held.spec.key != spec.key)
-        problems.append(Problem("conflict", spec.alias, spec.source, label, value, message))
+        problems.append(
+            Problem("conflict", spec.alias, spec.source, label, value, message, str(spec.key))
+        )
     for view in sorted(views, key=lambda v: (v.created, v.id)):
         declared, found = declare_container(view, ctx)
         problems.extend(found)
@@ -146,7 +148,8 @@ def build_desired(
         for (alias, label, value, _, overlap), (held, keys) in conflicts.items():
             message = _held_by(_keys_text(keys), held, overlap=overlap, many=len(keys) > 1)
             logger.debug("conflict: %s %s: %s", view.name, alias, message)
-            problems.append(Problem("conflict", alias, view.name, label, value, message))
+            listen = str(keys[0]) if len(keys) == 1 else ""
+            problems.append(Problem("conflict", alias, view.name, label, value, message, listen))
     routes: dict[ListenKey, RouteSpec] = {}
     for key in sorted(claims.by_key):
         claim = claims.by_key[key]
@@ -198,7 +201,8 @@ def _find_loops(claims: _Claims) -> tuple[set[ListenKey], list[Problem]]:
             first = f"listen {_keys_text([k for k, _, _ in hits])}: {first} (and so on)"
         message = f"{first}; relaying to it would loop back into labelproxy: not served"
         logger.debug("loop: %s %s: %s", origin, alias, message)
-        problems.append(Problem("loop", alias, origin, label, value, message))
+        listen = str(key) if len(hits) == 1 else ""
+        problems.append(Problem("loop", alias, origin, label, value, message, listen))
     return looped, problems
 
 

@@ -217,6 +217,9 @@ class Problem:
 
     `source` is the container name or routes file path, `label` the label key or routes-file
     field, `value` the offending value, `message` what was expected or what went wrong.
+    `listen` is the listen key (as text) of the route it is about when it is about exactly
+    one (a bind error, a conflict on one port), else "" (a label or address error, which
+    keeps the route from being built at all, or a conflict over a range of ports).
     """
 
     kind: ProblemKind
@@ -225,6 +228,7 @@ class Problem:
     label: str
     value: str
     message: str
+    listen: str = ""
 
     def __str__(self) -> str:
         where = f"{self.source}: " if self.source else ""

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from labelproxy.metrics import Metrics, RouteState, StateSnapshot
+from labelproxy.spec import ListenKey
 from tests.support.lp import TcpEcho, echo_roundtrip, free_port, labelproxy, wait_for, write_routes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,9 +79,10 @@ def _names_in(exprs: list[str]) -> set[str]:
     return {m for e in exprs for m in METRIC_NAME.findall(e)}
 
 
-def _metrics_with_one_route() -> set[str]:
+def _metrics_with_one_route_each() -> set[str]:
     metrics = Metrics()
-    metrics.route("web")
+    metrics.route("web", ListenKey("tcp", "127.0.0.1", 8080))
+    metrics.route("dns", ListenKey("udp", "127.0.0.1", 5353))
     metrics.build_info.labels("test").set(1)
     metrics.reconcile_total.labels("ok").inc()
     metrics.docker_events_total.labels("start").inc()
@@ -88,8 +90,11 @@ def _metrics_with_one_route() -> set[str]:
     metrics.reconcile_duration.observe(0.01)
     metrics.set_state_provider(
         lambda: StateSnapshot(
-            routes=(RouteState("web", "tcp", "tcp://127.0.0.1:8080", "127.0.0.1:8081", True, 100),),
-            errors=(("web", "conflict"),),
+            routes=(
+                RouteState("web", "tcp", "tcp://127.0.0.1:8080", "127.0.0.1:8081", True, 100),
+                RouteState("dns", "udp", "udp://127.0.0.1:5353", "127.0.0.1:53", True, 10_000),
+            ),
+            errors=(("web", "tcp://127.0.0.1:8080", "conflict"),),
             docker_connected=True,
         )
     )
@@ -122,13 +127,13 @@ def test_alerts_cover_the_promised_conditions_with_existing_metrics() -> None:
         "labelproxy_udp_sessions_active",
     ):
         assert needle in joined
-    assert _names_in(list(exprs.values())) <= _metrics_with_one_route()
+    assert _names_in(list(exprs.values())) <= _metrics_with_one_route_each()
 
 
 def test_dashboard_is_json_and_names_only_metrics_labelproxy_exposes() -> None:
     exprs = _dashboard_exprs()
     used = _names_in(exprs)
-    exposed = _metrics_with_one_route()
+    exposed = _metrics_with_one_route_each()
     assert used, "the dashboard has no labelproxy queries"
     assert used <= exposed, f"unknown metrics in the dashboard: {sorted(used - exposed)}"
     # the panels the issue asks for are there
@@ -145,6 +150,37 @@ def test_dashboard_is_json_and_names_only_metrics_labelproxy_exposes() -> None:
         "labelproxy_docker_connected",
     ):
         assert needed in used, needed
+
+
+def test_dashboard_keeps_routes_with_one_alias_apart() -> None:
+    """A route is its listen key: every per-route query groups and labels by `route` and
+    `listen` (two `ssh` routes on two ports are two lines, not one sum), and a `listen`
+    variable filters like the `route` one."""
+    doc = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    variables = {v["name"]: v for v in doc["templating"]["list"]}
+    assert "listen" in variables["listen"]["definition"]
+    targets: list[dict[str, Any]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("expr"), str):
+                targets.append(node)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(doc["panels"])
+    per_route = [t for t in targets if 'route=~"$route"' in t["expr"]]
+    assert len(per_route) >= 15
+    for target in per_route:
+        expr = target["expr"]
+        assert 'listen=~"$listen"' in expr, expr
+        for grouping in re.findall(r"by \(([^)]*)\)", expr):
+            assert {"route", "listen"} <= {g.strip() for g in grouping.split(",")}, expr
+        legend = target.get("legendFormat", "")
+        assert not legend or "{{listen}}" in legend, legend
 
 
 def test_dashboard_metrics_are_served_by_a_running_labelproxy(tmp_path: Path) -> None:

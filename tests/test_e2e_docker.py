@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -107,8 +109,9 @@ def test_udp_route_relays_largest_datagram(lp: LabelproxyProcess, run: Run) -> N
             data, _ = client.recvfrom(70_000)
             assert data == payload, f"datagram of {size} bytes came back as {len(data)}"
         client.close()
-        assert lp.metric("labelproxy_udp_datagrams_total", route="dns", direction="in") == 5
-        assert lp.metric("labelproxy_udp_sessions_active", route="dns") == 1
+        ids = {"route": "dns", "listen": f"udp://127.0.0.1:{listen}"}
+        assert lp.metric("labelproxy_udp_datagrams_total", **ids, direction="in") == 5
+        assert lp.metric("labelproxy_udp_sessions_active", **ids) == 1
     finally:
         echo.close()
 
@@ -130,7 +133,8 @@ def test_conflict_first_container_keeps_the_port(lp: LabelproxyProcess, run: Run
     problem = wait_for(conflict, what="conflict reported")
     assert problem["route"] == "second"
     assert "holder" in problem["text"] and "first" in problem["text"]
-    assert lp.metric("labelproxy_route_errors", route="second", reason="conflict") == 1
+    assert lp.metric("labelproxy_route_errors", route="second",
+                     listen=f"tcp://127.0.0.1:{listen}", reason="conflict") == 1
     route = lp.route("first")
     assert route is not None and route["backends"][0]["address"] == f"127.0.0.1:{first_target}"
     assert echoes(listen)
@@ -177,9 +181,45 @@ def test_bad_label_is_visible_and_contained(lp: LabelproxyProcess, run: Run) -> 
     assert problems, "the bad label is reported"
     text = problems[0]["text"]
     assert "mixed" in text and "proxy.bad.port" in text and "not-a-port" in text
-    assert lp.metric("labelproxy_route_errors", route="bad", reason="label") == 1
+    assert lp.metric("labelproxy_route_errors", route="bad", listen="", reason="label") == 1
     logged = [line for line in lp.log().splitlines() if "route problem (label)" in line]
     assert len(logged) == 1 and "proxy.bad.port" in logged[0], logged  # once, not every pass
+
+
+def test_one_alias_in_two_projects_is_two_routes(lp: LabelproxyProcess, run: Run) -> None:
+    """The `ssh` of two compose projects, on two ports, are two routes: each has its own
+    route_up, counters and errors (before, one `route="ssh"` set counted both), and a third
+    container's broken `ssh` label is an error of neither of them."""
+    ports = {"shop": (free_port(), free_port()), "blog": (free_port(), free_port())}
+    for project, (listen, target) in ports.items():
+        run({"com.docker.compose.project": project, "com.docker.compose.service": "ssh",
+             "proxy.ssh.port": f"{listen}:{target}", "proxy.ssh.bind": "127.0.0.1"},
+            echo_cmd(target), name=f"{project}-ssh-1")
+    run({"proxy.ssh.port": "not-a-port"}, name="broken-ssh")
+    wait_for(lambda: all(echoes(listen) for listen, _ in ports.values()), what="both ssh")
+    shop = {"route": "ssh", "listen": f"tcp://127.0.0.1:{ports['shop'][0]}"}
+    blog = {"route": "ssh", "listen": f"tcp://127.0.0.1:{ports['blog'][0]}"}
+    shop_before = lp.metric("labelproxy_connections_total", **shop) or 0
+    blog_before = lp.metric("labelproxy_connections_total", **blog) or 0
+    for _ in range(3):
+        assert echoes(ports["shop"][0])
+    assert lp.metric("labelproxy_connections_total", **shop) == shop_before + 3
+    assert lp.metric("labelproxy_connections_total", **blog) == blog_before
+    assert lp.metric("labelproxy_route_up", **shop) == 1
+    assert lp.metric("labelproxy_route_up", **blog) == 1
+    errors = [x for x in lp.metrics().splitlines() if x.startswith("labelproxy_route_errors{")]
+    assert errors == ['labelproxy_route_errors{listen="",reason="label",route="ssh"} 1.0']
+
+    rows = {r["listen"]: r for r in lp.routes()["routes"] if r["route"] == "ssh"}
+    assert set(rows) == {shop["listen"], blog["listen"]}
+    assert rows[shop["listen"]]["counters"]["connections_total"] == shop_before + 3
+    assert rows[blog["listen"]]["counters"]["connections_total"] == blog_before
+    table = subprocess.run(
+        [sys.executable, "-m", "labelproxy", "routes", "--url", lp.base],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.splitlines()
+    shown = sorted(line.split()[1] for line in table if line.split()[:1] == ["ssh"])
+    assert shown == sorted([shop["listen"], blog["listen"]])
 
 
 def test_change_to_other_container_leaves_connection_untouched(

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from labelproxy.http import HttpState, serve_http
 from labelproxy.metrics import Metrics, RouteState, StateSnapshot
+from labelproxy.spec import ListenKey
 from tests.support.lp import free_port
 
 pytestmark = pytest.mark.anyio
@@ -63,7 +64,7 @@ async def test_a_scrape_is_written_off_the_event_loop_from_a_snapshot_taken_on_i
     probe = _ThreadProbe()
     metrics.registry.register(probe)
     probe.threads.clear()  # registering collected once, to describe it
-    metrics.route("ssh").connections_total = 7
+    metrics.route("ssh", ListenKey("tcp", "0.0.0.0", 2222)).connections_total = 7
     state = HttpState(ready=lambda: True, routes=lambda: [], metrics=metrics)
     port = free_port()
     async with anyio.create_task_group() as tg:
@@ -73,7 +74,8 @@ async def test_a_scrape_is_written_off_the_event_loop_from_a_snapshot_taken_on_i
         tg.cancel_scope.cancel()
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
-    assert b'labelproxy_connections_total{route="ssh"} 7.0' in body
-    assert b'labelproxy_route_up{route="ssh"} 1.0' in body  # from the snapshot
+    ids = b'listen="tcp://0.0.0.0:2222",route="ssh"'
+    assert b"labelproxy_connections_total{" + ids + b"} 7.0" in body
+    assert b"labelproxy_route_up{" + ids + b"} 1.0" in body  # from the snapshot
     assert snapshot_threads == [loop_thread]  # the runtime's state is read on its own thread
     assert probe.threads and all(t is not loop_thread for t in probe.threads)

@@ -365,3 +365,54 @@ def test_label_facts(
     """What discovery needs to know before trusting a container's list entry."""
     facts = label_facts(labels, label_prefix="proxy")
     assert facts == LabelFacts(frozenset(listen_ports), scheme_from_ports)
+
+
+@pytest.mark.parametrize(
+    "alias",
+    [
+        pytest.param("ssh", id="short"),
+        pytest.param("a" * 64, id="64 characters"),
+        pytest.param("my-app_2", id="compose-style service name"),
+        pytest.param("shop-db-1", id="compose container name"),
+        pytest.param("Web.Example.com", id="host name with capitals"),
+        pytest.param("postgres_16.replica-0", id="mixed"),
+    ],
+)
+def test_alias_within_the_bounds_is_a_route(alias: str) -> None:
+    routes, problems = parse({"proxy.aliases": alias, f"proxy.{alias}.port": "5432"})
+    assert problems == ()
+    assert list(routes) == [alias]
+
+
+@pytest.mark.parametrize(
+    ("labels", "label", "alias", "expected"),
+    [
+        pytest.param({"proxy." + "a" * 65 + ".port": "80"}, "proxy." + "a" * 65 + ".port",
+                     "a" * 65, "it has 65 characters", id="65 characters"),
+        pytest.param({"proxy." + "x" * 500 + ".port": "80"}, "proxy." + "x" * 500 + ".port",
+                     "x" * 500, "it has 500 characters", id="500 characters"),
+        pytest.param({"proxy.caf\u00e9.port": "80"}, "proxy.caf\u00e9.port", "caf\u00e9",
+                     "'\u00e9' is not allowed", id="not ascii"),
+        pytest.param({"proxy.a:b.port": "80"}, "proxy.a:b.port", "a:b", "':' is not allowed",
+                     id="colon"),
+        pytest.param({"proxy.aliases": "my app", "proxy.#1.port": "80"}, "proxy.aliases",
+                     "my app", "' ' is not allowed", id="space, listed in aliases"),
+        pytest.param({"proxy.aliases": "a{b}"}, "proxy.aliases", "a{b}", "'{' is not allowed",
+                     id="listed only"),
+        pytest.param({"proxy.a\"b.port": "80", "proxy.a\"b.scheme": "udp"}, "proxy.a\"b.port",
+                     "a\"b", "'\"' is not allowed", id="quote, first label of the alias"),
+    ],
+)  # fmt: skip
+def test_alias_out_of_bounds_is_a_label_problem_without_a_route_name(
+    labels: dict[str, str], label: str, alias: str, expected: str
+) -> None:
+    """An alias is a label value of every series of its route: longer than 64 characters or
+    outside [A-Za-z0-9_.-] it is refused (the container's other aliases are served)."""
+    routes, problems = parse({**labels, "proxy.fine.port": "2222:22"})
+    assert list(routes) == ["fine"]
+    [problem] = problems
+    assert problem.kind == "label"
+    assert problem.route == ""  # the bad alias is not echoed into route labels
+    assert "route name of at most 64 characters" in problem.message
+    assert expected in problem.message
+    assert_names(problem, label, alias)

@@ -52,12 +52,13 @@ def test_static_route_relays_and_counts(tmp_path: Path, echo: TcpEcho) -> None:
     with labelproxy(static_env(routes)) as lp:
         payload = bytes(range(256)) * 4000  # 1,024,000 bytes
         assert echo_roundtrip(port, payload) == payload
-        wait_for(lambda: lp.metric("labelproxy_connections_active", route="echo") == 0,
+        ids = {"route": "echo", "listen": f"tcp://127.0.0.1:{port}"}
+        wait_for(lambda: lp.metric("labelproxy_connections_active", **ids) == 0,
                  what="connection closed in metrics")
-        assert lp.metric("labelproxy_bytes_total", route="echo", direction="in") == len(payload)
-        assert lp.metric("labelproxy_bytes_total", route="echo", direction="out") == len(payload)
-        assert lp.metric("labelproxy_connections_total", route="echo") == 1
-        assert lp.metric("labelproxy_route_up", route="echo") == 1
+        assert lp.metric("labelproxy_bytes_total", **ids, direction="in") == len(payload)
+        assert lp.metric("labelproxy_bytes_total", **ids, direction="out") == len(payload)
+        assert lp.metric("labelproxy_connections_total", **ids) == 1
+        assert lp.metric("labelproxy_route_up", **ids) == 1
         assert lp.metric(
             "labelproxy_route_info", route="echo", scheme="tcp4",
             listen=f"tcp://127.0.0.1:{port}", targets=f"127.0.0.1:{echo.port}",
@@ -118,7 +119,7 @@ def test_bad_route_is_contained(tmp_path: Path, echo: TcpEcho) -> None:
         assert echo_roundtrip(good, b"fine") == b"fine"
         problems = lp.routes()["problems"]
         assert any("sctp" in p["text"] and "bad" in p["text"] for p in problems), problems
-        assert lp.metric("labelproxy_route_errors", route="bad", reason="label") == 1
+        assert lp.metric("labelproxy_route_errors", route="bad", listen="", reason="label") == 1
 
 
 def test_bind_failure_is_reported_and_retried(tmp_path: Path, echo: TcpEcho) -> None:
@@ -132,8 +133,9 @@ def test_bind_failure_is_reported_and_retried(tmp_path: Path, echo: TcpEcho) -> 
         route: dict[str, Any] = wait_for(lambda: lp.route("late"), what="route listed")
         assert route["state"] == "error"
         assert "in use" in " ".join(route["errors"]).lower()
-        assert lp.metric("labelproxy_route_errors", route="late", reason="bind") == 1
-        assert lp.metric("labelproxy_route_up", route="late") == 0
+        ids = {"route": "late", "listen": f"tcp://127.0.0.1:{port}"}
+        assert lp.metric("labelproxy_route_errors", **ids, reason="bind") == 1
+        assert lp.metric("labelproxy_route_up", **ids) == 0
         squatter.close()
         wait_for(lambda: (lp.route("late") or {}).get("state") == "up", timeout=20,
                  what="bind retried")
@@ -318,7 +320,7 @@ def test_settings_reach_the_data_plane_acl_and_proxy_protocol(
             assert refused.recv(10) == b""  # closed at once
         assert echo.accepted == 0  # no dial happened
         assert lp.metric("labelproxy_connections_rejected_total", route="denied",
-                         reason="acl") == 1
+                         listen=f"tcp://127.0.0.1:{denied_port}", reason="acl") == 1
 
         with socket.create_connection(("127.0.0.1", pp_port), timeout=5) as client:
             client.sendall(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 443\r\nhello")
@@ -359,26 +361,31 @@ def _consecutive_free_ports(count: int) -> int:
     raise AssertionError("no run of consecutive free ports")
 
 
-def test_port_range_is_one_route_in_metrics(tmp_path: Path, echo: TcpEcho) -> None:
-    """A range alias has one listener per port but one `route_up` series (a duplicate series
-    would make Prometheus reject the whole scrape); UDP routes export their session cap."""
+def test_port_range_is_one_route_per_port_in_metrics(tmp_path: Path, echo: TcpEcho) -> None:
+    """A range alias has one listener, and one set of series, per port (a route is its listen
+    key); UDP routes export their session cap, TCP routes without a cap export none."""
     first = _consecutive_free_ports(3)
+    dns_port = free_port()
     routes = tmp_path / "routes.yaml"
     write_routes(routes, {
         "range": {"scheme": "tcp4", "bind": "127.0.0.1",
                   "port": f"{first}-{first + 2}:{echo.port}-{echo.port + 2}",
                   "host": "127.0.0.1"},
-        "dns": {"scheme": "udp4", "bind": "127.0.0.1", "port": f"{free_port()}:53",
+        "dns": {"scheme": "udp4", "bind": "127.0.0.1", "port": f"{dns_port}:53",
                 "host": "127.0.0.1"},
     })
     with labelproxy(static_env(routes)) as lp:
         for port in range(first, first + 3):
             assert accepts(port)
         lines = lp.metrics().splitlines()
-        assert [x for x in lines if x.startswith('labelproxy_route_up{route="range"}')] == [
-            'labelproxy_route_up{route="range"} 1.0'
+        assert sorted(x for x in lines if x.startswith("labelproxy_route_up{")
+                      and 'route="range"' in x) == [
+            f'labelproxy_route_up{{listen="tcp://127.0.0.1:{port}",route="range"}} 1.0'
+            for port in range(first, first + 3)
         ]
         assert sum(x.startswith('labelproxy_route_info{') and 'route="range"' in x
                    for x in lines) == 3
-        assert lp.metric("labelproxy_route_connection_limit", route="dns") == 10_000
-        assert lp.metric("labelproxy_route_connection_limit", route="range") is None
+        dns = {"route": "dns", "listen": f"udp://127.0.0.1:{dns_port}"}
+        assert lp.metric("labelproxy_route_connection_limit", **dns) == 10_000
+        assert not [x for x in lines
+                    if x.startswith("labelproxy_route_connection_limit{") and "range" in x]

@@ -8,9 +8,14 @@ import math
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from labelproxy.metrics import DIAL_BUCKETS, DURATION_BUCKETS, Metrics, PlainHistogram
+from labelproxy.histogram import PlainHistogram
+from labelproxy.metrics import DIAL_BUCKETS, DURATION_BUCKETS, Metrics
+from labelproxy.spec import ListenKey
 
 BOUNDS = (0.5, 1.0, 5.0)
+KEYS = {
+    name: ListenKey("tcp", "::", port) for name, port in (("web", 80), ("db", 5432), ("idle", 9))
+}
 
 
 @pytest.mark.parametrize(
@@ -66,12 +71,12 @@ def test_bad_bounds_are_refused(bounds: tuple[float, ...]) -> None:
 
 def test_route_observers_feed_that_routes_histograms_only() -> None:
     metrics = Metrics()
-    web, db = metrics.route("web"), metrics.route("db")
+    web, db = metrics.route("web", KEYS["web"]), metrics.route("db", KEYS["db"])
     web.observe_dial(0.001)
     web.observe_dial(10.0)
     web.observe_connection(2.0)
     db.observe_connection(20_000.0)
-    assert metrics.route("web") is web  # kept, not recreated
+    assert metrics.route("web", KEYS["web"]) is web  # kept, not recreated
     assert web.dial_durations.count == 2
     assert web.dial_durations.counts[DIAL_BUCKETS.index(0.001)] == 1
     assert web.dial_durations.counts[-1] == 1
@@ -88,7 +93,7 @@ def _lines(text: str, prefix: str) -> list[str]:
 
 def test_render_has_cumulative_buckets_count_and_sum_per_route() -> None:
     metrics = Metrics()
-    web, db = metrics.route("web"), metrics.route("db")
+    web, db = metrics.route("web", KEYS["web"]), metrics.route("db", KEYS["db"])
     for value in (0.0005, 0.003, 0.003, 0.7, 9.0):
         web.observe_dial(value)
     db.observe_dial(0.02)
@@ -97,8 +102,8 @@ def test_render_has_cumulative_buckets_count_and_sum_per_route() -> None:
     dial = "labelproxy_upstream_dial_duration_seconds"
     assert f"# TYPE {dial} histogram" in text
     assert f"# HELP {dial} Time to connect to an upstream backend." in text
-    assert _lines(text, f'{dial}_bucket{{le="0.0005",route="web"}}') == [
-        f'{dial}_bucket{{le="0.0005",route="web"}} 1.0'
+    assert _lines(text, f'{dial}_bucket{{le="0.0005",listen="tcp://[::]:80",route="web"}}') == [
+        f'{dial}_bucket{{le="0.0005",listen="tcp://[::]:80",route="web"}} 1.0'
     ]
     expected_web = [
         ("0.0005", 1), ("0.001", 1), ("0.0025", 1), ("0.005", 3), ("0.01", 3), ("0.025", 3),
@@ -106,21 +111,22 @@ def test_render_has_cumulative_buckets_count_and_sum_per_route() -> None:
         ("+Inf", 5),
     ]  # fmt: skip
     web_lines = [line for line in _lines(text, f"{dial}_") if 'route="web"' in line]
+    web_ids = 'listen="tcp://[::]:80",route="web"'
     assert web_lines == [
-        *(f'{dial}_bucket{{le="{le}",route="web"}} {n}.0' for le, n in expected_web),
-        f'{dial}_count{{route="web"}} 5.0',
-        f'{dial}_sum{{route="web"}} 9.7065',
+        *(f'{dial}_bucket{{le="{le}",{web_ids}}} {n}.0' for le, n in expected_web),
+        f'{dial}_count{{listen="tcp://[::]:80",route="web"}} 5.0',
+        f'{dial}_sum{{listen="tcp://[::]:80",route="web"}} 9.7065',
     ]
     db_lines = [line for line in _lines(text, f"{dial}_") if 'route="db"' in line]
-    assert f'{dial}_bucket{{le="0.01",route="db"}} 0.0' in db_lines
-    assert f'{dial}_bucket{{le="0.025",route="db"}} 1.0' in db_lines
-    assert f'{dial}_count{{route="db"}} 1.0' in db_lines
-    assert f'{dial}_sum{{route="db"}} 0.02' in db_lines
+    assert f'{dial}_bucket{{le="0.01",listen="tcp://[::]:5432",route="db"}} 0.0' in db_lines
+    assert f'{dial}_bucket{{le="0.025",listen="tcp://[::]:5432",route="db"}} 1.0' in db_lines
+    assert f'{dial}_count{{listen="tcp://[::]:5432",route="db"}} 1.0' in db_lines
+    assert f'{dial}_sum{{listen="tcp://[::]:5432",route="db"}} 0.02' in db_lines
 
     duration = "labelproxy_connection_duration_seconds"
     assert f"# TYPE {duration} histogram" in text
-    assert f'{duration}_bucket{{le="14400.0",route="web"}} 0.0' in text
-    assert f'{duration}_count{{route="db"}} 0.0' in text
+    assert f'{duration}_bucket{{le="14400.0",listen="tcp://[::]:80",route="web"}} 0.0' in text
+    assert f'{duration}_count{{listen="tcp://[::]:5432",route="db"}} 0.0' in text
 
 
 @pytest.mark.parametrize(
@@ -149,14 +155,14 @@ def test_exposition_matches_prometheus_client_histogram(
     sum lines (only the `_created` series is gone)."""
     values = (0.0, 0.0005, 0.01, 0.123456789, 1 / 3, 1.0, 7.0, 3600.0, 99_999.0, 1e9)
     registry = CollectorRegistry()
-    reference = Histogram(name, doc, ["route"], buckets=buckets, registry=registry)
+    reference = Histogram(name, doc, ["route", "listen"], buckets=buckets, registry=registry)
     metrics = Metrics()
     for route in ("web", "db"):
         for value in values if route == "web" else values[:3]:
-            reference.labels(route).observe(value)
-            getattr(metrics.route(route), observe)(value)
-    metrics.route("idle")
-    reference.labels("idle")
+            getattr(metrics.route(route, KEYS[route]), observe)(value)
+            reference.labels(route, str(KEYS[route])).observe(value)
+    metrics.route("idle", KEYS["idle"])
+    reference.labels("idle", str(KEYS["idle"]))
 
     def ours(text: str) -> list[str]:
         return [line for line in text.splitlines() if name in line and "_created" not in line]

@@ -231,3 +231,34 @@ def test_keep_last_good_keeps_broken_routes_and_drops_removed_ones() -> None:
     assert again.by_name == {"a": (spec("a", 1),)}
     fixed = keep_last_good(again.by_name, [spec("a", 10)], [])
     assert (fixed.by_name, fixed.problems, fixed.kept) == ({"a": (spec("a", 10),)}, (), ())
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        pytest.param("'" + "r" * 65 + "'", "it has 65 characters", id="65 characters"),
+        pytest.param("'my route'", "' ' is not allowed", id="space"),
+        pytest.param("'db/primary'", "'/' is not allowed", id="slash"),
+        pytest.param("'caf\u00e9'", "'\u00e9' is not allowed", id="not ascii"),
+        pytest.param("'a\"b'", "'\"' is not allowed", id="quote"),
+    ],
+)
+def test_route_name_out_of_bounds_is_a_problem(tmp_path: Path, name: str, expected: str) -> None:
+    """A route name is the `route` label of its series: bounded like an alias."""
+    text = f"routes:\n  {name}:\n    port: 22\n    host: a.lan\n  good:\n    port: 2222\n"
+    text += "    host: 10.0.0.1\n"
+    specs, problems, path = load(tmp_path, text)
+    assert [s.alias for s in specs] == ["good"]
+    [problem] = problems
+    assert (problem.kind, problem.route, problem.label) == ("label", "", "routes")
+    assert problem.value == name.strip("'")
+    assert "route name of at most 64 characters" in problem.message
+    assert expected in problem.message
+    assert str(path) in str(problem)
+
+
+@pytest.mark.parametrize("name", ["r" * 64, "ssh-proxy", "Web_2.internal", "0"])
+def test_route_names_within_the_bounds(tmp_path: Path, name: str) -> None:
+    specs, problems, _ = load(tmp_path, f"routes:\n  '{name}':\n    port: 22\n    host: a.lan\n")
+    assert problems == ()
+    assert [s.alias for s in specs] == [name]

@@ -321,7 +321,8 @@ async def test_update_sends_new_connections_to_new_backends_and_keeps_old_ones()
 
 async def test_drain_refuses_new_connections_and_lets_open_ones_finish() -> None:
     async with upstream() as up:
-        live = LiveRoute(tcp_spec(up.port), counters=Metrics().route("t"), edge=EdgePolicy())
+        spec = tcp_spec(up.port)
+        live = LiveRoute(spec, counters=Metrics().route("t", spec.key), edge=EdgePolicy())
         async with anyio.create_task_group() as tg:
             await tg.start(serve_tcp, live)
             port = live.bound[0][1]
@@ -343,7 +344,8 @@ async def test_drain_refuses_new_connections_and_lets_open_ones_finish() -> None
 
 async def test_drain_deadline_closes_what_is_left() -> None:
     async with upstream() as up:
-        live = LiveRoute(tcp_spec(up.port), counters=Metrics().route("t"), edge=EdgePolicy())
+        spec = tcp_spec(up.port)
+        live = LiveRoute(spec, counters=Metrics().route("t", spec.key), edge=EdgePolicy())
         async with anyio.create_task_group() as tg:
             await tg.start(serve_tcp, live)
             stream = await connect(live)
@@ -358,7 +360,8 @@ async def test_drain_deadline_closes_what_is_left() -> None:
 
 async def test_cancelling_the_listener_closes_everything() -> None:
     async with upstream() as up:
-        live = LiveRoute(tcp_spec(up.port), counters=Metrics().route("t"), edge=EdgePolicy())
+        spec = tcp_spec(up.port)
+        live = LiveRoute(spec, counters=Metrics().route("t", spec.key), edge=EdgePolicy())
         async with anyio.create_task_group() as tg:
             await tg.start(serve_tcp, live)
             stream = await connect(live)
@@ -380,7 +383,7 @@ async def test_bind_conflict_raises_before_started() -> None:
             key=type(spec.key)("tcp", "127.0.0.1", taken.getsockname()[1]),
             backends=spec.backends,
         )
-        live = LiveRoute(spec, counters=Metrics().route("t"), edge=EdgePolicy())
+        live = LiveRoute(spec, counters=Metrics().route("t", spec.key), edge=EdgePolicy())
         async with anyio.create_task_group() as tg:
             with pytest.raises(OSError):
                 await tg.start(serve_tcp, live)

@@ -118,7 +118,7 @@ async def running_route(
     metrics = metrics or Metrics()
     live = LiveRoute(
         spec,
-        counters=metrics.route(spec.alias),
+        counters=metrics.route(spec.alias, spec.key),
         edge=edge or EdgePolicy(),
         shared=shared,
         extra_hooks=extra_hooks,

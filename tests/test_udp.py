@@ -146,7 +146,8 @@ async def test_close_ends_sessions_and_frees_the_port() -> None:
 
 async def test_outside_cancellation_closes_everything() -> None:
     async with access_log() as log, udp_upstream() as up:
-        live = LiveRoute(udp_spec(up.port), counters=Metrics().route("echo"), edge=EdgePolicy())
+        spec = udp_spec(up.port)
+        live = LiveRoute(spec, counters=Metrics().route("echo", spec.key), edge=EdgePolicy())
         async with anyio.create_task_group() as tg:
             await tg.start(serve_udp, live)
             async with client_of(live) as client:
@@ -165,7 +166,7 @@ async def test_bind_failure_raises_before_started() -> None:
         holder.bind(("127.0.0.1", 0))
         taken = holder.getsockname()[1]
         spec = udp_spec(1, port=taken)
-        live = LiveRoute(spec, counters=Metrics().route("echo"), edge=EdgePolicy())
+        live = LiveRoute(spec, counters=Metrics().route("echo", spec.key), edge=EdgePolicy())
         async with anyio.create_task_group() as tg:
             with pytest.raises(OSError):
                 await tg.start(serve_udp, live)

@@ -131,7 +131,7 @@ async def running_route(
     metrics = Metrics()
     live = LiveRoute(
         spec,
-        counters=metrics.route(spec.alias),
+        counters=metrics.route(spec.alias, spec.key),
         edge=edge or EdgePolicy(),
         extra_hooks=extra_hooks,
         shared=shared,
