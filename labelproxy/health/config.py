@@ -283,14 +283,14 @@ def decode_escapes(text: str) -> bytes:
 
 
 def parse_interval(text: str) -> float:
-    seconds = parse_duration(text)
+    seconds = round(parse_duration(text), 6)  # 700ms is 0.7, not 0.7000000000000001
     if seconds < MIN_INTERVAL:
         raise ValueError("expected an interval of at least 50ms, such as 5s or 1m")
     return seconds
 
 
 def parse_timeout(text: str) -> float:
-    seconds = parse_duration(text)
+    seconds = round(parse_duration(text), 6)
     if seconds <= 0:
         raise ValueError("expected a positive duration such as 2s or 500ms")
     return seconds

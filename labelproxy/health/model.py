@@ -128,8 +128,5 @@ def render_bytes(data: bytes) -> str:
 
 
 def render_seconds(seconds: float) -> str:
-    """`5s`, `250ms`, `1.5s`: a duration `units.parse_duration` reads back."""
-    millis = seconds * 1000
-    if seconds < 1 and abs(millis - round(millis)) < 1e-6:
-        return f"{round(millis)}ms"
+    """`5s`, `0.25s`, `90s`: a duration `units.parse_duration` reads back exactly."""
     return f"{seconds:.6f}".rstrip("0").rstrip(".") + "s"

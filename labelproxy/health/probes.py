@@ -89,7 +89,7 @@ def describe_os_error(exc: BaseException) -> str:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno is not None:
-            return seen.strerror or os.strerror(seen.errno)
+            return os.strerror(seen.errno)
         if isinstance(seen, BaseExceptionGroup) and seen.exceptions:
             seen = seen.exceptions[0]
             continue

@@ -77,11 +77,15 @@ REDIS_PING = b"*1\r\n$4\r\nPING\r\n"
 def judge_redis(answer: bytes) -> Verdict | None:
     """`+PONG` is up, and so is `-NOAUTH` (a live server that wants a password); any other
     error (`-LOADING`, `-MASTERDOWN`, `-BUSY`...) is down."""
+    if not answer:
+        return None
+    if answer[:1] not in (b"+", b"-"):
+        return Verdict(False, f"not a redis answer: {preview(answer)}")
     line, sep, _ = answer.partition(b"\r\n")
     if not sep:
-        if len(answer) > 512 or (answer and answer[:1] not in b"+-"):
-            return Verdict(False, f"not a redis answer: {preview(answer)}")
-        return None
+        return (
+            Verdict(False, f"not a redis answer: {preview(answer)}") if len(answer) > 512 else None
+        )
     if line == b"+PONG":
         return Verdict(True, "+PONG")
     if line.startswith(b"-NOAUTH"):
@@ -124,7 +128,7 @@ def _judge_dns_tcp(query_id: int) -> Callable[[bytes], Verdict | None]:
         if len(answer) < 2 + min(length, 12):
             return None
         verdict = judge_dns_message(answer[2 : 2 + length], query_id)
-        return verdict or Verdict(False, "a DNS answer to another query")
+        return verdict or Verdict(False, f"not an answer to our DNS query: {preview(answer)}")
 
     return judge
 
