@@ -250,7 +250,8 @@ class HealthChecker:
     async def _end_ejection(
         self, key: ListenKey, route: _Route, backend: Backend, until: float
     ) -> None:
-        await anyio.sleep(max(0.0, until - time.monotonic()))
+        while (left := until - time.monotonic()) > 0:  # never a hair early
+            await anyio.sleep(left)
         with self._lock:
             state = route.states.get(backend)
             if state is None or self._routes.get(key) is not route:
