@@ -47,10 +47,11 @@ def test_rise_and_fall(results: str, ready: str, phase: str) -> None:
 
 def test_one_reason_per_change_not_per_check() -> None:
     state = BackendState.new(CHECK, wall=0.0)
+    results: list[Result] = ["pass", "pass", "pass", "fail", "fail", "fail", "fail"]
     reasons = [
         state.record_check(r, "d", CHECK, now=float(i), wall=float(i))
-        for i, r in enumerate(["pass", "pass", "pass", "fail", "fail", "fail", "fail"])
-    ]  # type: ignore[arg-type]
+        for i, r in enumerate(results)
+    ]
     assert [r is not None for r in reasons] == [False, True, False, False, False, True, False]
     assert reasons[1] == "check passed 2 time(s) in a row: d"
     assert reasons[5] == "check fail 3 time(s) in a row: d"
