@@ -327,3 +327,13 @@ async def test_reports_for_unknown_routes_or_backends_are_ignored() -> None:
     assert checker.status(KEY) is None
     with contextlib.suppress(TimeoutError):
         assert await checker.wait_ready(KEY, timeout=0.05) == ()
+
+
+async def test_a_backend_removed_before_its_first_check_ran_disturbs_nothing() -> None:
+    server = CountingServer()
+    checker = HealthChecker()
+    async with running(checker), listening(server) as port:
+        gone, kept = Backend("127.0.0.1", port, "gone"), Backend("127.0.0.1", port, "kept")
+        checker.set_targets({KEY: HealthTarget(FAST, (gone,))})
+        checker.set_targets({KEY: HealthTarget(FAST, (kept,))})  # before any task ran
+        assert await checker.wait_ready(KEY, timeout=5.0) == (kept,)

@@ -160,8 +160,10 @@ class HealthChecker:
         self, key: ListenKey, route: _Route, backend: Backend, watcher: _Watcher
     ) -> None:
         with watcher.scope:
-            delay = self._delay(route.check, route.states[backend]) * self.jitter
-            delay *= random.random()
+            first = route.states.get(backend)
+            if first is None:
+                return  # removed before this task ran (its scope is cancelled too)
+            delay = self._delay(route.check, first) * self.jitter * random.random()
             while True:
                 with anyio.move_on_after(delay):
                     await watcher.wake.wait()
