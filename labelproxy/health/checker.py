@@ -60,8 +60,16 @@ class _Route:
 
 @dataclass(eq=False, slots=True)
 class _Watcher:
+    """The check task of one backend: `scope` ends it, `nap` (while it waits) is cancelled
+    to check at once. A plain sleep ends the wait: a timeout that fires (`move_on_after`)
+    costs anyio a cancellation delivery, ~1 ms of CPU here, on every check."""
+
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    wake: anyio.Event = field(default_factory=anyio.Event)
+    nap: anyio.CancelScope | None = None
+
+    def wake(self) -> None:
+        if self.nap is not None:
+            self.nap.cancel()
 
 
 class HealthChecker:
@@ -165,9 +173,9 @@ class HealthChecker:
                 return  # removed before this task ran (its scope is cancelled too)
             delay = self._delay(route.check, first) * self.jitter * random.random()
             while True:
-                with anyio.move_on_after(delay):
-                    await watcher.wake.wait()
-                watcher.wake = anyio.Event()
+                with anyio.CancelScope() as watcher.nap:
+                    await anyio.sleep(delay)
+                watcher.nap = None
                 check = route.check
                 async with self._limiter:
                     result = await probe(
@@ -265,7 +273,7 @@ class HealthChecker:
                 change = self._change(key, route, backend, state, reason)
                 self._publish(key)
         if watcher is not None:
-            watcher.wake.set()  # checked: its next pass brings it back
+            watcher.wake()  # checked: its next pass brings it back
         if change is not None:
             self._notify([change])
 
