@@ -40,7 +40,13 @@ import anyio.from_thread
 from labelproxy.health.model import RESULTS, HealthCheck, Result
 from labelproxy.health.probes import probe
 from labelproxy.health.state import BackendState, PassivePolicy
-from labelproxy.health.views import BackendStatus, HealthTarget, RouteHealth, StateChange
+from labelproxy.health.views import (
+    BackendStatus,
+    HealthTarget,
+    RouteHealth,
+    StateChange,
+    log_context,
+)
 from labelproxy.spec import Backend, ListenKey
 
 logger = logging.getLogger(__name__)
@@ -52,6 +58,7 @@ Listener = Callable[[StateChange], None]
 class _Route:
     route: str
     check: HealthCheck
+    order: tuple[Backend, ...] = ()  # the target's order, kept by the published pool
     states: dict[Backend, BackendState] = field(default_factory=dict)
     watchers: dict[Backend, _Watcher] = field(default_factory=dict)
     results: dict[Result, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
@@ -135,7 +142,7 @@ class HealthChecker:
             route = self._routes[key] = _Route(target.route, target.check)
         changes: list[StateChange] = []
         old = route.check
-        route.route, route.check = target.route, target.check
+        route.route, route.check, route.order = target.route, target.check, target.backends
         keep = set(target.backends)
         for backend in [b for b in route.states if b not in keep]:
             del route.states[backend]
@@ -208,7 +215,7 @@ class HealthChecker:
     # -- passive evidence (any thread) ------------------------------------------------------
     def report_dial_failure(self, key: ListenKey, backend: Backend, *, why: str = "") -> bool:
         """A dial to `backend` failed (refused, timeout, reset before any byte); True when
-        this ejected it from the pool."""
+        this ejected it from the pool (its return is timed by `serve`, which must run)."""
         with self._lock:
             route = self._routes.get(key)
             state = route.states.get(backend) if route is not None else None
@@ -232,7 +239,7 @@ class HealthChecker:
             if spared:
                 logger.warning(
                     "%d dials in a row failed (%s); the route's last ready backend stays in",
-                    count, why, extra=self._context(key, route, backend, "backend_spared"),
+                    count, why, extra=log_context(key, route.route, backend, "backend_spared"),
                 )  # fmt: skip
             return False
         self._notify([change])
@@ -320,7 +327,7 @@ class HealthChecker:
     # -- publishing (lock held) and notifying (lock released) -------------------------------
     def _publish(self, key: ListenKey) -> None:
         route = self._routes[key]
-        ready = tuple(b for b, s in route.states.items() if s.ready)
+        ready = tuple(b for b in route.order if route.states[b].ready)
         self._ready[key] = ready
         if ready and threading.get_ident() == self._loop_thread:
             event = self._ready_events.pop(key, None)
@@ -334,8 +341,7 @@ class HealthChecker:
 
     def _notify(self, changes: list[StateChange]) -> None:
         for change in changes:
-            route = self._routes.get(change.key)
-            extra = self._context(change.key, route, change.backend, change.phase)
+            extra = log_context(change.key, change.route, change.backend, change.phase)
             extra["reason"] = change.reason
             if change.ready:
                 logger.info("backend ready", extra=extra)
@@ -346,15 +352,3 @@ class HealthChecker:
                     listener(change)
                 except Exception:
                     logger.exception("health listener failed", extra=extra)
-
-    @staticmethod
-    def _context(
-        key: ListenKey, route: _Route | None, backend: Backend, action: str
-    ) -> dict[str, object]:
-        return {
-            "route": route.route if route is not None else "",
-            "listen": str(key),
-            "backend": str(backend),
-            "container": backend.container_name,
-            "action": action,
-        }

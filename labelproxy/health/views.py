@@ -3,7 +3,8 @@
 `HealthTarget`: one route's check and backends (input of `HealthChecker.set_targets`).
 `StateChange`: one backend's readiness changed (to listeners and the log line).
 `BackendStatus` / `RouteHealth`: a consistent copy of a route's health for `/routes`,
-`labelproxy routes` and the metrics collector (read at scrape time).
+`labelproxy routes` and the metrics collector (read at scrape time). `log_context`: the
+context fields of a health log line.
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ class StateChange:
     ready: bool
     phase: Phase
     reason: str
+
+
+def log_context(key: ListenKey, route: str, backend: Backend, action: str) -> dict[str, object]:
+    """The `extra=` of a health log line (the context fields of `labelproxy.logs`)."""
+    return {
+        "route": route,
+        "listen": str(key),
+        "backend": str(backend),
+        "container": backend.container_name,
+        "action": action,
+    }
 
 
 @dataclass(frozen=True, slots=True)
