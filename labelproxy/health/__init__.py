@@ -14,19 +14,24 @@ re-exported: `health.model` must stay importable from `spec` without a cycle.
 - `views`: `HealthTarget` (input), `StateChange`, `BackendStatus`, `RouteHealth` (output).
 - `checker`: `HealthChecker`, the scheduler and the API the data plane reads.
 
-Wiring (a later stage), in short:
-- fields/labels/routesfile: `config.owns_field(name)` fields go to `parse_health_fields`
-  (syntax) and, once a route's transport is known, `resolve_health(transport=,
-  docker_health=view.health != "none")`; `RouteOptions.healthcheck: HealthCheck` carries it.
-- runtime: one `HealthChecker` started with `task_group.start(checker.serve)` before the
-  listeners; after each applied snapshot, `checker.set_targets({key: HealthTarget(
-  spec.options.healthcheck, spec.backends, route=spec.alias)})` for every route (checked
-  or not: passive ejection needs them all), before the listeners get the new specs.
-- data plane: pick among `spec.backends` that `checker.is_ready(key, b)` (or intersect
-  with `ready_backends(key)`); with none ready, hold the client up to `connect_timeout` and
-  wake on a `subscribe`d `StateChange` with `ready=True` (listeners run on the thread of the
-  change: hand it to the data loop with `DataLoop.submit`), then refuse with `no_backend`;
-  report every dial: `report_dial_failure(key, b, why=...)` for refused/timeout/reset before
-  any byte, `report_dial_success(key, b)` on connect.
-- metrics and /routes from `checker.status(key)` / `statuses()` at scrape time.
+Wiring (a later stage):
+- fields/labels/routesfile: names with `config.owns_field(name)` go to
+  `parse_health_fields` (syntax, problems named by `label_of(field)`), and once a route's
+  transport is known, to `resolve_health(transport=, docker_health=view.health != "none")`
+  (False for routes-file routes); `RouteOptions.healthcheck: HealthCheck = HealthCheck()`
+  carries the result. labels.py stops ignoring `healthcheck` as a GoDoxy HTTP field.
+- runtime: one `HealthChecker` started with `await task_group.start(checker.serve)` before
+  the listeners; after each applied snapshot, `checker.set_targets({key: HealthTarget(
+  spec.options.healthcheck, spec.backends, route=spec.alias)})` for every route (checked or
+  not: passive ejection needs them all), before the listeners get the new specs.
+- data plane: pick among `spec.backends` those with `checker.is_ready(key, b)`; with none,
+  hold a new TCP client up to `connect_timeout`, woken by a `subscribe`d listener's
+  `StateChange(ready=True)` (listeners run on the thread of the change: hand over with
+  `DataLoop.submit`), else refuse it (`no_backend`). Report every dial:
+  `report_dial_failure(key, b, why=...)` (refused, timeout, reset before any byte) and
+  `report_dial_success(key, b)` (lock-free unless failures were counted).
+- metrics and /routes read `checker.status(key)` / `statuses()` at scrape time:
+  `backend_up` from `BackendStatus.ready`, `health_checks_total{result}` from
+  `RouteHealth.results`, `backend_ejections_total` from `RouteHealth.ejections`, and
+  `BackendStatus.as_json()` per backend on `/routes`.
 """
