@@ -22,6 +22,7 @@ APT_PACKAGES=(
     debootstrap                         # the local Python base image for the image test
     docker-compose                      # Compose v1: labelproxy check --compose falls back to it
     prometheus                          # promtool, to check the alert rules
+    redis-server dnsmasq-base openssh-server postgresql mosquitto   # real servers for the health probes
     python3 python3-venv python3-pip gcc libc6-dev git ca-certificates procps iproute2
     util-linux                          # nsenter/unshare: a private dockerd in a test's netns
 )
