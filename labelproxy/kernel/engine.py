@@ -1,0 +1,301 @@
+"""The kernel engine: forwards eligible routes with nftables and reads their counters.
+
+`KernelEngine` is small and synchronous (every call is a few subprocess or netlink round trips;
+the runtime calls it from a worker thread, one call at a time: a lock makes that safe anyway):
+
+    engine = KernelEngine(policy=edge_policy)     # EdgePolicy: ACL, UDP defaults, drain timeout
+    engine.probe()                                # None, or why nftables is unusable here
+    engine.start()                                # "adopted" / "rebuilt" / "created": reads the
+                                                  # table a previous run left, changes nothing yet
+    result = engine.apply(specs)                  # the complete set of kernel routes; idempotent
+    engine.counters()                             # listen key -> RouteCounters, at scrape time
+    engine.next_deadline(); engine.cut_expired()  # drain deadlines of removed routes
+    engine.close()                                # table gone, forwarded flows cut
+
+A route is identified by its listen key and alias (`route_identity`): while that holds it keeps
+its slot, its conntrack mark, its counters and its flows, whatever else changes. A route that
+leaves `apply` stops taking new flows at once (its listen-map entries go in the same
+transaction); its established flows keep going through conntrack until `cut_expired()` deletes
+them at `policy.drain_timeout`; its slot is not reused before that.
+
+Restarts: the table outlives the process. `start()` adopts a table of the same layout: the
+first `apply` then rewrites rules in one transaction, keeping counters, timeout policies, the
+`ct count` lists and every established flow (conntrack holds their translation), so a restart
+(even after SIGKILL) cuts nothing; flows of routes that did not come back drain and are cut at
+the deadline. A table of another layout is deleted and rebuilt. `close(keep=True)` leaves
+everything as it is for a successor; `close()` removes the table, cuts labelproxy's flows and
+switches route_localnet back off if this engine switched it on.
+
+The engine does not bind the listen port. The caller keeps a socket bound there (the relay's
+own listener is best: the kernel translates the flows it carries before any socket sees them,
+and whatever it does not carry - the other address family of a dual-stack route, or every flow
+while the engine is down - reaches the relay instead of a closed port).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from labelproxy.kernel import conntrack, host
+from labelproxy.kernel.eligible import IPFamily, Verdict, eligible
+from labelproxy.kernel.model import MAX_SLOT, ROUTES_SET, KernelRoute, Table, route_identity
+from labelproxy.kernel.nft import Nft
+from labelproxy.kernel.ruleset import build
+from labelproxy.kernel.transaction import delete_table, transaction
+from labelproxy.spec import EdgePolicy, ListenKey, RouteSpec
+
+logger = logging.getLogger(__name__)
+
+LOCALNET_SLOT = 0  # registry entry recording that this engine switched route_localnet on
+
+
+@dataclass(frozen=True, slots=True)
+class RouteState:
+    """What `/routes` shows about a kernel route."""
+
+    key: ListenKey
+    alias: str
+    slot: int
+    mark: int
+    families: tuple[IPFamily, ...]
+    uncovered: tuple[IPFamily, ...]
+    client_address_hidden: bool
+    limit: int | None
+    idle_timeout: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteCounters:
+    """One route's kernel counters. Packets and bytes are IP packets as the hooks see them
+    (bytes include IP and transport headers; after GRO one packet may carry many segments);
+    `in` = client to upstream (conntrack's original direction), `out` = upstream to client."""
+
+    connections: int
+    active: int
+    packets_in: int
+    bytes_in: int
+    packets_out: int
+    bytes_out: int
+    rejected: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """Routes now forwarded by the kernel, and the specs it refused (key -> reason)."""
+
+    routes: Mapping[ListenKey, RouteState]
+    refused: Mapping[ListenKey, str]
+
+
+@dataclass(slots=True)
+class _Draining:
+    identity: str
+    slot: int
+    deadline: float
+
+
+class KernelEngine:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        policy: EdgePolicy,
+        nft: Nft | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.nft = nft or Nft()
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._table: Table | None = None
+        self._known = True
+        self._rebuild = False
+        self._slots: dict[str, int] = {}
+        self._routes: dict[str, KernelRoute] = {}
+        self._verdicts: dict[str, Verdict] = {}
+        self._draining: dict[int, _Draining] = {}
+        self._localnet_owned = False
+
+    def probe(self) -> str | None:
+        """None when nftables can be programmed here; otherwise the reason, one line."""
+        return self.nft.probe()
+
+    def assess(self, spec: RouteSpec, paths: host.PathCache | None = None) -> Verdict:
+        """`eligible` plus what only this host can tell (forwarding switched on)."""
+        verdict = eligible(spec, policy=self.policy)
+        if not verdict.kernel:
+            return verdict
+        paths = paths or host.PathCache()
+        for backend in spec.backends:
+            version = 6 if ":" in backend.host else 4
+            if paths.kind(backend.host) != "local" and not host.ip_forward(version):
+                return Verdict(False, f"backend {backend} is not on this host and IPv{version} "
+                               "forwarding is off in labelproxy's network namespace")
+        return verdict
+
+    def start(self) -> str:
+        """Read the table a previous run left; change nothing until the first `apply`."""
+        with self._lock:
+            adopted = self.nft.read()
+            orphans = conntrack.slots_in_use()
+            if adopted is None:
+                outcome = "created"
+            elif ROUTES_SET not in adopted.table.sets:
+                outcome, self._rebuild = "rebuilt", True
+            else:
+                outcome, self._table, self._known = "adopted", adopted.table, False
+                self._localnet_owned = LOCALNET_SLOT in adopted.routes
+                self._slots = {
+                    identity: slot for slot, identity in adopted.routes.items()
+                    if slot != LOCALNET_SLOT
+                }
+            deadline = self.clock() + self.policy.drain_timeout
+            for slot in orphans - set(self._slots.values()):
+                self._draining[slot] = _Draining(f"slot {slot}", slot, deadline)
+            logger.info("kernel table %s (%d routes, %d draining)", outcome, len(self._slots),
+                        len(self._draining), extra={"action": f"kernel {outcome}"})
+            return outcome
+
+    def _free_slot(self) -> int:
+        used = set(self._slots.values()) | set(self._draining)
+        for slot in range(1, MAX_SLOT + 1):
+            if slot not in used:
+                return slot
+        raise RuntimeError(f"more than {MAX_SLOT} kernel routes")
+
+    def _plan(self, spec: RouteSpec, verdict: Verdict, paths: host.PathCache) -> KernelRoute:
+        identity = route_identity(spec)
+        slot = self._slots.get(identity)
+        if slot is None:
+            slot = self._slots[identity] = self._free_slot()
+        idle = spec.options.idle_timeout
+        if idle is None and spec.transport == "udp":
+            idle = self.policy.udp_idle_timeout
+        return KernelRoute(
+            spec=spec,
+            slot=slot,
+            families=verdict.families,
+            masquerade=any(not paths.returns_here(b.host) for b in spec.backends),
+            limit=spec.connection_limit(udp_default=self.policy.udp_max_sessions),
+            idle_timeout=max(1, math.ceil(idle)) if idle is not None else None,
+        )
+
+    def apply(self, specs: Iterable[RouteSpec]) -> ApplyResult:
+        """Make the kernel forward exactly `specs` (those it can; the others are refused)."""
+        with self._lock:
+            refused: dict[ListenKey, str] = {}
+            wanted: dict[str, KernelRoute] = {}
+            paths = host.PathCache()
+            for spec in specs:
+                verdict = self.assess(spec, paths)
+                if not verdict.kernel:
+                    refused[spec.key] = verdict.reason
+                    continue
+                route = self._plan(spec, verdict, paths)
+                wanted[route.identity] = route
+                self._verdicts[route.identity] = verdict
+            now = self.clock()
+            for identity in set(self._slots) - set(wanted):
+                slot = self._slots.pop(identity)
+                self._verdicts.pop(identity, None)
+                self._draining[slot] = _Draining(identity, slot, now + self.policy.drain_timeout)
+                logger.info("kernel route %s removed: draining until its deadline", identity,
+                            extra={"action": "kernel drain"})
+            guard = any("ipv4" in route.families for route in wanted.values())
+            if guard and not host.route_localnet():
+                host.set_route_localnet(True)
+                self._localnet_owned = True
+            table = build(wanted.values(), policy=self.policy, localnet_guard=guard,
+                          localnet_owned=self._localnet_owned)
+            if self._rebuild:
+                self.nft.apply(delete_table(family=self.nft.family, table=self.nft.table))
+                self._rebuild, self._table = False, None
+            self.nft.commit(transaction(self._table, table, known=self._known,
+                                        family=self.nft.family, table=self.nft.table))
+            for identity in set(wanted) - set(self._routes):
+                logger.info("kernel route %s up", identity, extra={"action": "kernel up"})
+            self._table, self._known, self._routes = table, True, wanted
+            return ApplyResult(routes=self._states(), refused=refused)
+
+    def _states(self) -> dict[ListenKey, RouteState]:
+        states: dict[ListenKey, RouteState] = {}
+        for identity, route in self._routes.items():
+            verdict = self._verdicts.get(identity, Verdict(True))
+            states[route.key] = RouteState(
+                key=route.key, alias=route.spec.alias, slot=route.slot, mark=route.mark,
+                families=route.families, uncovered=verdict.uncovered,
+                client_address_hidden=route.masquerade, limit=route.limit,
+                idle_timeout=route.idle_timeout,
+            )
+        return states
+
+    def routes(self) -> Mapping[ListenKey, RouteState]:
+        """The routes the kernel forwards now."""
+        with self._lock:
+            return self._states()
+
+    def counters(self) -> dict[ListenKey, RouteCounters]:
+        """Every kernel route's counters, read now (one nft listing, one conntrack dump)."""
+        with self._lock:
+            routes = list(self._routes.values())
+        values = self.nft.counters()
+        active = conntrack.active_by_slot()
+        found: dict[ListenKey, RouteCounters] = {}
+        for route in routes:
+            n = route.slot
+
+            def get(kind: str, slot: int = n) -> tuple[int, int]:
+                return values.get(f"{kind}_{slot}", (0, 0))
+
+            found[route.key] = RouteCounters(
+                connections=get("new")[0], active=active.get(n, 0),
+                packets_in=get("in")[0], bytes_in=get("in")[1],
+                packets_out=get("out")[0], bytes_out=get("out")[1],
+                rejected={"acl": get("acl")[0], "limit": get("lim")[0],
+                          "no_backend": get("nob")[0]},
+            )
+        return found
+
+    def next_deadline(self) -> float | None:
+        """When the next removed route's flows are due to be cut (clock time), if any."""
+        with self._lock:
+            return min((d.deadline for d in self._draining.values()), default=None)
+
+    def draining_active(self) -> int:
+        """Live flows of removed routes not cut yet (0: shutting down can stop waiting)."""
+        with self._lock:
+            slots = set(self._draining)
+        return sum(n for slot, n in conntrack.active_by_slot().items() if slot in slots)
+
+    def cut_expired(self, now: float | None = None) -> list[str]:
+        """Cut the flows of removed routes whose deadline passed; their identities."""
+        with self._lock:
+            now = self.clock() if now is None else now
+            due = [d for d in self._draining.values() if d.deadline <= now]
+            for draining in due:
+                conntrack.cut(draining.slot)
+                del self._draining[draining.slot]
+                logger.info("kernel route %s: drain deadline, flows cut", draining.identity,
+                            extra={"action": "kernel cut"})
+            return [d.identity for d in due]
+
+    def close(self, *, keep: bool = False) -> None:
+        """Remove the table and cut labelproxy's flows; `keep` leaves both for a successor."""
+        with self._lock:
+            if keep:
+                logger.info("kernel table left in place for the next run")
+                return
+            self.nft.apply(delete_table(family=self.nft.family, table=self.nft.table))
+            conntrack.cut_all()
+            if self._localnet_owned:
+                host.set_route_localnet(False)
+                self._localnet_owned = False
+            self._table, self._routes, self._slots, self._draining = None, {}, {}, {}
+            logger.info("kernel table removed", extra={"action": "kernel close"})
+

@@ -1,0 +1,189 @@
+"""Talking to nftables: the `nft` program of Debian's `nftables` package, in JSON.
+
+`Nft.apply(commands)` runs one transaction with `nft -j -f -` (libnftables sends it as one
+netlink batch: all of it happens or none does). `Nft.read()` lists labelproxy's table and turns
+it into a `Table` (names, element keys; rules unknown) plus the route registry kept in the
+`routes_v1` set (slot -> identity, from the element comments), or None when there is no table.
+`Nft.counters()` reads every named counter of the table in one listing. `Nft.probe()` says
+whether nftables can be used here at all (binary present, CAP_NET_ADMIN, nat and conntrack
+expressions known to the kernel) by checking a throwaway transaction with `nft --check`.
+
+Only labelproxy's own table is ever named in a command; nothing here lists or changes another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from labelproxy.kernel.model import (
+    ROUTES_SET,
+    TABLE_FAMILY,
+    TABLE_NAME,
+    Chain,
+    Json,
+    NamedSet,
+    Table,
+    element_key,
+)
+from labelproxy.kernel.transaction import Transaction
+
+logger = logging.getLogger(__name__)
+
+NFT_TIMEOUT = 30.0
+PROBE_TABLE = "labelproxy_probe"
+
+
+class NftError(Exception):
+    """`nft` failed; the message carries its first error line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """What an existing table holds: its model and the route registry (slot -> identity)."""
+
+    table: Table
+    routes: dict[int, str]
+
+
+def _first_error(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error")]
+    return (errors or lines or ["no message"])[0]
+
+
+class Nft:
+    """The `nft` program, always aimed at one table (`family`, `table`)."""
+
+    def __init__(
+        self, *, binary: str = "nft", family: str = TABLE_FAMILY, table: str = TABLE_NAME
+    ) -> None:
+        self.binary, self.family, self.table = binary, family, table
+
+    def _run(self, args: Sequence[str], stdin: str | None = None) -> str:
+        try:
+            done = subprocess.run(
+                [self.binary, *args], input=stdin, capture_output=True, text=True,
+                timeout=NFT_TIMEOUT, check=False,
+            )
+        except FileNotFoundError as exc:
+            raise NftError(f"{self.binary}: not found (install the nftables package)") from exc
+        if done.returncode != 0:
+            raise NftError(f"nft {' '.join(args[:3])}: {_first_error(done.stderr)}")
+        return done.stdout
+
+    def apply(self, commands: Sequence[Json], *, check: bool = False) -> None:
+        """Run `commands` as one atomic transaction (`check`: validate only, change nothing)."""
+        if not commands:
+            return
+        payload = json.dumps({"nftables": list(commands)}, separators=(",", ":"))
+        self._run(["--check", "-j", "-f", "-"] if check else ["-j", "-f", "-"], payload)
+
+    def run_text(self, lines: Sequence[str]) -> None:
+        """Run commands in nft's own syntax as one batch (see `transaction` for why)."""
+        if lines:
+            self._run(["-f", "-"], "\n".join(lines) + "\n")
+
+    def commit(self, tx: Transaction) -> None:
+        """Carry out a `Transaction`: its text preparation, its JSON batch, its cleanup."""
+        self.run_text(tx.prepare)
+        self.apply(tx.commands)
+        self.run_text(tx.cleanup)
+
+    def _list(self, *what: str) -> list[Json] | None:
+        try:
+            out = self._run(["-j", "list", *what])
+        except NftError as exc:
+            if "No such file or directory" in str(exc):
+                return None
+            raise
+        items: list[Json] = json.loads(out).get("nftables", [])
+        return items
+
+    def read(self) -> Adopted | None:
+        """The table as the kernel has it, or None when it does not exist."""
+        items = self._list("table", self.family, self.table)
+        if items is None:
+            return None
+        return parse_listing(items)
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        """Every named counter of the table: name -> (packets, bytes); {} without a table."""
+        items = self._list("counters", "table", self.family, self.table) or []
+        found: dict[str, tuple[int, int]] = {}
+        for item in items:
+            counter = item.get("counter")
+            if counter is not None and counter.get("table") == self.table:
+                found[counter["name"]] = (int(counter["packets"]), int(counter["bytes"]))
+        return found
+
+    def probe(self) -> str | None:
+        """None when this process can program nftables; otherwise why not, in one line."""
+        if shutil.which(self.binary) is None:
+            return f"{self.binary} not found (install the nftables package)"
+        ident = {"family": self.family, "name": PROBE_TABLE, "table": PROBE_TABLE}
+        chain = {**ident, "name": "nat", "type": "nat", "hook": "prerouting", "prio": -100,
+                 "policy": "accept"}
+        rule = {"family": self.family, "table": PROBE_TABLE, "chain": "nat",
+                "expr": [{"ct count": {"val": 1, "inv": True}},
+                         {"mangle": {"key": {"ct": {"key": "mark"}}, "value": 1}}]}
+        commands = [{"add": {"table": {"family": self.family, "name": PROBE_TABLE}}},
+                    {"add": {"chain": chain}}, {"add": {"rule": rule}}]
+        try:
+            self.apply(commands, check=True)
+        except NftError as exc:
+            return str(exc)
+        return None
+
+
+def _set_of(item: Json, *, is_map: bool) -> NamedSet:
+    elements: dict[str, Json] = {}
+    for element in item.get("elem", []):
+        key = element[0] if is_map else element
+        if isinstance(key, dict) and "elem" in key:
+            key = key["elem"]["val"]
+        elements[element_key(key)] = element
+    kind = item["type"]
+    return NamedSet(
+        item["name"],
+        tuple(kind) if isinstance(kind, list) else kind,
+        flags=tuple(item.get("flags", ())),
+        data=item.get("map") if is_map else None,
+        elements=elements,
+    )
+
+
+def parse_listing(items: Sequence[Json]) -> Adopted:
+    """`nft -j list table` output -> `Adopted` (pure; rules are left unknown)."""
+    chains: dict[str, Chain] = {}
+    sets: dict[str, NamedSet] = {}
+    counters: set[str] = set()
+    timeouts: dict[str, Json] = {}
+    routes: dict[int, str] = {}
+    for item in items:
+        if "chain" in item:
+            body = item["chain"]
+            hook = (body["type"], body["hook"], int(body["prio"])) if "hook" in body else None
+            chains[body["name"]] = Chain(body["name"], None, hook)
+        elif "set" in item or "map" in item:
+            is_map = "map" in item
+            named = _set_of(item["map" if is_map else "set"], is_map=is_map)
+            sets[named.name] = named
+        elif "counter" in item:
+            counters.add(item["counter"]["name"])
+        elif "ct timeout" in item:
+            body = item["ct timeout"]
+            timeouts[body["name"]] = {k: body[k] for k in ("protocol", "l3proto", "policy")
+                                      if k in body}
+    registry = sets.get(ROUTES_SET)
+    for element in registry.elements.values() if registry else ():
+        if isinstance(element, dict) and "elem" in element:
+            slot, comment = element["elem"].get("val"), element["elem"].get("comment")
+            if isinstance(slot, int) and isinstance(comment, str):
+                routes[slot] = comment
+    table = Table(chains=chains, sets=sets, counters=frozenset(counters), timeouts=timeouts)
+    return Adopted(table=table, routes=routes)

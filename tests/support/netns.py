@@ -1,0 +1,166 @@
+"""Network namespaces for kernel tests: nothing they do touches the host's own network.
+
+`Topology` (a context manager) creates two namespaces with run-unique names
+(`lpk-<random>-h`, `lpk-<random>-c`): `host` plays the machine labelproxy runs on and `client`
+a remote machine, joined by a veth pair created inside them (`lp0` 192.0.2.1/24 and
+2001:db8::1/64 in `host`, `cl0` 192.0.2.2/24 and 2001:db8::2/64 in `client`; documentation
+ranges). Leaving the block kills every agent it started and deletes exactly the namespaces it
+created (`ip netns del NAME`), which takes their links, nftables tables, conntrack entries and
+sysctls with them.
+
+`Topology.agent(ns)` starts a `tests.support.nsagent` process inside a namespace
+(`ip netns exec`) and returns an `Agent` whose `call(op, **args)` sends one command and waits
+(with a deadline) for its answer. Engines, servers and clients all run in such agents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+CALL_TIMEOUT = 30.0
+HOST_V4, CLIENT_V4 = "192.0.2.1", "192.0.2.2"
+HOST_V6, CLIENT_V6 = "2001:db8::1", "2001:db8::2"
+
+
+class AgentError(Exception):
+    """An agent answered with an error, died, or did not answer in time."""
+
+
+def missing_requirements() -> str | None:
+    """Why namespace tests cannot run here (None when they can)."""
+    if os.geteuid() != 0:
+        return "needs root (ip netns)"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed"
+    return None
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+class Agent:
+    """A `tests.support.nsagent` process in one namespace."""
+
+    def __init__(self, netns: str) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.netns = netns
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "tests.support.nsagent"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self._wait_line(CALL_TIMEOUT)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _wait_line(self, timeout: float) -> Any:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AgentError(f"agent in {self.netns}: no answer in {timeout:.0f}s") from None
+        if line is None:
+            raise AgentError(f"agent in {self.netns} exited ({self.proc.wait()})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise AgentError(reply["error"])
+        return reply["ok"]
+
+    def call(self, op: str, timeout: float = CALL_TIMEOUT, **args: Any) -> Any:
+        """Run one command in the agent and return its result (AgentError on failure)."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+            self.proc.stdin.flush()
+        except OSError as exc:
+            raise AgentError(f"agent in {self.netns} is gone: {exc}") from exc
+        return self._wait_line(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the agent (the whole `ip netns exec` process: it execs python)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+class Topology:
+    """Two namespaces joined by a veth pair; see the module docstring."""
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(4)
+        self.host = f"lpk-{tag}-h"
+        self.client = f"lpk-{tag}-c"
+        self.created: list[str] = []
+        self.agents: list[Agent] = []
+
+    def __enter__(self) -> Topology:
+        try:
+            for name in (self.host, self.client):
+                _ip("netns", "add", name)
+                self.created.append(name)
+                _ip("-n", name, "link", "set", "lo", "up")
+            _ip("-n", self.host, "link", "add", "lp0", "type", "veth",
+                "peer", "name", "cl0", "netns", self.client)
+            for ns, dev, v4, v6 in ((self.host, "lp0", HOST_V4, HOST_V6),
+                                    (self.client, "cl0", CLIENT_V4, CLIENT_V6)):
+                _ip("-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
+                _ip("-n", ns, "-6", "addr", "add", f"{v6}/64", "dev", dev, "nodad")
+                _ip("-n", ns, "link", "set", dev, "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def agent(self, netns: str) -> Agent:
+        """A new agent process inside `netns` (killed when the topology closes)."""
+        agent = Agent(netns)
+        self.agents.append(agent)
+        return agent
+
+    def close(self) -> None:
+        """Kill the agents, then delete the namespaces this topology created (only those)."""
+        for agent in self.agents:
+            with contextlib.suppress(Exception):
+                agent.kill()
+        for name in reversed(self.created):
+            try:
+                _ip("netns", "del", name)
+            except RuntimeError as exc:
+                logger.error("could not delete namespace %s: %s", name, exc)
+        self.created.clear()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
