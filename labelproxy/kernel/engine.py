@@ -38,13 +38,21 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from labelproxy.kernel import conntrack, host
 from labelproxy.kernel.eligible import IPFamily, Verdict, eligible
-from labelproxy.kernel.model import MAX_SLOT, ROUTES_SET, KernelRoute, Table, route_identity
+from labelproxy.kernel.model import (
+    MAX_SLOT,
+    ROUTES_SET,
+    Chain,
+    KernelRoute,
+    Table,
+    route_identity,
+)
 from labelproxy.kernel.nft import Nft
+from labelproxy.kernel.routerules import Fragment, chain_digest
 from labelproxy.kernel.ruleset import build
 from labelproxy.kernel.transaction import delete_table, transaction
 from labelproxy.spec import EdgePolicy, ListenKey, RouteSpec
@@ -52,6 +60,7 @@ from labelproxy.spec import EdgePolicy, ListenKey, RouteSpec
 logger = logging.getLogger(__name__)
 
 LOCALNET_SLOT = 0  # registry entry recording that this engine switched route_localnet on
+_NO_CHAIN = Chain("none", None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +130,9 @@ class KernelEngine:
         self._verdicts: dict[str, Verdict] = {}
         self._draining: dict[int, _Draining] = {}
         self._localnet_owned = False
+        self._digests: dict[int, str] = {}  # slot -> admission digest of an adopted table
+        self._fragments: dict[KernelRoute, Fragment] = {}
+        self._assessed: dict[RouteSpec, Verdict] = {}
 
     def probe(self) -> str | None:
         """None when nftables can be programmed here; otherwise the reason, one line."""
@@ -151,10 +163,10 @@ class KernelEngine:
             else:
                 outcome, self._table, self._known = "adopted", adopted.table, False
                 self._localnet_owned = LOCALNET_SLOT in adopted.routes
-                self._slots = {
-                    identity: slot for slot, identity in adopted.routes.items()
-                    if slot != LOCALNET_SLOT
-                }
+                for slot, comment in adopted.routes.items():
+                    digest, _, identity = comment.partition(" ")
+                    if slot != LOCALNET_SLOT and identity:
+                        self._slots[identity], self._digests[slot] = slot, digest
             deadline = self.clock() + self.policy.drain_timeout
             for slot in orphans - set(self._slots.values()):
                 self._draining[slot] = _Draining(f"slot {slot}", slot, deadline)
@@ -162,18 +174,20 @@ class KernelEngine:
                         len(self._draining), extra={"action": f"kernel {outcome}"})
             return outcome
 
-    def _free_slot(self) -> int:
+    def _free_slots(self) -> Iterator[int]:
+        """Slots no live or draining route holds, lowest first (taken as they are yielded)."""
         used = set(self._slots.values()) | set(self._draining)
         for slot in range(1, MAX_SLOT + 1):
             if slot not in used:
-                return slot
+                yield slot
         raise RuntimeError(f"more than {MAX_SLOT} kernel routes")
 
-    def _plan(self, spec: RouteSpec, verdict: Verdict, paths: host.PathCache) -> KernelRoute:
+    def _plan(self, spec: RouteSpec, verdict: Verdict, paths: host.PathCache,
+              free: Iterator[int]) -> KernelRoute:
         identity = route_identity(spec)
         slot = self._slots.get(identity)
         if slot is None:
-            slot = self._slots[identity] = self._free_slot()
+            slot = self._slots[identity] = next(free)
         idle = spec.options.idle_timeout
         if idle is None and spec.transport == "udp":
             idle = self.policy.udp_idle_timeout
@@ -192,14 +206,18 @@ class KernelEngine:
             refused: dict[ListenKey, str] = {}
             wanted: dict[str, KernelRoute] = {}
             paths = host.PathCache()
+            free = self._free_slots()
+            assessed: dict[RouteSpec, Verdict] = {}
             for spec in specs:
-                verdict = self.assess(spec, paths)
+                verdict = self._assessed.get(spec) or self.assess(spec, paths)
+                assessed[spec] = verdict
                 if not verdict.kernel:
                     refused[spec.key] = verdict.reason
                     continue
-                route = self._plan(spec, verdict, paths)
+                route = self._plan(spec, verdict, paths, free)
                 wanted[route.identity] = route
                 self._verdicts[route.identity] = verdict
+            self._assessed = assessed
             now = self.clock()
             for identity in set(self._slots) - set(wanted):
                 slot = self._slots.pop(identity)
@@ -212,12 +230,17 @@ class KernelEngine:
                 host.set_route_localnet(True)
                 self._localnet_owned = True
             table = build(wanted.values(), policy=self.policy, localnet_guard=guard,
-                          localnet_owned=self._localnet_owned)
+                          localnet_owned=self._localnet_owned, fragments=self._fragments)
             if self._rebuild:
                 self.nft.apply(delete_table(family=self.nft.family, table=self.nft.table))
                 self._rebuild, self._table = False, None
-            self.nft.commit(transaction(self._table, table, known=self._known,
+            keep = frozenset(
+                f"r_{slot}" for slot, digest in self._digests.items()
+                if chain_digest(table.chains.get(f"r_{slot}", _NO_CHAIN)) == digest
+            )
+            self.nft.commit(transaction(self._table, table, known=self._known, keep=keep,
                                         family=self.nft.family, table=self.nft.table))
+            self._digests = {}
             for identity in set(wanted) - set(self._routes):
                 logger.info("kernel route %s up", identity, extra={"action": "kernel up"})
             self._table, self._known, self._routes = table, True, wanted
@@ -241,24 +264,28 @@ class KernelEngine:
             return self._states()
 
     def counters(self) -> dict[ListenKey, RouteCounters]:
-        """Every kernel route's counters, read now (one nft listing, one conntrack dump)."""
+        """Every kernel route's counters, read now (one nft listing, one conntrack dump).
+        `connections` and the rejections count flows (their first packet)."""
         with self._lock:
             routes = list(self._routes.values())
-        values = self.nft.counters()
+        counted = self.nft.counted()
         active = conntrack.active_by_slot()
+        traffic, zero = counted.get("traffic", {}), (0, 0)
+
+        def packets(set_name: str, mark: int) -> int:
+            return counted.get(set_name, {}).get(str(mark), zero)[0]
+
         found: dict[ListenKey, RouteCounters] = {}
         for route in routes:
-            n = route.slot
-
-            def get(kind: str, slot: int = n) -> tuple[int, int]:
-                return values.get(f"{kind}_{slot}", (0, 0))
-
+            mark = route.mark
+            way_in = traffic.get(f"{mark} . original", zero)
+            way_out = traffic.get(f"{mark} . reply", zero)
             found[route.key] = RouteCounters(
-                connections=get("new")[0], active=active.get(n, 0),
-                packets_in=get("in")[0], bytes_in=get("in")[1],
-                packets_out=get("out")[0], bytes_out=get("out")[1],
-                rejected={"acl": get("acl")[0], "limit": get("lim")[0],
-                          "no_backend": get("nob")[0]},
+                connections=packets("flows", mark), active=active.get(route.slot, 0),
+                packets_in=way_in[0], bytes_in=way_in[1],
+                packets_out=way_out[0], bytes_out=way_out[1],
+                rejected={"acl": packets("acl", mark), "limit": packets("lim", mark),
+                          "no_backend": packets("nob", mark)},
             )
         return found
 

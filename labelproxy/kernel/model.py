@@ -6,7 +6,7 @@ client families it carries, whether it masquerades (the upstream then sees this 
 client: "client address hidden") and its effective limit and idle timeout.
 
 `Table` models labelproxy's nftables table by name: chains (hooked or not) with their rules,
-sets and maps with their elements, named counters and conntrack timeout policies. Rules and
+sets and maps with their elements, and conntrack timeout policies. Rules and
 elements are nftables JSON (libnftables' schema) as Python values. A `Table` read back from the
 kernel (`nft.read_table`) knows names and element keys but not rule contents (`rules=None`).
 Everything here is pure data.
@@ -83,7 +83,19 @@ def slot_of_mark(mark: int) -> int | None:
 
 def element_key(value: Json) -> str:
     """A canonical string for an element key, to compare elements across tables."""
+    if isinstance(value, int | str):
+        return str(value)
+    if isinstance(value, dict) and "concat" in value and len(value) == 1:
+        return " . ".join(element_key(part) for part in value["concat"])
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def key_of(element: Json) -> Json:
+    """The key of a set or map element: `[key, data]` -> key, `{"elem": {"val": key}}` -> key."""
+    key = element[0] if isinstance(element, list) else element
+    if isinstance(key, dict) and "elem" in key:
+        return key["elem"]["val"]
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +111,15 @@ class Chain:
 @dataclass(frozen=True, slots=True)
 class NamedSet:
     """A set (`data` None) or a map (`data` is the nftables map type, e.g. "verdict").
-    `elements` maps `element_key(key)` -> the element as nftables JSON (key, or [key, data])."""
+    `elements` maps `element_key(key)` -> the element as nftables JSON (key, or [key, data]).
+    `counter`: every element carries a counter, bumped by each lookup that matches it."""
 
     name: str
     type: str | tuple[str, ...]
     flags: tuple[str, ...] = ()
     data: str | None = None
     elements: Mapping[str, Json] = field(default_factory=dict)
+    counter: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,5 +128,4 @@ class Table:
 
     chains: Mapping[str, Chain] = field(default_factory=dict)
     sets: Mapping[str, NamedSet] = field(default_factory=dict)
-    counters: frozenset[str] = frozenset()
     timeouts: Mapping[str, Json] = field(default_factory=dict)

@@ -4,9 +4,10 @@
 netlink batch: all of it happens or none does). `Nft.read()` lists labelproxy's table and turns
 it into a `Table` (names, element keys; rules unknown) plus the route registry kept in the
 `routes_v1` set (slot -> identity, from the element comments), or None when there is no table.
-`Nft.counters()` reads every named counter of the table in one listing. `Nft.probe()` says
-whether nftables can be used here at all (binary present, CAP_NET_ADMIN, nat and conntrack
-expressions known to the kernel) by checking a throwaway transaction with `nft --check`.
+`Nft.counted()` reads the per-element counters of the table's counted sets in one listing.
+`Nft.probe()` says whether nftables can be used here at all (binary present, CAP_NET_ADMIN,
+nat and conntrack expressions known to the kernel) by checking a throwaway transaction with
+`nft --check`.
 
 Only labelproxy's own table is ever named in a command; nothing here lists or changes another.
 """
@@ -29,6 +30,7 @@ from labelproxy.kernel.model import (
     NamedSet,
     Table,
     element_key,
+    key_of,
 )
 from labelproxy.kernel.transaction import Transaction
 
@@ -111,14 +113,20 @@ class Nft:
             return None
         return parse_listing(items)
 
-    def counters(self) -> dict[str, tuple[int, int]]:
-        """Every named counter of the table: name -> (packets, bytes); {} without a table."""
-        items = self._list("counters", "table", self.family, self.table) or []
-        found: dict[str, tuple[int, int]] = {}
+    def counted(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """Counted sets: set -> element key -> (packets, bytes); {} without a table."""
+        items = self._list("sets", "table", self.family, self.table) or []
+        found: dict[str, dict[str, tuple[int, int]]] = {}
         for item in items:
-            counter = item.get("counter")
-            if counter is not None and counter.get("table") == self.table:
-                found[counter["name"]] = (int(counter["packets"]), int(counter["bytes"]))
+            body = item.get("set")
+            if body is None or body.get("table") != self.table or "stmt" not in body:
+                continue
+            values = found[body["name"]] = {}
+            for element in body.get("elem", []):
+                inner = element.get("elem") if isinstance(element, dict) else None
+                if inner is not None and "counter" in inner:
+                    counter = inner["counter"]
+                    values[element_key(inner["val"])] = (counter["packets"], counter["bytes"])
         return found
 
     def probe(self) -> str | None:
@@ -143,10 +151,7 @@ class Nft:
 def _set_of(item: Json, *, is_map: bool) -> NamedSet:
     elements: dict[str, Json] = {}
     for element in item.get("elem", []):
-        key = element[0] if is_map else element
-        if isinstance(key, dict) and "elem" in key:
-            key = key["elem"]["val"]
-        elements[element_key(key)] = element
+        elements[element_key(key_of(element))] = element
     kind = item["type"]
     return NamedSet(
         item["name"],
@@ -154,6 +159,7 @@ def _set_of(item: Json, *, is_map: bool) -> NamedSet:
         flags=tuple(item.get("flags", ())),
         data=item.get("map") if is_map else None,
         elements=elements,
+        counter="stmt" in item,
     )
 
 
@@ -161,7 +167,6 @@ def parse_listing(items: Sequence[Json]) -> Adopted:
     """`nft -j list table` output -> `Adopted` (pure; rules are left unknown)."""
     chains: dict[str, Chain] = {}
     sets: dict[str, NamedSet] = {}
-    counters: set[str] = set()
     timeouts: dict[str, Json] = {}
     routes: dict[int, str] = {}
     for item in items:
@@ -173,8 +178,6 @@ def parse_listing(items: Sequence[Json]) -> Adopted:
             is_map = "map" in item
             named = _set_of(item["map" if is_map else "set"], is_map=is_map)
             sets[named.name] = named
-        elif "counter" in item:
-            counters.add(item["counter"]["name"])
         elif "ct timeout" in item:
             body = item["ct timeout"]
             timeouts[body["name"]] = {k: body[k] for k in ("protocol", "l3proto", "policy")
@@ -185,5 +188,5 @@ def parse_listing(items: Sequence[Json]) -> Adopted:
             slot, comment = element["elem"].get("val"), element["elem"].get("comment")
             if isinstance(slot, int) and isinstance(comment, str):
                 routes[slot] = comment
-    table = Table(chains=chains, sets=sets, counters=frozenset(counters), timeouts=timeouts)
+    table = Table(chains=chains, sets=sets, timeouts=timeouts)
     return Adopted(table=table, routes=routes)

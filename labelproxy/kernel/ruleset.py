@@ -1,47 +1,41 @@
 """The desired nftables table for a set of kernel routes (pure: `KernelRoute`s in, `Table` out).
 
-Layout of table `inet labelproxy` (names with `N` are per route slot):
+Layout of table `inet labelproxy` (per-route chains r_N and n_N: see `routerules`):
 
-    pre    filter, prerouting, -150   iif lo: return (seen in `out` already); remote packets to
-                                      127.0.0.0/8: drop (kube-proxy's martian guard, installed
-                                      when route_localnet is on); new flows: jump new; then the
-                                      per-direction counter of the flow's mark (map `ctr`)
-    out    filter, output, -150       the same for local clients (no lo/guard rules)
-    new    new flows: already marked (a retransmitted SYN): return; else look the listen key
-           up: maps bind4/bind6 (proto . daddr . dport, a route bound to one address) and
-           wild4/wild6 (proto . dport, a wildcard bind, only for local destinations:
-           `fib daddr type local`) -> goto r_N
-    r_N    admission: TCP that is not a SYN (an expired or cut flow picked up mid-stream):
-           reset; ACL (global sets ga4/gd4/ga6/gd6, then the route's a4_N/d4_N/a6_N/d6_N;
-           deny wins, an allow list must match) -> counter acl_N, refuse; no backend ->
-           counter nob_N, refuse; jump l_N_LIMIT; ct mark set MARK_BASE|N; ct timeout set
-           tcp_S / udp_S; counter new_N
-    l_N_C  `ct count over C` -> counter lim_N, refuse. Its own chain, named by its content,
-           so rewriting r_N (ACL or backends changed) or adopting the table after a restart
-           keeps the connection list that ct count holds.
-    prenat nat, prerouting, -100      ct mark vmap @nat -> goto n_N
-    outnat nat, output, -100          the same for local clients
-    n_N    dnat per family to the backend, or `numgen inc` (round_robin) / `jhash` of the
-           source address (source_hash) over a map of backends
-    postnat nat, postrouting, 100     ct mark @masq: masquerade (routes whose replies would not
-                                      come back through this host); loopback clients sent to a
-                                      non-loopback backend: masquerade
-    sets   routes_v1 (slot, comment = route identity: the registry read back on adoption),
-           masq; counters new_N in_N out_N acl_N lim_N nob_N; ct timeouts tcp_S udp_S
+    pre     filter, prerouting, -150  iif lo: return (handled in `out` already); when
+                                      route_localnet is on, packets from outside addressed to
+                                      127.0.0.0/8 are dropped (kube-proxy's martian guard);
+                                      new flows: jump new; every packet of a labelproxy flow
+                                      is counted per direction: `ct mark . ct direction
+                                      @traffic`
+    out     filter, output, -150      the same for local clients
+    new     a flow marked already (a retransmitted SYN): return; else the listen key is
+            looked up - bind4/bind6 (proto . daddr . dport: a route bound to one address),
+            wild4/wild6 (proto . dport: a wildcard bind, for local destinations only, `fib
+            daddr type local`) - and jumps to r_N, which marks the flow (or refuses it). Then
+            a marked TCP flow that does not start with a SYN (an expired or cut flow picked up
+            mid-stream) is reset, and a flow of a route without backend (set `empty`) is
+            counted (`@nob`) and refused.
+    prenat  nat, prerouting, -100     new flows: `ct mark @flows` (counts each flow once: nat
+                                      chains see only a flow's first packet), `ct mark vmap
+                                      @nat` -> n_N
+    outnat  nat, output, -100         the same for local clients
+    postnat nat, postrouting, 100     `ct mark @masq`: masquerade (routes whose replies would
+                                      not come back through this host); a loopback client
+                                      sent to a non-loopback backend: masquerade
 
-Refusing is `reject with tcp reset` for TCP (the client sees "connection refused") and a silent
-drop for UDP.
+Counters live in sets with per-element counters (`traffic`, `flows`, `nob`, `acl`, `lim`),
+one element per route: adding a route adds elements, not objects, and one listing of the
+table's sets reads them all. Refusing is a TCP reset or, for UDP, a silent drop.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
-from labelproxy.kernel.eligible import IPFamily
+from labelproxy.kernel import exprs as x
 from labelproxy.kernel.model import (
-    MARK_BASE,
     ROUTES_SET,
     Chain,
     Json,
@@ -49,241 +43,79 @@ from labelproxy.kernel.model import (
     NamedSet,
     Table,
     element_key,
+    key_of,
 )
-from labelproxy.spec import EdgePolicy, IPNetwork
+from labelproxy.kernel.routerules import COUNTED_SETS, Fragment, fragment
+from labelproxy.spec import EdgePolicy
 
 logger = logging.getLogger(__name__)
 
-HASH_SEED = 0x4C50
 LOCALNET_NOTE = "route_localnet switched on by labelproxy"
-LISTEN_MAPS = ("bind4", "bind6", "wild4", "wild6")
-IP = {"ipv4": "ip", "ipv6": "ip6"}
-ADDR_TYPE = {"ipv4": "ipv4_addr", "ipv6": "ipv6_addr"}
+FILTER_PRIORITY, DNAT_PRIORITY, SNAT_PRIORITY = -150, -100, 100
 
 
-def _meta(key: str) -> Json:
-    return {"meta": {"key": key}}
-
-
-def _ct(key: str) -> Json:
-    return {"ct": {"key": key}}
-
-
-def _saddr(family: IPFamily) -> Json:
-    return {"payload": {"protocol": IP[family], "field": "saddr"}}
-
-
-def _match(left: Json, right: Json, op: str = "==") -> Json:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _nfproto(family: IPFamily) -> Json:
-    return _match(_meta("nfproto"), family)
-
-
-OUR_MARK = _match(_ct("mark"), {"prefix": {"addr": MARK_BASE, "len": 16}})
-RETURN: Json = {"return": None}
-
-
-def _refuse(transport: str) -> Json:
-    return {"reject": {"type": "tcp reset"}} if transport == "tcp" else {"drop": None}
-
-
-def _prefix(net: IPNetwork) -> Json:
-    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
-
-
-def _acl_set(name: str, family: IPFamily, nets: Iterable[IPNetwork]) -> NamedSet:
-    version = 4 if family == "ipv4" else 6
-    mine = [net for net in nets if net.version == version]
-    merged = ipaddress.collapse_addresses(mine)  # type: ignore[type-var]
-    elements = {element_key(e): e for e in (_prefix(net) for net in merged)}
-    return NamedSet(name, ADDR_TYPE[family], flags=("interval",), elements=elements)
-
-
-def _acl_rules(
-    sets: dict[str, NamedSet],
-    *,
-    suffix: str,
-    allow: Sequence[IPNetwork],
-    deny: Sequence[IPNetwork],
-    families: Sequence[IPFamily],
-    refuse: Json,
-    counter: str,
-) -> list[list[Json]]:
-    """One ACL layer (the global one or a route's) as rules; its sets go into `sets`."""
-    rules: list[list[Json]] = []
-    reject = [{"counter": counter}, refuse]
-    for family in families:
-        digit = family[-1]
-        if any(net.version == int(digit) for net in deny):
-            name = f"d{digit}{suffix}"
-            sets.setdefault(name, _acl_set(name, family, deny))
-            rules.append([_nfproto(family), _match(_saddr(family), f"@{name}"), *reject])
-        if not allow:
-            continue
-        if any(net.version == int(digit) for net in allow):
-            name = f"a{digit}{suffix}"
-            sets.setdefault(name, _acl_set(name, family, allow))
-            rules.append([_nfproto(family), _match(_saddr(family), f"@{name}", "!="), *reject])
-        else:  # an allow list of the other family only: nobody of this family is allowed
-            rules.append([_nfproto(family), *reject])
-    return rules
-
-
-def timeout_object(transport: str, seconds: int) -> tuple[str, Json]:
-    """The conntrack timeout policy for an idle timeout: its name and nftables body."""
-    if transport == "tcp":
-        policy = {"established": seconds}
-    else:
-        policy = {"unreplied": seconds, "replied": seconds}
-    return f"{transport}_{seconds}", {"protocol": transport, "l3proto": "inet", "policy": policy}
-
-
-def _dnat(route: KernelRoute, family: IPFamily) -> list[Json] | None:
-    version = 4 if family == "ipv4" else 6
-    backends = [
-        b for b in route.spec.backends if ipaddress.ip_address(b.host).version == version
-    ]
-    if not backends:
-        return None
-    head = [_nfproto(family), _match(_meta("l4proto"), route.key.transport)]
-    if len(backends) == 1:
-        target: Json = {"family": IP[family], "addr": backends[0].host, "port": backends[0].port}
-        return [*head, {"dnat": target}]
-    pool = [[i, {"concat": [b.host, b.port]}] for i, b in enumerate(backends)]
-    selector: Json
-    if route.spec.options.load_balance == "source_hash":
-        selector = {"jhash": {"mod": len(pool), "seed": HASH_SEED, "expr": _saddr(family)}}
-    else:
-        selector = {"numgen": {"mode": "inc", "mod": len(pool), "offset": 0}}
-    addr = {"map": {"key": selector, "data": {"set": pool}}}
-    return [*head, {"dnat": {"family": IP[family], "addr": addr}}]
-
-
-def _listen_element(route: KernelRoute, family: IPFamily) -> tuple[str, Json]:
-    key = route.key
-    verdict = {"goto": {"target": f"r_{route.slot}"}}
-    bind = ipaddress.ip_address(key.bind.split("%", 1)[0])
-    digit = family[-1]
-    if bind.is_unspecified:
-        return f"wild{digit}", [{"concat": [key.transport, key.port]}, verdict]
-    return f"bind{digit}", [{"concat": [key.transport, str(bind), key.port]}, verdict]
+def _lookup_chain() -> Chain:
+    rules: list[tuple[Json, ...]] = [(x.OUR_MARK, x.RETURN)]
+    proto, dport = x.meta("l4proto"), x.payload("th", "dport")
+    local = x.match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+    for family in ("ipv4", "ipv6"):
+        digit, daddr = family[-1], x.payload(x.IP[family], "daddr")
+        rules.append((x.nfproto(family), {"vmap": {"key": {"concat": [proto, daddr, dport]},
+                                                   "data": f"@bind{digit}"}}))
+        rules.append((x.nfproto(family), local,
+                      {"vmap": {"key": {"concat": [proto, dport]}, "data": f"@wild{digit}"}}))
+    flags = x.payload("tcp", "flags")
+    rules.append((x.l4proto("tcp"), x.OUR_MARK,
+                  x.match({"&": [flags, ["fin", "syn", "rst", "ack"]]}, "syn", "!="),
+                  x.refuse("tcp")))
+    for transport in ("tcp", "udp"):
+        rules.append((x.l4proto(transport), x.match(x.ct("mark"), "@empty"), x.counted("nob"),
+                      x.refuse(transport)))
+    return Chain("new", tuple(rules))
 
 
 def base_chains(*, localnet_guard: bool) -> dict[str, Chain]:
     """The hooked chains and the listen lookup, which do not depend on the routes."""
-    count = [{"counter": {"map": {"key": {"concat": [_ct("mark"), _ct("direction")]},
-                                  "data": "@ctr"}}}]
-    new_flow = [_match(_ct("state"), "new", "in"), {"jump": {"target": "new"}}]
-    pre: list[tuple[Json, ...]] = [(_match(_meta("iif"), "lo"), RETURN)]
+    count = (x.match({"concat": [x.ct("mark"), x.ct("direction")]}, "@traffic"),)
+    new_flow = (x.match(x.ct("state"), "new", "in"), {"jump": {"target": "new"}})
+    pre: list[tuple[Json, ...]] = [(x.match(x.meta("iif"), "lo"), x.RETURN)]
     if localnet_guard:
-        loopback = {"prefix": {"addr": "127.0.0.0", "len": 8}}
-        pre.append((_match({"payload": {"protocol": "ip", "field": "daddr"}}, loopback),
-                    {"drop": None}))
-    pre += [tuple(new_flow), tuple(count)]
-    lookup: list[tuple[Json, ...]] = [(OUR_MARK, RETURN)]
-    for family in ("ipv4", "ipv6"):
-        proto, dport = _meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}
-        daddr = {"payload": {"protocol": IP[family], "field": "daddr"}}
-        digit = family[-1]
-        lookup.append((_match(_meta("nfproto"), family),
-                       {"vmap": {"key": {"concat": [proto, daddr, dport]},
-                                 "data": f"@bind{digit}"}}))
-        local = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
-        lookup.append((_match(_meta("nfproto"), family), local,
-                       {"vmap": {"key": {"concat": [proto, dport]}, "data": f"@wild{digit}"}}))
-    nat = ((({"vmap": {"key": _ct("mark"), "data": "@nat"}}),),)
-    hairpin = (OUR_MARK,
-               _match({"payload": {"protocol": "ip", "field": "saddr"}},
-                      {"prefix": {"addr": "127.0.0.0", "len": 8}}),
-               _match(_meta("oif"), "lo", "!="), {"masquerade": None})
-    post = ((_match(_ct("mark"), "@masq"), {"masquerade": None}), hairpin)
+        pre.append((x.match(x.payload("ip", "daddr"), x.prefix("127.0.0.0/8")), x.DROP))
+    pre += [new_flow, count]
+    # only flows of their own (ct state new), not the reset a refusal sends: it carries the
+    # refused flow's conntrack entry as "related" and goes through the nat hooks too
+    new = x.match(x.ct("state"), "new", "in")
+    nat = ((new, x.counted("flows"), {"vmap": {"key": x.ct("mark"), "data": "@nat"}}),)
+    hairpin = (x.OUR_MARK, x.match(x.payload("ip", "saddr"), x.prefix("127.0.0.0/8")),
+               x.match(x.meta("oif"), "lo", "!="), x.MASQUERADE)
+    post = ((x.match(x.ct("mark"), "@masq"), x.MASQUERADE), hairpin)
     chains = [
-        Chain("pre", tuple(pre), ("filter", "prerouting", -150)),
-        Chain("out", (tuple(new_flow), tuple(count)), ("filter", "output", -150)),
-        Chain("new", tuple(lookup)),
-        Chain("prenat", nat, ("nat", "prerouting", -100)),
-        Chain("outnat", nat, ("nat", "output", -100)),
-        Chain("postnat", post, ("nat", "postrouting", 100)),
+        Chain("pre", tuple(pre), ("filter", "prerouting", FILTER_PRIORITY)),
+        Chain("out", (new_flow, count), ("filter", "output", FILTER_PRIORITY)),
+        _lookup_chain(),
+        Chain("prenat", nat, ("nat", "prerouting", DNAT_PRIORITY)),
+        Chain("outnat", nat, ("nat", "output", DNAT_PRIORITY)),
+        Chain("postnat", post, ("nat", "postrouting", SNAT_PRIORITY)),
     ]
     return {chain.name: chain for chain in chains}
 
 
-def _route_objects(route: KernelRoute, policy: EdgePolicy, table: _Builder) -> None:
-    n, transport = route.slot, route.key.transport
-    refuse = _refuse(transport)
-    names = {kind: f"{kind}_{n}" for kind in ("new", "in", "out", "acl", "lim", "nob")}
-    table.counters.update(names.values())
-    rules: list[list[Json]] = []
-    if transport == "tcp":
-        flags = {"payload": {"protocol": "tcp", "field": "flags"}}
-        rules.append([_match(_meta("l4proto"), "tcp"),
-                      _match({"&": [flags, ["fin", "syn", "rst", "ack"]]}, "syn", "!="),
-                      {"reject": {"type": "tcp reset"}}])
-    for suffix, allow, deny in (("g", policy.allow, policy.deny),
-                                (f"_{n}", route.spec.options.allow, route.spec.options.deny)):
-        rules += _acl_rules(table.sets, suffix=suffix, allow=allow, deny=deny,
-                            families=route.families, refuse=refuse, counter=names["acl"])
-    if not route.spec.backends:
-        rules.append([{"counter": names["nob"]}, refuse])
-    if route.limit is not None:
-        limit_chain = f"l_{n}_{route.limit}"
-        table.chains[limit_chain] = Chain(limit_chain, (
-            ({"ct count": {"val": route.limit, "inv": True}}, {"counter": names["lim"]}, refuse),
-        ))
-        rules.append([{"jump": {"target": limit_chain}}])
-    rules.append([{"mangle": {"key": _ct("mark"), "value": route.mark}}])
-    if route.idle_timeout is not None:
-        name, body = timeout_object(transport, route.idle_timeout)
-        table.timeouts[name] = body
-        rules.append([{"ct timeout": name}])
-    rules.append([{"counter": names["new"]}])
-    table.chains[f"r_{n}"] = Chain(f"r_{n}", tuple(tuple(rule) for rule in rules))
-    dnat = [rule for rule in (_dnat(route, f) for f in route.families) if rule is not None]
-    table.chains[f"n_{n}"] = Chain(f"n_{n}", tuple(tuple(rule) for rule in dnat))
-    for family in route.families:
-        map_name, element = _listen_element(route, family)
-        table.element(map_name, element)
-    table.element("nat", [route.mark, {"goto": {"target": f"n_{n}"}}])
-    table.element("ctr", [{"concat": [route.mark, "original"]}, names["in"]])
-    table.element("ctr", [{"concat": [route.mark, "reply"]}, names["out"]])
-    table.element(ROUTES_SET, {"elem": {"val": n, "comment": route.identity}})
-    if route.masquerade:
-        table.element("masq", route.mark)
-
-
-class _Builder:
-    """Mutable scratch space while `build` assembles a `Table`."""
-
-    def __init__(self) -> None:
-        self.chains: dict[str, Chain] = {}
-        self.sets: dict[str, NamedSet] = {}
-        self.counters: set[str] = set()
-        self.timeouts: dict[str, Json] = {}
-        self.members: dict[str, dict[str, Json]] = {}
-
-    def element(self, set_name: str, element: Json) -> None:
-        key = element[0] if isinstance(element, list) else element
-        if isinstance(key, dict) and "elem" in key:
-            key = key["elem"]["val"]
-        self.members.setdefault(set_name, {})[element_key(key)] = element
-
-
-def empty_maps() -> dict[str, NamedSet]:
+def empty_sets() -> dict[str, NamedSet]:
     """The maps and sets every table has, without elements."""
     proto, port = "inet_proto", "inet_service"
-    maps = [
+    sets = [
         NamedSet("bind4", (proto, "ipv4_addr", port), data="verdict"),
         NamedSet("bind6", (proto, "ipv6_addr", port), data="verdict"),
         NamedSet("wild4", (proto, port), data="verdict"),
         NamedSet("wild6", (proto, port), data="verdict"),
         NamedSet("nat", "mark", data="verdict"),
-        NamedSet("ctr", ("mark", "ct_dir"), data="counter"),
+        NamedSet("traffic", ("mark", "ct_dir"), counter=True),
+        *(NamedSet(name, "mark", counter=True) for name in COUNTED_SETS[1:]),
         NamedSet("masq", "mark"),
+        NamedSet("empty", "mark"),
         NamedSet(ROUTES_SET, "mark"),
     ]
-    return {m.name: m for m in maps}
+    return {named.name: named for named in sets}
 
 
 def build(
@@ -292,22 +124,39 @@ def build(
     policy: EdgePolicy,
     localnet_guard: bool,
     localnet_owned: bool = False,
+    fragments: dict[KernelRoute, Fragment] | None = None,
 ) -> Table:
     """The whole table that forwards `routes` (pure; see the module docstring).
 
     `localnet_guard` installs the martian guard; `localnet_owned` records in the registry
     (slot 0) that labelproxy switched route_localnet on, so a successor switches it off.
+    `fragments` caches each route's part between calls (the caller keeps the dict; entries
+    of routes not passed are dropped from it).
     """
-    table = _Builder()
+    cache = fragments if fragments is not None else {}
+    wanted = list(routes)
+    chains = base_chains(localnet_guard=localnet_guard)
+    extra: dict[str, NamedSet] = {}
+    timeouts: dict[str, Json] = {}
+    members: dict[str, dict[str, Json]] = {}
     if localnet_owned:
-        table.element(ROUTES_SET, {"elem": {"val": 0, "comment": LOCALNET_NOTE}})
-    table.chains.update(base_chains(localnet_guard=localnet_guard))
-    for route in sorted(routes, key=lambda r: r.slot):
-        _route_objects(route, policy, table)
-    sets = empty_maps()
-    for name, members in table.members.items():
+        note = {"elem": {"val": 0, "comment": LOCALNET_NOTE}}
+        members[ROUTES_SET] = {element_key(key_of(note)): note}
+    for route in sorted(wanted, key=lambda r: r.slot):
+        part = cache.get(route)
+        if part is None:
+            part = cache[route] = fragment(route, policy)
+        chains.update((chain.name, chain) for chain in part.chains)
+        extra.update((named.name, named) for named in part.sets)
+        timeouts.update(part.timeouts)
+        for set_name, key, element in part.members:
+            members.setdefault(set_name, {})[key] = element
+    for stale in set(cache) - set(wanted):
+        del cache[stale]
+    sets = empty_sets()
+    for name, elements in members.items():
         base = sets[name]
-        sets[name] = NamedSet(base.name, base.type, base.flags, base.data, members)
-    sets.update(table.sets)
-    return Table(chains=table.chains, sets=sets, counters=frozenset(table.counters),
-                 timeouts=table.timeouts)
+        sets[name] = NamedSet(base.name, base.type, base.flags, base.data, elements,
+                              counter=base.counter)
+    sets.update(extra)
+    return Table(chains=chains, sets=sets, timeouts=timeouts)

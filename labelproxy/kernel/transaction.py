@@ -4,14 +4,15 @@
 applied as one batch (`nft -j -f -`) they change the table atomically. Only what differs is
 touched, so one route's change is a handful of commands however many routes there are:
 
-1. create what is missing: the table, counters, ct timeouts, sets and maps, chains. Objects of
-   the same name are the same object (names carry what they count or hold), so a counter that
-   stays keeps its value and a timeout policy in use stays attached to its flows;
+1. create what is missing: the table, ct timeouts, sets and maps, chains. Objects of the
+   same name are the same object (names carry what they hold), so a timeout policy in use
+   stays attached to its flows;
 2. remove map and set elements that went or changed (ACL sets are replaced whole), which also
-   drops every reference to the chains of removed routes;
+   drops every reference to the chains of removed routes. Elements of counted sets are
+   compared by key only, so a route's counters stay as long as the route does;
 3. rewrite chains whose rules changed (flush, then add), and flush chains that go;
 4. add the new and changed elements;
-5. delete what is gone: chains, then sets, counters and timeout policies, none referenced now.
+5. delete what is gone: chains, then sets and timeout policies, none referenced now.
 
 Conntrack timeout policies are the exception to "one JSON batch": nft 1.0.6 (Debian 12) drops
 a policy given in JSON and aborts on a JSON `delete ct timeout`, so they are created in a text
@@ -19,8 +20,10 @@ batch before the JSON one (`prepare`) and deleted in one after it (`cleanup`). B
 outside the JSON batch: a policy nobody references changes no packet.
 
 A table read back from the kernel (`rules=None`, elements in nftables' own spelling) is treated
-as unknown: its chains are rewritten and its sets refilled, except chains whose name fixes
-their content (`l_N_C`), which are kept with their conntrack state.
+as unknown: its chains are rewritten and its sets refilled (counted sets excepted: their
+elements are matched by key, so counters survive a restart), except the chains the caller names
+in `keep` (admission chains whose digest in the registry matches: they keep their `ct count`
+state).
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from labelproxy.kernel.model import TABLE_FAMILY, TABLE_NAME, Chain, Json, NamedSet, Table
+from labelproxy.kernel.model import (
+    TABLE_FAMILY,
+    TABLE_NAME,
+    Chain,
+    Json,
+    NamedSet,
+    Table,
+    key_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +69,6 @@ def timeout_text(family: str, table: str, name: str, body: Json) -> str:
     )
 
 
-def content_named(chain: str) -> bool:
-    """True for chains whose name determines their rules (the `l_N_C` limit chains)."""
-    return chain.startswith("l_")
-
-
 class _Commands:
     def __init__(self, family: str, table: str) -> None:
         self.family, self.table = family, table
@@ -86,6 +92,8 @@ def _set_body(named: NamedSet) -> dict[str, Json]:
         body["flags"] = list(named.flags)
     if named.data is not None:
         body["map"] = named.data
+    if named.counter:
+        body["stmt"] = [{"counter": None}]
     return body
 
 
@@ -94,13 +102,6 @@ def _chain_body(chain: Chain) -> dict[str, Json]:
         return {}
     kind, hook, prio = chain.hook
     return {"type": kind, "hook": hook, "prio": prio, "policy": "accept"}
-
-
-def _element_key(element: Json) -> Json:
-    key = element[0] if isinstance(element, list) else element
-    if isinstance(key, dict) and "elem" in key:
-        return key["elem"]["val"]
-    return key
 
 
 def _whole(named: NamedSet) -> bool:
@@ -113,10 +114,14 @@ def _element_changes(
     """(flush first?, elements to delete, elements to add) for one set or map."""
     if old is None:
         return False, [], list(new.elements.values())
+    if new.counter:  # elements are keys; what the kernel adds (counter values) is not ours
+        gone = [key_of(element) for key, element in old.elements.items()
+                if key not in new.elements]
+        return False, gone, [e for key, e in new.elements.items() if key not in old.elements]
     if not known or (_whole(new) and dict(old.elements) != dict(new.elements)):
         return bool(old.elements) or not known, [], list(new.elements.values())
     gone = [
-        _element_key(element)
+        key_of(element)
         for key, element in old.elements.items()
         if new.elements.get(key) != element
     ]
@@ -131,19 +136,18 @@ def transaction(
     new: Table,
     *,
     known: bool = True,
+    keep: frozenset[str] = frozenset(),
     family: str = TABLE_FAMILY,
     table: str = TABLE_NAME,
 ) -> Transaction:
     """The commands that turn `old` (None: no table) into `new`; see the module docstring.
 
     `known=False` says `old` was read back from the kernel: element spellings may differ from
-    ours, so every set is refilled, and every chain not named by its content is rewritten.
+    ours, so every set is refilled, and every chain not in `keep` is rewritten.
     """
     have = old if old is not None else Table()
     cmd = _Commands(family, table)
     cmd("add", "table")
-    for name in sorted(new.counters - have.counters):
-        cmd("add", "counter", name)
     prepare = tuple(
         timeout_text(family, table, name, new.timeouts[name])
         for name in sorted(set(new.timeouts) - set(have.timeouts))
@@ -168,7 +172,8 @@ def transaction(
     for name in sorted(set(have.sets) - set(new.sets)):
         cmd("flush", "set" if have.sets[name].data is None else "map", name)
     for name in sorted(new.chains):
-        _rewrite(cmd, have.chains.get(name), new.chains[name], known=known)
+        _rewrite(cmd, have.chains.get(name), new.chains[name], known=known,
+                 keep=name in keep)
     for name in sorted(set(have.chains) - set(new.chains)):
         cmd("flush", "chain", name)
     for named, added in additions:
@@ -178,8 +183,6 @@ def transaction(
         cmd("delete", "chain", name)
     for name in sorted(set(have.sets) - set(new.sets)):
         cmd("delete", "set" if have.sets[name].data is None else "map", name)
-    for name in sorted(have.counters - new.counters):
-        cmd("delete", "counter", name)
     cleanup = tuple(
         f"delete ct timeout {family} {table} {name}"
         for name in sorted(set(have.timeouts) - set(new.timeouts))
@@ -187,15 +190,18 @@ def transaction(
     return Transaction(prepare=prepare, commands=cmd.items, cleanup=cleanup)
 
 
-def _rewrite(cmd: _Commands, old: Chain | None, new: Chain, *, known: bool) -> None:
+def _rewrite(cmd: _Commands, old: Chain | None, new: Chain, *, known: bool, keep: bool) -> None:
     if old is not None:
         same = old.rules == new.rules and (known or old.rules is not None)
-        if same or (not known and content_named(new.name)):
+        if same or (not known and keep):
             return
         if old.rules is None or old.rules:
             cmd("flush", "chain", new.name)
-    for rule in new.rules or ():
-        cmd("add", "rule", new.name, expr=list(rule))
+    family, table, name = cmd.family, cmd.table, new.name
+    cmd.items.extend(
+        {"add": {"rule": {"family": family, "table": table, "chain": name, "expr": list(rule)}}}
+        for rule in new.rules or ()
+    )
 
 
 def delete_table(*, family: str = TABLE_FAMILY, table: str = TABLE_NAME) -> list[Json]:

@@ -90,15 +90,16 @@ class Agent:
             raise AgentError(reply["error"])
         return reply["ok"]
 
-    def call(self, op: str, timeout: float = CALL_TIMEOUT, **args: Any) -> Any:
-        """Run one command in the agent and return its result (AgentError on failure)."""
+    def call(self, op: str, wait: float = CALL_TIMEOUT, **args: Any) -> Any:
+        """Run one command in the agent and return its result (AgentError on failure);
+        `wait` bounds how long the answer may take."""
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
             self.proc.stdin.flush()
         except OSError as exc:
             raise AgentError(f"agent in {self.netns} is gone: {exc}") from exc
-        return self._wait_line(timeout)
+        return self._wait_line(wait)
 
     def kill(self) -> None:
         """SIGKILL the agent (the whole `ip netns exec` process: it execs python)."""

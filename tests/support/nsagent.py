@@ -16,9 +16,11 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,23 @@ def _error_name(exc: OSError) -> str:
         errno.EHOSTUNREACH: "unreachable",
         errno.ENETUNREACH: "unreachable",
     }.get(exc.errno or 0, f"{type(exc).__name__}: {exc}")
+
+
+class _Clock:
+    """Wall time and CPU time (this process and the `nft` it ran) since creation."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = self._cpu()
+
+    @staticmethod
+    def _cpu() -> float:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    def read(self) -> dict[str, float]:
+        return {"seconds": time.perf_counter() - self.wall, "cpu": self._cpu() - self.cpu}
 
 
 class Server:
@@ -203,8 +222,11 @@ class Agent:
         return engine.start()
 
     def op_engine_apply(self, routes: list[dict[str, Any]]) -> dict[str, Any]:
-        result = self._engine().apply([route_spec(route) for route in routes])
+        specs = [route_spec(route) for route in routes]
+        clock = _Clock()
+        result = self._engine().apply(specs)
         return {
+            **clock.read(),
             "routes": {str(k): {"slot": s.slot, "families": list(s.families),
                                 "uncovered": list(s.uncovered),
                                 "client_address_hidden": s.client_address_hidden}
@@ -218,6 +240,14 @@ class Agent:
                          "packets_out": c.packets_out, "bytes_out": c.bytes_out,
                          **{f"rejected_{r}": n for r, n in c.rejected.items()}}
                 for k, c in self._engine().counters().items()}
+
+    def op_engine_time_counters(self) -> dict[str, float]:
+        clock = _Clock()
+        found = self._engine().counters()
+        return {**clock.read(), "routes": len(found)}
+
+    def op_engine_draining_active(self) -> int:
+        return self._engine().draining_active()
 
     def op_engine_next_deadline(self) -> float | None:
         deadline: float | None = self._engine().next_deadline()
