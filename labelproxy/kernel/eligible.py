@@ -72,12 +72,17 @@ def listen_families(spec: RouteSpec) -> tuple[IPFamily, ...]:
 
 
 def _unknown_option(options: RouteOptions) -> str | None:
-    default = RouteOptions()
     for item in dataclasses.fields(options):
         if item.name in KNOWN_OPTIONS:
             continue
         value = getattr(options, item.name)
-        if value != getattr(default, item.name):
+        if item.default is not dataclasses.MISSING:
+            default = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            default = item.default_factory()
+        else:
+            default = object()  # a required field: whatever it holds is not "default"
+        if value != default:
             if item.name == "forwarding":
                 if value == "relay":
                     return "forwarding: relay asked for by the route"
