@@ -12,7 +12,15 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.kernellab import KernelLab, lab
-from tests.support.netns import CLIENT_V4, CLIENT_V6, HOST_V4, HOST_V6
+from tests.support.netns import (
+    BRIDGE_HOST,
+    BRIDGED,
+    CLIENT_V4,
+    CLIENT_V6,
+    HOST_V4,
+    HOST_V6,
+    ROUTED,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -167,3 +175,39 @@ def test_counters_match_the_traffic(k: KernelLab) -> None:
         assert packets >= 3 * 2  # at least SYN (or SYN-ACK) and one data segment each
         # IP bytes = payload + 40..120 bytes of IPv4 and TCP headers per packet
         assert payload + 40 * packets <= octets <= payload + 120 * packets, (way, tcp)
+
+
+def test_a_bridged_upstream_sees_the_client_and_a_routed_one_is_masqueraded(
+    k: KernelLab,
+) -> None:
+    bridged = k.topology.agent(k.topology.add_bridged())
+    routed = k.topology.agent(k.topology.add_routed())
+    near = bridged.call("serve", transport="tcp", host=BRIDGED, port=9050)
+    far = routed.call("serve", transport="tcp", host=ROUTED, port=9051)
+    result = k.apply(
+        {"alias": "near", "scheme": "tcp4", "port": 8050, "backends": [[BRIDGED, 9050]]},
+        {"alias": "far", "scheme": "tcp4", "port": 8051, "backends": [[ROUTED, 9051]]},
+    )
+    assert result["routes"]["tcp://0.0.0.0:8050"]["client_address_hidden"] is False
+    assert result["routes"]["tcp://0.0.0.0:8051"]["client_address_hidden"] is True
+
+    k.connect(k.remote, HOST_V4, 8050)
+    k.connect(k.remote, HOST_V4, 8051)
+    assert bridged.call("peers", server=near)["peers"] == [CLIENT_V4]
+    assert routed.call("peers", server=far)["peers"] == ["198.51.100.1"]  # this host
+    # a loopback client cannot be the source on the bridge: masqueraded to the bridge address
+    k.connect(k.host, "127.0.0.1", 8050)
+    assert bridged.call("peers", server=near)["peers"] == [CLIENT_V4, BRIDGE_HOST]
+
+
+def test_a_backend_beyond_this_host_needs_forwarding_switched_on(k: KernelLab) -> None:
+    routed = k.topology.agent(k.topology.add_routed())
+    routed.call("serve", transport="tcp", host=ROUTED, port=9052)
+    far = {"alias": "far", "scheme": "tcp4", "port": 8052, "backends": [[ROUTED, 9052]]}
+    result = k.apply(far)
+    assert result["refused"] == {
+        "tcp://0.0.0.0:8052": f"backend {ROUTED}:9052 is not on this host and IPv4 forwarding "
+                              "is off in labelproxy's network namespace"}
+    k.host.call("sysctl", name="net.ipv4.ip_forward", value="1")
+    assert "tcp://0.0.0.0:8052" in k.apply(far)["routes"]
+    k.connect(k.remote, HOST_V4, 8052)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -161,3 +162,30 @@ def test_a_thousand_routes_apply_and_count_in_under_a_second(k: KernelLab) -> No
     # CPU time (the engine's and nft's): wall time on a shared CI machine measures its load
     for name, t in timings.items():
         assert t["cpu"] < 1.0, (name, t)
+
+
+def wait_for_active(k: KernelLab, key: str, want: int, *, deadline: float = 15.0) -> None:
+    """Poll the route's live flows (conntrack) until `want`, or fail at the deadline."""
+    until = time.monotonic() + deadline
+    while (active := k.counters()[key]["active"]) != want:
+        assert time.monotonic() < until, f"{key}: {active} live flows, expected {want}"
+        time.sleep(0.2)
+
+
+def test_idle_timeout_expires_udp_sessions_and_resets_idle_tcp(k: KernelLab) -> None:
+    k.serve("udp", 9151)
+    k.serve("tcp", 9152)
+    k.apply({"alias": "u", "scheme": "udp4", "port": 8151, "backends": [["127.0.0.1", 9151]],
+             "options": {"idle_timeout": 1.5}},
+            tcp("t", 8152, 9152, idle_timeout=1.5))
+    session = k.remote.call("udp_open", host=HOST_V4, port=8151)
+    assert k.remote.call("udp_echo", sock=session) == {"replies": 1}
+    idle = k.connect(k.remote, HOST_V4, 8152)
+    assert k.counters()["udp://0.0.0.0:8151"]["active"] == 1
+    assert k.counters()["tcp://[::]:8152"]["active"] == 1
+
+    wait_for_active(k, "udp://0.0.0.0:8151", 0)  # ct timeout policy udp_2
+    wait_for_active(k, "tcp://[::]:8152", 0)  # tcp_2: established for 2 s without a packet
+    assert k.remote.call("echo", conn=idle) == {"error": "reset"}
+    assert k.remote.call("udp_echo", sock=session) == {"replies": 1}  # a new session
+    assert k.counters()["udp://0.0.0.0:8151"]["connections"] == 2

@@ -132,7 +132,7 @@ class KernelEngine:
         self._localnet_owned = False
         self._digests: dict[int, str] = {}  # slot -> admission digest of an adopted table
         self._fragments: dict[KernelRoute, Fragment] = {}
-        self._assessed: dict[RouteSpec, Verdict] = {}
+        self._eligible: dict[RouteSpec, Verdict] = {}  # pure verdicts of the last apply
 
     def probe(self) -> str | None:
         """None when nftables can be programmed here; otherwise the reason, one line."""
@@ -140,13 +140,13 @@ class KernelEngine:
 
     def assess(self, spec: RouteSpec, paths: host.PathCache | None = None) -> Verdict:
         """`eligible` plus what only this host can tell (forwarding switched on)."""
-        verdict = eligible(spec, policy=self.policy)
+        verdict = self._eligible.get(spec) or eligible(spec, policy=self.policy)
         if not verdict.kernel:
             return verdict
         paths = paths or host.PathCache()
         for backend in spec.backends:
             version = 6 if ":" in backend.host else 4
-            if paths.kind(backend.host) != "local" and not host.ip_forward(version):
+            if paths.kind(backend.host) != "local" and not paths.forwarding(version):
                 return Verdict(False, f"backend {backend} is not on this host and IPv{version} "
                                "forwarding is off in labelproxy's network namespace")
         return verdict
@@ -207,17 +207,17 @@ class KernelEngine:
             wanted: dict[str, KernelRoute] = {}
             paths = host.PathCache()
             free = self._free_slots()
-            assessed: dict[RouteSpec, Verdict] = {}
+            pure: dict[RouteSpec, Verdict] = {}
             for spec in specs:
-                verdict = self._assessed.get(spec) or self.assess(spec, paths)
-                assessed[spec] = verdict
+                pure[spec] = self._eligible.get(spec) or eligible(spec, policy=self.policy)
+                verdict = self.assess(spec, paths)
                 if not verdict.kernel:
                     refused[spec.key] = verdict.reason
                     continue
                 route = self._plan(spec, verdict, paths, free)
                 wanted[route.identity] = route
                 self._verdicts[route.identity] = verdict
-            self._assessed = assessed
+            self._eligible = pure
             now = self.clock()
             for identity in set(self._slots) - set(wanted):
                 slot = self._slots.pop(identity)

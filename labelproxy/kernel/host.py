@@ -85,6 +85,13 @@ class PathCache:
 
     def __init__(self) -> None:
         self._known: dict[str, str] = {}
+        self._forwarding: dict[int, bool] = {}
+
+    def forwarding(self, version: int) -> bool:
+        """`ip_forward(version)`, read once per cache."""
+        if version not in self._forwarding:
+            self._forwarding[version] = ip_forward(version)
+        return self._forwarding[version]
 
     def kind(self, address: str) -> str:
         """`local` (an address of this host), `attached` (on a local bridge or veth) or

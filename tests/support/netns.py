@@ -8,6 +8,10 @@ ranges). Leaving the block kills every agent it started and deletes exactly the 
 created (`ip netns del NAME`), which takes their links, nftables tables, conntrack entries and
 sysctls with them.
 
+`add_bridged()` and `add_routed()` add a third namespace for upstreams that are not local
+addresses: one behind a bridge of the host namespace (replies come back through it), one
+behind a gateway (they would not).
+
 `Topology.agent(ns)` starts a `tests.support.nsagent` process inside a namespace
 (`ip netns exec`) and returns an `Agent` whose `call(op, **args)` sends one command and waits
 (with a deadline) for its answer. Engines, servers and clients all run in such agents.
@@ -36,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CALL_TIMEOUT = 30.0
 HOST_V4, CLIENT_V4 = "192.0.2.1", "192.0.2.2"
 HOST_V6, CLIENT_V6 = "2001:db8::1", "2001:db8::2"
+BRIDGE_HOST, BRIDGED = "203.0.113.1", "203.0.113.2"
+ROUTED = "203.0.113.50"
 
 
 class AgentError(Exception):
@@ -50,6 +56,13 @@ def missing_requirements() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} not installed"
     return None
+
+
+def _sysctl(netns: str, name: str, value: str) -> None:
+    done = subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", f"{name}={value}"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"sysctl {name} in {netns}: {done.stderr.strip()}")
 
 
 def _ip(*args: str) -> None:
@@ -139,6 +152,46 @@ class Topology:
             self.close()
             raise
         return self
+
+    def _namespace(self, role: str) -> str:
+        name = f"{self.host[:-2]}-{role}"
+        _ip("netns", "add", name)
+        self.created.append(name)
+        _ip("-n", name, "link", "set", "lo", "up")
+        return name
+
+    def add_bridged(self) -> str:
+        """A namespace behind bridge `br0` of the host namespace, like a container on a
+        Docker bridge: 203.0.113.2/24, default route via the host (203.0.113.1).
+        The host namespace forwards IPv4 from then on. Returns the namespace's name."""
+        name = self._namespace("b")
+        _ip("-n", self.host, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.host, "addr", "add", f"{BRIDGE_HOST}/24", "dev", "br0")
+        _ip("-n", self.host, "link", "add", "vb0", "type", "veth", "peer", "name", "eth0",
+            "netns", name)
+        _ip("-n", self.host, "link", "set", "vb0", "master", "br0")
+        for dev in ("br0", "vb0"):
+            _ip("-n", self.host, "link", "set", dev, "up")
+        _ip("-n", name, "addr", "add", f"{BRIDGED}/24", "dev", "eth0")
+        _ip("-n", name, "link", "set", "eth0", "up")
+        _ip("-n", name, "route", "add", "default", "via", BRIDGE_HOST)
+        _sysctl(self.host, "net.ipv4.ip_forward", "1")
+        return name
+
+    def add_routed(self) -> str:
+        """A namespace reached through a gateway and with no route back to the clients, like
+        a server elsewhere: its service address 203.0.113.50 is routed via 198.51.100.2 (its
+        link address); it knows only 198.51.100.0/24. Returns the namespace's name."""
+        name = self._namespace("r")
+        _ip("-n", self.host, "link", "add", "lpfar", "type", "veth", "peer", "name", "far0",
+            "netns", name)
+        _ip("-n", self.host, "addr", "add", "198.51.100.1/24", "dev", "lpfar")
+        _ip("-n", self.host, "link", "set", "lpfar", "up")
+        _ip("-n", name, "addr", "add", "198.51.100.2/24", "dev", "far0")
+        _ip("-n", name, "addr", "add", f"{ROUTED}/32", "dev", "lo")
+        _ip("-n", name, "link", "set", "far0", "up")
+        _ip("-n", self.host, "route", "add", f"{ROUTED}/32", "via", "198.51.100.2")
+        return name
 
     def agent(self, netns: str) -> Agent:
         """A new agent process inside `netns` (killed when the topology closes)."""
