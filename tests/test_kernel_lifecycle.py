@@ -189,3 +189,4 @@ def test_idle_timeout_expires_udp_sessions_and_resets_idle_tcp(k: KernelLab) -> 
     assert k.remote.call("echo", conn=idle) == {"error": "reset"}
     assert k.remote.call("udp_echo", sock=session) == {"replies": 1}  # a new session
     assert k.counters()["udp://0.0.0.0:8151"]["connections"] == 2
+

@@ -38,7 +38,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from labelproxy.kernel import conntrack, host
@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 LOCALNET_SLOT = 0  # registry entry recording that this engine switched route_localnet on
 _NO_CHAIN = Chain("none", None)
+MAX_COUNT = 2**32 - 1  # ct count and timeout policies hold 32 bits: a larger cap is no cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +142,12 @@ class KernelEngine:
     def assess(self, spec: RouteSpec, paths: host.PathCache | None = None) -> Verdict:
         """`eligible` plus what only this host can tell (forwarding switched on)."""
         verdict = self._eligible.get(spec) or eligible(spec, policy=self.policy)
+        return self._on_this_host(spec, verdict, paths or host.PathCache())
+
+    @staticmethod
+    def _on_this_host(spec: RouteSpec, verdict: Verdict, paths: host.PathCache) -> Verdict:
         if not verdict.kernel:
             return verdict
-        paths = paths or host.PathCache()
         for backend in spec.backends:
             version = 6 if ":" in backend.host else 4
             if paths.kind(backend.host) != "local" and not paths.forwarding(version):
@@ -174,20 +178,9 @@ class KernelEngine:
                         len(self._draining), extra={"action": f"kernel {outcome}"})
             return outcome
 
-    def _free_slots(self) -> Iterator[int]:
-        """Slots no live or draining route holds, lowest first (taken as they are yielded)."""
-        used = set(self._slots.values()) | set(self._draining)
-        for slot in range(1, MAX_SLOT + 1):
-            if slot not in used:
-                yield slot
-        raise RuntimeError(f"more than {MAX_SLOT} kernel routes")
-
-    def _plan(self, spec: RouteSpec, verdict: Verdict, paths: host.PathCache,
-              free: Iterator[int]) -> KernelRoute:
-        identity = route_identity(spec)
-        slot = self._slots.get(identity)
-        if slot is None:
-            slot = self._slots[identity] = next(free)
+    def _plan(self, spec: RouteSpec, verdict: Verdict, slot: int,
+              paths: host.PathCache) -> KernelRoute:
+        limit = spec.connection_limit(udp_default=self.policy.udp_max_sessions)
         idle = spec.options.idle_timeout
         if idle is None and spec.transport == "udp":
             idle = self.policy.udp_idle_timeout
@@ -196,55 +189,72 @@ class KernelEngine:
             slot=slot,
             families=verdict.families,
             masquerade=any(not paths.returns_here(b.host) for b in spec.backends),
-            limit=spec.connection_limit(udp_default=self.policy.udp_max_sessions),
-            idle_timeout=max(1, math.ceil(idle)) if idle is not None else None,
+            limit=limit if limit is not None and limit <= MAX_COUNT else None,
+            idle_timeout=min(MAX_COUNT, max(1, math.ceil(idle))) if idle is not None else None,
         )
 
     def apply(self, specs: Iterable[RouteSpec]) -> ApplyResult:
-        """Make the kernel forward exactly `specs` (those it can; the others are refused)."""
+        """Make the kernel forward exactly `specs` (those it can; the others are refused).
+
+        Raises `NftError` (or `OSError`) when the kernel refuses the change; the table and
+        the engine's state are then as they were, and the next `apply` tries again.
+        """
         with self._lock:
             refused: dict[ListenKey, str] = {}
-            wanted: dict[str, KernelRoute] = {}
+            wanted: dict[str, tuple[RouteSpec, Verdict]] = {}
             paths = host.PathCache()
-            free = self._free_slots()
             pure: dict[RouteSpec, Verdict] = {}
             for spec in specs:
                 pure[spec] = self._eligible.get(spec) or eligible(spec, policy=self.policy)
-                verdict = self.assess(spec, paths)
-                if not verdict.kernel:
+                verdict = self._on_this_host(spec, pure[spec], paths)
+                if verdict.kernel:
+                    wanted[route_identity(spec)] = (spec, verdict)
+                else:
                     refused[spec.key] = verdict.reason
-                    continue
-                route = self._plan(spec, verdict, paths, free)
-                wanted[route.identity] = route
-                self._verdicts[route.identity] = verdict
-            self._eligible = pure
-            now = self.clock()
+            slots = {i: slot for i, slot in self._slots.items() if i in wanted}
+            draining = dict(self._draining)
+            deadline = self.clock() + self.policy.drain_timeout
             for identity in set(self._slots) - set(wanted):
-                slot = self._slots.pop(identity)
-                self._verdicts.pop(identity, None)
-                self._draining[slot] = _Draining(identity, slot, now + self.policy.drain_timeout)
+                slot = self._slots[identity]
+                draining[slot] = _Draining(identity, slot, deadline)
+            used = set(slots.values()) | set(draining)
+            free = (slot for slot in range(1, MAX_SLOT + 1) if slot not in used)
+            routes: dict[str, KernelRoute] = {}
+            for identity, (spec, verdict) in wanted.items():
+                if identity not in slots:
+                    slots[identity] = next(free, 0)
+                    if not slots[identity]:
+                        raise RuntimeError(f"more than {MAX_SLOT} kernel routes")
+                routes[identity] = self._plan(spec, verdict, slots[identity], paths)
+            self._commit(routes)
+            for identity in set(self._slots) - set(wanted):
                 logger.info("kernel route %s removed: draining until its deadline", identity,
                             extra={"action": "kernel drain"})
-            guard = any("ipv4" in route.families for route in wanted.values())
-            if guard and not host.route_localnet():
-                host.set_route_localnet(True)
-                self._localnet_owned = True
-            table = build(wanted.values(), policy=self.policy, localnet_guard=guard,
-                          localnet_owned=self._localnet_owned, fragments=self._fragments)
-            if self._rebuild:
-                self.nft.apply(delete_table(family=self.nft.family, table=self.nft.table))
-                self._rebuild, self._table = False, None
-            keep = frozenset(
-                f"r_{slot}" for slot, digest in self._digests.items()
-                if chain_digest(table.chains.get(f"r_{slot}", _NO_CHAIN)) == digest
-            )
-            self.nft.commit(transaction(self._table, table, known=self._known, keep=keep,
-                                        family=self.nft.family, table=self.nft.table))
-            self._digests = {}
-            for identity in set(wanted) - set(self._routes):
+            for identity in set(routes) - set(self._routes):
                 logger.info("kernel route %s up", identity, extra={"action": "kernel up"})
-            self._table, self._known, self._routes = table, True, wanted
+            self._eligible, self._slots, self._draining, self._routes = (
+                pure, slots, draining, routes)
+            self._verdicts = {identity: verdict for identity, (_, verdict) in wanted.items()}
             return ApplyResult(routes=self._states(), refused=refused)
+
+    def _commit(self, routes: dict[str, KernelRoute]) -> None:
+        """Program the table for `routes` in one transaction (see `apply`)."""
+        guard = any("ipv4" in route.families for route in routes.values())
+        if guard and not host.route_localnet():
+            host.set_route_localnet(True)
+            self._localnet_owned = True
+        table = build(routes.values(), policy=self.policy, localnet_guard=guard,
+                      localnet_owned=self._localnet_owned, fragments=self._fragments)
+        if self._rebuild:
+            self.nft.apply(delete_table(family=self.nft.family, table=self.nft.table))
+            self._rebuild, self._table = False, None
+        keep = frozenset(
+            f"r_{slot}" for slot, digest in self._digests.items()
+            if chain_digest(table.chains.get(f"r_{slot}", _NO_CHAIN)) == digest
+        )
+        self.nft.commit(transaction(self._table, table, known=self._known, keep=keep,
+                                    family=self.nft.family, table=self.nft.table))
+        self._table, self._known, self._digests = table, True, {}
 
     def _states(self) -> dict[ListenKey, RouteState]:
         states: dict[ListenKey, RouteState] = {}
