@@ -211,3 +211,27 @@ def test_a_backend_beyond_this_host_needs_forwarding_switched_on(k: KernelLab) -
     k.host.call("sysctl", name="net.ipv4.ip_forward", value="1")
     assert "tcp://0.0.0.0:8052" in k.apply(far)["routes"]
     k.connect(k.remote, HOST_V4, 8052)
+
+
+def test_dual_stack_route_sends_each_family_to_its_own_backends(k: KernelLab) -> None:
+    v4, v6 = k.serve("udp", 9060), k.serve("udp", 9061, host=HOST_V6)
+    result = k.apply({"alias": "dual", "scheme": "udp", "port": 8060,
+                      "backends": [["127.0.0.1", 9060], [HOST_V6, 9061]]})
+    assert result["routes"]["udp://[::]:8060"]["families"] == ["ipv4", "ipv6"]
+    for host in (HOST_V4, HOST_V6):
+        sock = k.remote.call("udp_open", host=host, port=8060)
+        assert k.remote.call("udp_echo", sock=sock) == {"replies": 1}
+    assert (k.peers(v4)["peers"], k.peers(v6)["peers"]) == ([CLIENT_V4], [CLIENT_V6])
+
+
+def test_clients_the_kernel_does_not_carry_reach_the_socket_labelproxy_holds(
+    k: KernelLab,
+) -> None:
+    upstream = k.serve("tcp", 9070)
+    relay = k.serve("tcp", 8070, host="::")  # stands in for the relay's dual-stack listener
+    result = k.apply({"alias": "web", "port": 8070, "backends": [["127.0.0.1", 9070]]})
+    assert result["routes"]["tcp://[::]:8070"]["uncovered"] == ["ipv6"]
+    k.connect(k.remote, HOST_V4, 8070)  # IPv4: the kernel, to the upstream
+    k.connect(k.remote, HOST_V6, 8070)  # IPv6 (no IPv6 backend): the relay's socket
+    assert k.peers(upstream)["peers"] == [CLIENT_V4]
+    assert k.peers(relay)["peers"] == [CLIENT_V6]
