@@ -161,11 +161,14 @@ def test_counters_match_the_traffic(k: KernelLab) -> None:
     for conn in conns:
         assert k.remote.call("echo", conn=conn, size=20_000) == {"ok": True}
 
+    local = k.host.call("udp_open", host="127.0.0.1", port=8040)  # counted once, not twice
+    assert k.host.call("udp_echo", sock=local, size=500, count=3) == {"replies": 3}
+
     udp = k.counters()["udp://0.0.0.0:8040"]
     # one datagram is one IPv4 packet: 20 bytes of IP header + 8 of UDP + the payload
-    assert (udp["connections"], udp["active"]) == (1, 1)
-    assert (udp["packets_in"], udp["packets_out"]) == (7, 7)
-    assert udp["bytes_in"] == udp["bytes_out"] == 7 * (500 + 28)
+    assert (udp["connections"], udp["active"]) == (2, 2)
+    assert (udp["packets_in"], udp["packets_out"]) == (10, 10)
+    assert udp["bytes_in"] == udp["bytes_out"] == 10 * (500 + 28)
 
     tcp = k.counters()["tcp://0.0.0.0:8041"]
     payload = 3 * (1000 + 20_000)  # connect() echoes 1000 bytes once, then 20,000

@@ -7,7 +7,9 @@ process there, so killing it with SIGKILL is killing "labelproxy".
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.kernellab import KernelLab, lab
-from tests.support.netns import HOST_V4
+from tests.support.netns import HOST_V4, ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -190,3 +192,14 @@ def test_idle_timeout_expires_udp_sessions_and_resets_idle_tcp(k: KernelLab) -> 
     assert k.remote.call("udp_echo", sock=session) == {"replies": 1}  # a new session
     assert k.counters()["udp://0.0.0.0:8151"]["connections"] == 2
 
+
+
+def test_probe_says_why_nftables_is_unusable_without_net_admin(k: KernelLab) -> None:
+    probe = ("from labelproxy.kernel.nft import Nft; p = Nft().probe(); "
+             "print('usable' if p is None else p)")
+    argv = ["ip", "netns", "exec", k.topology.host, "setpriv", "--bounding-set", "-net_admin",
+            "--inh-caps", "-net_admin", sys.executable, "-c", probe]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.strip().endswith("Operation not permitted")
+    assert k.engine.call("engine_probe") is None  # the same namespace, with the capability

@@ -221,6 +221,9 @@ class Agent:
             raise RuntimeError(probe)
         return engine.start()
 
+    def op_engine_probe(self) -> str | None:
+        return self._engine().probe()
+
     def op_engine_apply(self, routes: list[dict[str, Any]]) -> dict[str, Any]:
         specs = [route_spec(route) for route in routes]
         clock = _Clock()
