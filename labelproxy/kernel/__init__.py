@@ -37,6 +37,23 @@ API (all blocking: call from a worker thread, e.g. `anyio.to_thread.run_sync`)
     engine.close(keep=False)               table removed, flows cut, route_localnet restored;
                                            keep=True leaves everything for the next run
 
+Limits (the relay has none of these; `/routes` and the README should say so)
+    - The upstream sees the client's own address only where replies come back through this
+      host (local addresses, backends on a local bridge or veth); elsewhere the route
+      masquerades (`client_address_hidden`). Clients on the same bridge as the backend that
+      reach the route through this host are not masqueraded yet (replies would bypass it).
+    - Forwarded flows (backends that are not local addresses) need IP forwarding on, and pass
+      the host firewall's forward chains (Docker's DOCKER/FORWARD rules included) like any
+      routed packet: a drop there is a drop.
+    - IPv6 loopback clients (::1) cannot be sent to a non-loopback IPv6 backend (IPv6 has no
+      route_localnet); IPv4 ones are masqueraded to the outgoing address.
+    - TCP refusals (ACL, cap, no backend) are resets: the client sees "connection refused"
+      where the relay accepts and closes. UDP refusals are silent drops.
+    - idle_timeout ends a TCP flow by forgetting it: the next segment of either side is
+      answered with a reset.
+    - nft 1.0.6 (Debian 12) drops conntrack timeout policies given in JSON: they are made in
+      nft's own syntax around the JSON transaction (see `transaction`).
+
 What the wiring stage must do
     settings    `LABELPROXY_FORWARDING` = auto | relay | kernel: build a `KernelEngine` unless
                 `relay`; `engine.probe()` failing is fatal for `kernel`, logged once (path

@@ -6,14 +6,15 @@ it into a `Table` (names, element keys; rules unknown) plus the route registry k
 `routes_v1` set (slot -> identity, from the element comments), or None when there is no table.
 `Nft.counted()` reads the per-element counters of the table's counted sets in one listing.
 `Nft.probe()` says whether nftables can be used here at all (binary present, CAP_NET_ADMIN,
-nat and conntrack expressions known to the kernel) by checking a throwaway transaction with
-`nft --check`.
+the kernel takes nat, conntrack marks, `ct count` and a reject in prerouting) by checking a
+throwaway table (`labelproxy_probe`, added and deleted at once).
 
 Only labelproxy's own table is ever named in a command; nothing here lists or changes another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -38,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 NFT_TIMEOUT = 30.0
 PROBE_TABLE = "labelproxy_probe"
+_NFPROTO = {"meta": {"key": "nfproto"}}
+NEVER: list[Json] = [  # no packet is both: the probe's rules are loaded, never run
+    {"match": {"op": "==", "left": _NFPROTO, "right": "ipv4"}},
+    {"match": {"op": "==", "left": _NFPROTO, "right": "ipv6"}},
+]
 
 
 class NftError(Exception):
@@ -133,18 +139,30 @@ class Nft:
         """None when this process can program nftables; otherwise why not, in one line."""
         if shutil.which(self.binary) is None:
             return f"{self.binary} not found (install the nftables package)"
-        ident = {"family": self.family, "name": PROBE_TABLE, "table": PROBE_TABLE}
-        chain = {**ident, "name": "nat", "type": "nat", "hook": "prerouting", "prio": -100,
-                 "policy": "accept"}
-        rule = {"family": self.family, "table": PROBE_TABLE, "chain": "nat",
-                "expr": [{"ct count": {"val": 1, "inv": True}},
-                         {"mangle": {"key": {"ct": {"key": "mark"}}, "value": 1}}]}
-        commands = [{"add": {"table": {"family": self.family, "name": PROBE_TABLE}}},
-                    {"add": {"chain": chain}}, {"add": {"rule": rule}}]
+        ident = {"family": self.family, "table": PROBE_TABLE}
+        table = {"family": self.family, "name": PROBE_TABLE}
+        commands: list[Json] = [{"add": {"table": table}}]
+        for name, kind, hook, prio, expr in (
+            ("nat", "nat", "prerouting", -100,
+             [{"mangle": {"key": {"ct": {"key": "mark"}}, "value": 1}}]),
+            ("snat", "nat", "postrouting", 100, [{"masquerade": None}]),
+            ("pre", "filter", "prerouting", -150,
+             [{"ct count": {"val": 1, "inv": True}}, {"reject": {"type": "tcp reset"}}]),
+        ):
+            commands.append({"add": {"chain": {**ident, "name": name, "type": kind,
+                                               "hook": hook, "prio": prio,
+                                               "policy": "accept"}}})
+            commands.append({"add": {"rule": {**ident, "chain": name,
+                                              "expr": [*NEVER, *expr]}}})
+        # a real commit (`--check` skips the kernel's per-hook validation) of a table whose
+        # rules match no packet, deleted at once
         try:
-            self.apply(commands, check=True)
+            self.apply(commands)
         except NftError as exc:
             return str(exc)
+        finally:
+            with contextlib.suppress(NftError):
+                self.apply([{"add": {"table": dict(table)}}, {"delete": {"table": table}}])
         return None
 
 
