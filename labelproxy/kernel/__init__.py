@@ -49,8 +49,9 @@ Limits (the relay has none of these; `/routes` and the README should say so)
       route_localnet); IPv4 ones are masqueraded to the outgoing address.
     - TCP refusals (ACL, cap, no backend) are resets: the client sees "connection refused"
       where the relay accepts and closes. UDP refusals are silent drops.
-    - idle_timeout ends a TCP flow by forgetting it: the next segment of either side is
-      answered with a reset.
+    - idle_timeout ends a TCP flow by forgetting it (as drain cuts do): the client's next
+      segment is answered with a reset; the upstream learns only when its own retransmissions
+      give up.
     - nft 1.0.6 (Debian 12) drops conntrack timeout policies given in JSON: they are made in
       nft's own syntax around the JSON transaction (see `transaction`).
 
