@@ -25,6 +25,7 @@ APT_PACKAGES=(
     redis-server dnsmasq-base openssh-server postgresql mosquitto   # real servers for the health probes
     python3 python3-venv python3-pip gcc libc6-dev git ca-certificates procps iproute2
     util-linux                          # nsenter/unshare: a private dockerd in a test's netns
+    nftables                            # nft: the kernel fast path (tests run it in their own netns)
 )
 
 # -- 1. packages -------------------------------------------------------------------------------
