@@ -260,8 +260,11 @@ class Discovery:
         self, client: Any, session: _Session, scope: anyio.CancelScope
     ) -> None:
         """Re-list on events (then once more after SETTLE_DELAY: Docker sends some events, such
-        as network connect, just before the change shows in its list) and on the resync timer."""
-        settle_at: float | None = None
+        as network connect, just before the change shows in its list) and on the resync timer.
+        The first list of a connection is followed by one more after SETTLE_DELAY too: an
+        engine that was busy or frozen may apply a change (a container that exited meanwhile)
+        just as the subscription opens, its event then sent before the stream was listening."""
+        settle_at: float | None = anyio.current_time() + SETTLE_DELAY
         while True:
             wait = self._resync_interval if settle_at is None else settle_at - anyio.current_time()
             with anyio.move_on_after(max(wait, 0.0)):
