@@ -48,14 +48,15 @@ _COUNTERS = (
 
 # One route as the snapshot holds it, in plain tuples (built by the thousand on the event
 # loop, so no object per route): the desired spec, the live listener's spec (None: none),
-# the addresses it is bound to, its bind problem, the values of _COUNTERS and the rejections.
+# the addresses it is bound to, its bind problem, the values of _COUNTERS and a copy of the
+# rejections by reason.
 _Row = tuple[
     RouteSpec,
     RouteSpec | None,
     tuple[tuple[str, int], ...],
     Problem | None,
     tuple[int, ...],
-    tuple[tuple[str, int], ...],
+    dict[str, int],
 ]
 
 
@@ -79,7 +80,7 @@ def _route_document(row: _Row) -> dict[str, Any]:
         ],
         "options": _options(spec),
         "errors": [str(error)] if error is not None else [],
-        "counters": {**dict(zip(_COUNTERS, counters, strict=True)), "rejected": dict(rejected)},
+        "counters": {**dict(zip(_COUNTERS, counters, strict=True)), "rejected": rejected},
     }
 
 
@@ -151,7 +152,7 @@ class StateView:
                     problems.get(key) if problems else None,
                     (c.connections_active, c.connections_total, c.bytes_in, c.bytes_out,
                      c.udp_sessions_active, c.dial_errors),
-                    tuple(c.rejected.items()),
+                    c.rejected.copy(),
                 ))  # fmt: skip
         return RoutesSnapshot(
             ready=rt.ready(),
