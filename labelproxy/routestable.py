@@ -1,17 +1,20 @@
 """Read-only views of the runtime's state: the /routes JSON document and the metrics snapshot.
 
-Both are built on demand from live state (desired routes, live listeners, problems, counters),
-so what /routes and /metrics say cannot drift from what the process does.
+Both are taken on demand from live state (desired routes, live listeners, problems, counters),
+so what /routes and /metrics say cannot drift from what the process does. Both are snapshots
+of plain, immutable values taken on the event loop; the expensive part (the JSON document, the
+Prometheus text) is written from them on a worker thread.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import json
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from labelproxy.fields import MAX_ALIAS_CHARS
 from labelproxy.metrics import RouteCounters, RouteState, StateSnapshot
-from labelproxy.spec import Problem, RouteSpec
+from labelproxy.spec import ListenKey, Problem, RouteSpec
 
 if TYPE_CHECKING:
     from labelproxy.runtime import Runtime
@@ -39,6 +42,82 @@ def _problem(p: Problem) -> dict[str, str]:
     return doc
 
 
+_COUNTERS = (
+    "connections_active", "connections_total", "bytes_in", "bytes_out", "udp_sessions_active",
+    "dial_errors",
+)  # fmt: skip
+
+# One route as the snapshot holds it, in plain tuples (built by the thousand on the event
+# loop, so no object per route): the desired spec, the live listener's spec (None: none),
+# the addresses it is bound to, its bind problem, the values of _COUNTERS and a copy of the
+# rejections by reason.
+_Row = tuple[
+    RouteSpec,
+    RouteSpec | None,
+    tuple[tuple[str, int], ...],
+    Problem | None,
+    tuple[int, ...],
+    dict[str, int],
+]
+
+
+def _route_document(row: _Row) -> dict[str, Any]:
+    spec, live_spec, bound, error, counters, rejected = row
+    if live_spec is not None and (live_spec is spec or live_spec == spec):
+        state = "up"
+    elif error is not None:
+        state = "error"
+    else:
+        state = "pending"
+    return {
+        "route": spec.alias,
+        "listen": str(spec.key),
+        "scheme": spec.scheme,
+        "state": state,
+        "source": spec.source,
+        "bound": [f"{h}:{p}" for h, p in bound],
+        "backends": [
+            {"address": str(b), "container": b.container_name or None} for b in spec.backends
+        ],
+        "options": _options(spec),
+        "errors": [str(error)] if error is not None else [],
+        "counters": {**dict(zip(_COUNTERS, counters, strict=True)), "rejected": rejected},
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class RoutesSnapshot:
+    """What /routes shows, as taken on the event loop: immutable values only, so `document`
+    and `encode` may run on any thread while the runtime goes on changing."""
+
+    ready: bool
+    docker_enabled: bool
+    docker_connected: bool
+    containers: int
+    routes: tuple[_Row, ...]  # in no particular order
+    problems: tuple[Problem, ...]
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "docker": {
+                "enabled": self.docker_enabled,
+                "connected": self.docker_connected,
+                "containers": self.containers,
+            },
+            "routes": [_route_document(row) for row in sorted(self.routes, key=_row_key)],
+            "problems": [_problem(p) for p in self.problems],
+        }
+
+    def encode(self) -> bytes:
+        """The /routes response body (indented JSON and a newline)."""
+        return json.dumps(self.document(), indent=2).encode() + b"\n"
+
+
+def _row_key(row: _Row) -> ListenKey:
+    return row[0].key
+
+
 class StateView:
     """Renders the runtime's state for the HTTP endpoints and the metrics collector."""
 
@@ -52,57 +131,38 @@ class StateView:
             problems.extend(rec.bind_problems[k] for k in sorted(rec.bind_problems))
         return problems
 
-    def routes_document(self) -> dict[str, Any]:
+    def routes_document(self) -> RoutesSnapshot:
+        """The /routes document as a snapshot, cheap enough to take on the event loop: the
+        frozen specs, each route's live state and a copy of its counters. Building the JSON
+        (`RoutesSnapshot.encode`, hundreds of ms for thousands of routes) is left to the
+        caller's worker thread, so that it does not stall the relays."""
         rt = self._rt
         rec = rt.reconciler
-        desired = rec.desired.routes if rec else {}
-        routes: list[dict[str, Any]] = []
-        for key in sorted(desired):
-            spec = desired[key]
-            live = rec.live.get(key) if rec else None
-            counters = rt.metrics.counters(key) or RouteCounters(spec.alias)
-            if live is not None and live.spec == spec:
-                state = "up"
-            elif rec and key in rec.bind_problems:
-                state = "error"
-            else:
-                state = "pending"
-            routes.append(
-                {
-                    "route": spec.alias,
-                    "listen": str(key),
-                    "scheme": spec.scheme,
-                    "state": state,
-                    "source": spec.source,
-                    "bound": [f"{h}:{p}" for h, p in live.bound] if live else [],
-                    "backends": [
-                        {"address": str(b), "container": b.container_name or None}
-                        for b in spec.backends
-                    ],
-                    "options": _options(spec),
-                    "errors": [str(rec.bind_problems[key])] if rec and key in rec.bind_problems
-                    else [],
-                    "counters": {
-                        "connections_active": counters.connections_active,
-                        "connections_total": counters.connections_total,
-                        "bytes_in": counters.bytes_in,
-                        "bytes_out": counters.bytes_out,
-                        "udp_sessions_active": counters.udp_sessions_active,
-                        "dial_errors": counters.dial_errors,
-                        "rejected": dict(counters.rejected),
-                    },
-                }
-            )
-        return {
-            "ready": rt.ready(),
-            "docker": {
-                "enabled": rt.settings.discovery_enabled,
-                "connected": rt.docker_connected,
-                "containers": len(rt.views),
-            },
-            "routes": routes,
-            "problems": [_problem(p) for p in self._problems()],
-        }
+        rows: list[_Row] = []
+        if rec:
+            live = rec.live
+            problems = rec.bind_problems
+            counters_of = rt.metrics.counters
+            for key, spec in rec.desired.routes.items():
+                lv = live.get(key)
+                c = counters_of(key) or RouteCounters(spec.alias)
+                rows.append((
+                    spec,
+                    lv.spec if lv is not None else None,
+                    tuple(lv.bound) if lv is not None else (),
+                    problems.get(key) if problems else None,
+                    (c.connections_active, c.connections_total, c.bytes_in, c.bytes_out,
+                     c.udp_sessions_active, c.dial_errors),
+                    c.rejected.copy(),
+                ))  # fmt: skip
+        return RoutesSnapshot(
+            ready=rt.ready(),
+            docker_enabled=rt.settings.discovery_enabled,
+            docker_connected=rt.docker_connected,
+            containers=len(rt.views),
+            routes=tuple(rows),
+            problems=tuple(self._problems()),
+        )
 
     def metrics_state(self) -> StateSnapshot:
         rt = self._rt
