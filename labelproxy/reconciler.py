@@ -31,10 +31,10 @@ import anyio.to_thread
 from labelproxy.metrics import Metrics
 from labelproxy.routelog import context, log_runs, runs
 from labelproxy.spec import DesiredState, EdgePolicy, ListenKey, Problem, RouteSpec
-from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.live import LiveRoute
 from labelproxy.streams.shared import SharedState
-from labelproxy.streams.tcp import serve_tcp
-from labelproxy.streams.udp import serve_udp
+from labelproxy.streams.tcp.server import serve_tcp
+from labelproxy.streams.udp.server import serve_udp
 
 logger = logging.getLogger(__name__)
 

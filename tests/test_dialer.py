@@ -13,8 +13,8 @@ from typing import cast
 
 import pytest
 
-from labelproxy.streams.dataloop import DataLoop
-from labelproxy.streams.dialer import Connector, Deadlines
+from labelproxy.streams.tcp.dial import Connector, Deadlines
+from labelproxy.streams.tcp.loop import DataLoop
 
 DEADLINE = 5.0
 

@@ -17,10 +17,10 @@ import socket
 from collections.abc import Callable
 from functools import partial
 
-from labelproxy.streams.dataloop import EPOLLIN, DataLoop, Timer
 from labelproxy.streams.sockets import accept_fd
+from labelproxy.streams.tcp.loop import EPOLLIN, DataLoop, Timer
 
-logger = logging.getLogger("labelproxy.streams.tcp")
+logger = logging.getLogger("labelproxy.streams.tcp.server")
 
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 BATCH = 64

@@ -17,11 +17,12 @@ import pytest
 
 from labelproxy.metrics import Metrics
 from labelproxy.spec import Backend, EdgePolicy, ListenKey, RouteOptions, RouteSpec, Scheme
-from labelproxy.streams import udp_batched, udp_mmsg
 from labelproxy.streams.hooks import Hook
-from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.live import LiveRoute
 from labelproxy.streams.shared import SharedState
-from labelproxy.streams.udp import serve_udp
+from labelproxy.streams.udp import batched as udp_batched
+from labelproxy.streams.udp import mmsg as udp_mmsg
+from labelproxy.streams.udp.server import serve_udp
 
 logger = logging.getLogger(__name__)
 

@@ -28,15 +28,15 @@ import anyio
 
 from labelproxy.spec import Backend
 from labelproxy.streams.hooks import ConnInfo, Hook
+from labelproxy.streams.live import LiveRoute
 from labelproxy.streams.proxyproto import build_dgram_header
-from labelproxy.streams.route import LiveRoute
-from labelproxy.streams.udp_session import (
+from labelproxy.streams.udp.session import (
     UdpSession,
     is_ip_literal,
     log_session_closed,
     log_session_opened,
 )
-from labelproxy.streams.udp_sockets import (
+from labelproxy.streams.udp.sockets import (
     MAX_DATAGRAM,
     SockAddr,
     local_address_towards,

@@ -15,7 +15,7 @@ import socket
 import time
 
 from labelproxy.streams.hooks import ConnInfo
-from labelproxy.streams.udp_sockets import SockAddr
+from labelproxy.streams.udp.sockets import SockAddr
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("labelproxy.access")

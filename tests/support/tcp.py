@@ -26,9 +26,9 @@ from labelproxy.spec import (
     Scheme,
 )
 from labelproxy.streams.hooks import Hook
-from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.live import LiveRoute
 from labelproxy.streams.shared import SharedState
-from labelproxy.streams.tcp import serve_tcp
+from labelproxy.streams.tcp.server import serve_tcp
 
 DEADLINE = 10.0
 

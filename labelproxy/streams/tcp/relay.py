@@ -27,13 +27,13 @@ from __future__ import annotations
 import logging
 import os
 
-from labelproxy.streams.dataloop import HANGUP, READABLE, WRITABLE, Timer
-from labelproxy.streams.half import EOF as _EOF
-from labelproxy.streams.half import SHUT as _SHUT
-from labelproxy.streams.half import Half, shutdown_write
 from labelproxy.streams.hooks import ConnInfo
 from labelproxy.streams.proxyproto import PEEK_DEADLINE, looks_like_header
-from labelproxy.streams.transfer import Owner, Transfer
+from labelproxy.streams.tcp.half import EOF as _EOF
+from labelproxy.streams.tcp.half import SHUT as _SHUT
+from labelproxy.streams.tcp.half import Half, shutdown_write
+from labelproxy.streams.tcp.loop import HANGUP, READABLE, WRITABLE, Timer
+from labelproxy.streams.tcp.pump import Owner, Transfer
 
 logger = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from typing import Any, Protocol
 import anyio.abc
 
 from labelproxy.spec import Backend
-from labelproxy.streams.dialer import Address
-from labelproxy.streams.handshake import HeaderRefusedError, read_client_header, resolve
 from labelproxy.streams.hooks import ConnInfo
-from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.live import LiveRoute
+from labelproxy.streams.tcp.dial import Address
+from labelproxy.streams.tcp.handshake import HeaderRefusedError, read_client_header, resolve
 
-logger = logging.getLogger("labelproxy.streams.tcp")
+logger = logging.getLogger("labelproxy.streams.tcp.server")
 access_log = logging.getLogger("labelproxy.access")
 
 

@@ -50,11 +50,11 @@ import anyio
 import anyio.abc
 
 from labelproxy.spec import ListenKey
-from labelproxy.streams import udp_batched
-from labelproxy.streams.route import LiveRoute
-from labelproxy.streams.udp_batched import BatchedUdpRelay
-from labelproxy.streams.udp_relay import UdpRelay
-from labelproxy.streams.udp_sockets import bind_udp_listener
+from labelproxy.streams.live import LiveRoute
+from labelproxy.streams.udp import batched as udp_batched
+from labelproxy.streams.udp.batched import BatchedUdpRelay
+from labelproxy.streams.udp.relay import UdpRelay
+from labelproxy.streams.udp.sockets import bind_udp_listener
 
 logger = logging.getLogger(__name__)
 

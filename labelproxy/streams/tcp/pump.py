@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Protocol
 
-from labelproxy.streams.dataloop import DataLoop
-from labelproxy.streams.half import EOF, Half
-from labelproxy.streams.route import LiveRoute
-from labelproxy.streams.splice import SPLICE_FLAGS, PipePool
+from labelproxy.streams.live import LiveRoute
+from labelproxy.streams.tcp.half import EOF, Half
+from labelproxy.streams.tcp.loop import DataLoop
+from labelproxy.streams.tcp.splice import SPLICE_FLAGS, PipePool
 
 if TYPE_CHECKING:
-    from labelproxy.streams.relay import Relay
+    from labelproxy.streams.tcp.relay import Relay
 
 COPY_BUFFER = 64 * 1024  # a read that fills it switches the direction to splice
 SMALL_READ = 16 * 1024  # a fresh splice read below this goes back to copying

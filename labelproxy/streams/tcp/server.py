@@ -34,13 +34,9 @@ import anyio
 import anyio.abc
 
 from labelproxy.spec import Backend, ListenKey, RouteSpec
-from labelproxy.streams import dataloop
-from labelproxy.streams.accept import Acceptor
-from labelproxy.streams.dialer import Address, Connector, Deadlines, literal_addresses
 from labelproxy.streams.hooks import ConnInfo
+from labelproxy.streams.live import LiveRoute
 from labelproxy.streams.proxyproto import build_header
-from labelproxy.streams.relay import Relay
-from labelproxy.streams.route import LiveRoute
 from labelproxy.streams.sockets import (
     bind_socket,
     bound_address,
@@ -49,8 +45,12 @@ from labelproxy.streams.sockets import (
     set_nonblocking,
     unmap,
 )
-from labelproxy.streams.splice import PipePool, splice_supported
-from labelproxy.streams.tcp_setup import log_access, setup_task
+from labelproxy.streams.tcp import loop as dataloop
+from labelproxy.streams.tcp.accept import Acceptor
+from labelproxy.streams.tcp.dial import Address, Connector, Deadlines, literal_addresses
+from labelproxy.streams.tcp.relay import Relay
+from labelproxy.streams.tcp.setup import log_access, setup_task
+from labelproxy.streams.tcp.splice import PipePool, splice_supported
 
 logger = logging.getLogger(__name__)
 

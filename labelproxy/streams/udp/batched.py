@@ -28,10 +28,10 @@ import logging
 import socket
 
 from labelproxy.streams.hooks import Hook
-from labelproxy.streams.udp_mmsg import MmsgArena, arena, available, sockaddr_raw, sockaddr_tuple
-from labelproxy.streams.udp_relay import BATCH, PENDING_LIMIT, UdpRelay
-from labelproxy.streams.udp_session import RawRefs, UdpSession
-from labelproxy.streams.udp_sockets import SockAddr
+from labelproxy.streams.udp.mmsg import MmsgArena, arena, available, sockaddr_raw, sockaddr_tuple
+from labelproxy.streams.udp.relay import BATCH, PENDING_LIMIT, UdpRelay
+from labelproxy.streams.udp.session import RawRefs, UdpSession
+from labelproxy.streams.udp.sockets import SockAddr
 
 logger = logging.getLogger(__name__)
 

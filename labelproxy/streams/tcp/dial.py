@@ -31,7 +31,9 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from labelproxy.spec import Backend
-from labelproxy.streams.dataloop import (
+from labelproxy.streams.hooks import ConnInfo
+from labelproxy.streams.live import LiveRoute
+from labelproxy.streams.tcp.loop import (
     EPOLLERR,
     EPOLLHUP,
     EPOLLIN,
@@ -40,8 +42,6 @@ from labelproxy.streams.dataloop import (
     DataLoop,
     Timer,
 )
-from labelproxy.streams.hooks import ConnInfo
-from labelproxy.streams.route import LiveRoute
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The TCP data plane: its own epoll thread (`loop`), listeners (`server`), dials, relays."""
