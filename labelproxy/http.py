@@ -7,7 +7,6 @@ the runtime passes in callables that render the current state.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 from collections.abc import Callable
@@ -17,12 +16,12 @@ import anyio
 import anyio.abc
 
 from labelproxy.metrics import Metrics
+from labelproxy.streams.sockets import RESOURCE_ERRNOS, accept_backoff
 
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 8192
 MAX_CONCURRENT_REQUESTS = 64
-RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 READ_DEADLINE = 5.0
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -144,7 +143,7 @@ async def _accept_loop(
                 raise
             if not backoff:
                 logger.error("HTTP accept failed: %s; backing off", exc, extra={"action": "accept"})
-            backoff = min(max(backoff * 2, 0.01), 1.0)
+            backoff = accept_backoff(backoff)
             await anyio.sleep(backoff)
             continue
         backoff = 0.0

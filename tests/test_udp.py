@@ -129,17 +129,18 @@ async def test_traffic_in_either_direction_keeps_the_session() -> None:
         await log.wait_closed(reason="idle")
 
 
-async def test_close_ends_sessions_and_frees_the_port() -> None:
+async def test_close_without_drain_ends_sessions_and_frees_the_port() -> None:
     async with access_log() as log, udp_upstream() as up:
         async with running_route(udp_spec(up.port)) as live, client_of(live) as client:
             assert await ask(client, b"hi") == b"hi"
             port = live.bound[0][1]
-            live.close()
+            live.close(0)
             with anyio.fail_after(5):
                 await live.listener_closed.wait()
                 await live.finished.wait()
             assert live.counters.udp_sessions_active == 0
-            assert [r.reason for r in log.closed()] == ["closed"]  # type: ignore[attr-defined]
+            reasons = [r.reason for r in log.closed()]  # type: ignore[attr-defined]
+            assert reasons == ["drain_timeout"]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
             again.bind(("127.0.0.1", port))
 

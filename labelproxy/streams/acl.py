@@ -6,19 +6,11 @@ Deny wins; an empty allow list allows everyone; a route's rules narrow the globa
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from functools import lru_cache
 
-from labelproxy.spec import IPAddress, IPNetwork
-
-
-def client_ip(host: str) -> IPAddress:
-    """Parse a socket address host, unwrapping IPv4-mapped IPv6 and dropping a zone id."""
-    ip = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+from labelproxy.spec import IPNetwork
+from labelproxy.streams.addresses import ip_of
 
 
 class Acl:
@@ -35,9 +27,8 @@ class Acl:
     def _permits(self, host: str) -> bool:
         if self.permits_all:
             return True
-        try:
-            ip = client_ip(host)
-        except ValueError:
+        ip = ip_of(host)
+        if ip is None:
             return False
         if any(ip in net for net in self._deny if net.version == ip.version):
             return False

@@ -127,8 +127,8 @@ async def running_route(
     extra_hooks: tuple[Hook, ...] = (),
     shared: SharedState | None = None,
 ) -> AsyncIterator[LiveRoute]:
-    """serve_udp for `spec` on a fresh Metrics; closed (and awaited) on exit. `shared`: the
-    global caps and own listeners of several routes (default: its own)."""
+    """serve_udp for `spec` on a fresh Metrics; closed without a drain (and awaited) on exit.
+    `shared`: the global caps and own listeners of several routes (default: its own)."""
     metrics = Metrics()
     live = LiveRoute(
         spec,
@@ -142,7 +142,7 @@ async def running_route(
         try:
             yield live
         finally:
-            live.close()
+            live.close(0)
             with anyio.fail_after(DEADLINE):
                 await live.finished.wait()
 

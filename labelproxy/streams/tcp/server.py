@@ -1,25 +1,31 @@
 """The TCP listener of one route: bind, accept, admit, dial, relay, drain.
 
-`serve_tcp(live)` binds `live.spec.key` (raising OSError before "started" when it cannot) on
-the caller's asyncio loop, then hands the listener to the TCP data loop (`dataloop`): its own
-thread and epoll, where accept -> hooks (`live.admit`: ACL, cap, metrics) -> backend pick ->
-`dialer.Connector` (non-blocking connect with failover, deadlines on one timer) ->
-`relay.Relay` all run as callbacks, with no task and no asyncio handle per connection
-(backing off on EMFILE/ENFILE/ENOBUFS/ENOMEM, never dying on them). Where a coroutine is
-simpler, a short setup task on the asyncio loop does the waiting part (`tcp_setup`): a trusted
-client's PROXY header is read first, or a hostname backend is resolved; then it hands the
-client back to the data loop, which admits and dials it like any other. An idle connection
-costs two socket fds, a few small objects and two epoll entries. It needs epoll and eventfd
-(Linux); elsewhere `serve_tcp` raises OSError, like a bind failure.
+`serve_tcp(live)` binds `live.spec.key` (raising OSError before "started" when it cannot)
+on the caller's asyncio loop, then hands the listener to the TCP data loop (`loop`: its own
+thread and epoll), where a connection is a chain of callbacks, with no task and no asyncio
+handle per connection:
 
-On `live.close()` the listening socket closes at once (`live.listener_closed`), live
-connections get `live.drain_timeout` seconds to end, the rest are closed, `live.finished`.
-Cancelled from outside, everything closes promptly and the events are set too. Each closed
-connection logs one INFO record on `labelproxy.access`.
+    Acceptor (accept)  ->  TcpServer._accepted  ->  open: LiveRoute.admit (ACL, caps)
+      ->  Connector (dial: steps, backend pick, connect with failover)
+      ->  Relay (relay + pump: bytes both ways)  ->  TcpServer.ended: LiveRoute.release,
+          access log, drain
 
-Threads: methods marked "(data loop)" run on the data loop's thread and are the only ones
-that touch connections or count; `run`, `_start_setup` and the setup tasks run on the
-asyncio loop and reach the data loop through `DataLoop.submit` / `DataLoop.call`.
+Where a coroutine is simpler, a short setup task on the asyncio loop does the waiting part
+(`setup`): a trusted proxy's PROXY header is read first, or host-name backends are
+resolved; the client then comes back to the data loop (`open`), which admits and dials it
+like any other. An idle connection costs two socket fds, a few small objects and two epoll
+entries. It needs epoll and eventfd (Linux); elsewhere `serve_tcp` raises OSError, like a
+bind failure.
+
+On `live.close()` the listening socket closes at once (`live.listener_closed`), then the
+one drain (`drain.Drain`) lets live connections end within `live.drain_timeout`; the rest
+are closed (`drain_timeout`) and `live.finished` is set. Cancelled from outside, everything
+closes promptly and the events are set too.
+
+Threads: `TcpServer` implements `owner.Owner` for its connections. Its methods marked
+"(data loop)" run on the data loop's thread and are the only ones that touch connections,
+`conns` or `setups`; `run` and the setup tasks run on the asyncio loop and reach the data
+loop through `DataLoop.submit` / `DataLoop.call`.
 """
 
 from __future__ import annotations
@@ -34,27 +40,23 @@ import anyio
 import anyio.abc
 
 from labelproxy.spec import Backend, ListenKey, RouteSpec
+from labelproxy.streams.accesslog import log_closed, log_opened
+from labelproxy.streams.drain import Drain
 from labelproxy.streams.hooks import ConnInfo
-from labelproxy.streams.live import LiveRoute
+from labelproxy.streams.live import LiveRoute, ProxyHeader
 from labelproxy.streams.proxyproto import build_header
-from labelproxy.streams.sockets import (
-    bind_socket,
-    bound_address,
-    local_address,
-    set_nodelay,
-    set_nonblocking,
-    unmap,
-)
-from labelproxy.streams.tcp import loop as dataloop
+from labelproxy.streams.sockets import bind_socket, bound_address, set_nodelay
+from labelproxy.streams.tcp import loop as data_loop
 from labelproxy.streams.tcp.accept import Acceptor
-from labelproxy.streams.tcp.dial import Address, Connector, Deadlines, literal_addresses
-from labelproxy.streams.tcp.relay import Relay
-from labelproxy.streams.tcp.setup import log_access, setup_task
+from labelproxy.streams.tcp.deadlines import Deadlines
+from labelproxy.streams.tcp.dial import Address, Connector, Step, literal_addresses
+from labelproxy.streams.tcp.owner import Owned
+from labelproxy.streams.tcp.setup import Found, HeaderRefusedError, set_up
 from labelproxy.streams.tcp.splice import PipePool, splice_supported
 
 logger = logging.getLogger(__name__)
 
-_UNSPECIFIED = frozenset({"0.0.0.0", "::"})
+_SetupJob = tuple[int, tuple[str, int], tuple[str, int], ProxyHeader | None]
 
 
 async def serve_tcp(
@@ -67,103 +69,136 @@ async def serve_tcp(
 
     `zero_copy`: None splices bulk transfers where the platform can; False only copies.
     """
-    if not dataloop.available():
+    if not data_loop.available():
         raise OSError("the TCP relay needs epoll and eventfd (Linux)")
     sock = bind_socket(live.spec.key, live.spec.family)
     set_nodelay(sock)  # accepted sockets inherit TCP_NODELAY (Linux): no syscall each
     use_splice = splice_supported() if zero_copy is None else zero_copy
-    loop = dataloop.shared()
+    loop = data_loop.shared()
     try:
-        server = _TcpServer(live, sock, loop, zero_copy=use_splice)
+        server = TcpServer(live, sock, loop, asyncio.get_running_loop(), zero_copy=use_splice)
     except BaseException:
         sock.close()
         raise
-    own = ListenKey("tcp", live.spec.key.bind, bound_address(sock)[1])
+    bound = bound_address(sock)
+    own = ListenKey("tcp", live.spec.key.bind, bound[1])
     live.shared.own.add(own, live.spec.family)
     try:
-        live.bound = [bound_address(sock)]
+        live.bound = [bound]
         await server.run(task_status)
     finally:
         live.shared.own.remove(own, live.spec.family)
         with anyio.CancelScope(shield=True):
             await loop.call(server.shutdown)
+        live.stopped_admitting.set()
         live.listener_closed.set()
         live.finished.set()
 
 
-class _TcpServer:
-    """The listening socket, the connections in setup or relaying, and the drain."""
+class TcpServer:
+    """The listening socket of one route, its connections in setup, dialing or relaying,
+    and its drain; the `owner.Owner` of those connections."""
 
     def __init__(
-        self, live: LiveRoute, sock: socket.socket, loop: dataloop.DataLoop, *, zero_copy: bool
+        self,
+        live: LiveRoute,
+        sock: socket.socket,
+        loop: data_loop.DataLoop,
+        aloop: asyncio.AbstractEventLoop,
+        *,
+        zero_copy: bool,
     ) -> None:
         self.live = live
         self.loop = loop
-        self.aloop: asyncio.AbstractEventLoop | None = None  # the asyncio side (run)
-        self.acceptor = Acceptor(
-            loop, sock, self._admit, name=f"route {live.spec.alias} on {live.spec.key}"
-        )
-        self.deadlines = Deadlines(loop)
         self.pool = PipePool() if zero_copy else None
-        self.conns: set[Relay | Connector] = set()  # (data loop) dialing or relaying
-        self.setups = 0  # (asyncio) setup tasks in flight (tcp_setup)
-        self.tg: anyio.abc.TaskGroup | None = None
-        self._setup_queue: asyncio.Queue[tuple[int, tuple[str, int], tuple[str, int]]] | None
-        self._setup_queue = None
-        self._empty: anyio.Event | None = None
-        self._draining = False
-        self._closed = False  # (data loop) shut down: nothing new is admitted
-        self._spec_seen: RouteSpec | None = None
-        self._addrs: dict[Backend, Address] | None = None
-        self._last_listen: tuple[str, int] = ("", 0)
-        bound = bound_address(sock)
+        self.deadlines = Deadlines(loop)
+        self.acceptor = Acceptor(
+            loop,
+            sock,
+            self._accepted,
+            name=f"route {live.spec.alias} on {live.spec.key}",
+            learn_local=live.shared.own.learn,
+        )
+        self.drain = Drain(aloop)
+        self.conns: set[Owned] = set()  # (data loop) dialing or relaying
+        self.setups = 0  # (data loop) clients out in a setup task
+        self.closed = False  # (data loop) shut down: nothing new is admitted
         self._family = sock.family
-        fixed = sock.family == socket.AF_INET and bound[0] not in _UNSPECIFIED
-        self._fixed_listen = bound if fixed else None
+        self._aloop = aloop
+        self._setup_jobs: asyncio.Queue[_SetupJob] = asyncio.Queue()  # (asyncio)
+        self._spec_seen: RouteSpec | None = None  # (data loop) what the two below are for
+        self._addrs: dict[Backend, Address] | None = None
+        self._steps: tuple[Step, ...] = ()
 
     @property
     def active(self) -> int:
+        """(data loop) Connections not over yet, in setup or not."""
         return self.setups + len(self.conns)
 
+    # -- the listener's life (asyncio) -----------------------------------------------------
     async def run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
-        self.aloop = asyncio.get_running_loop()
-        self._setup_queue = asyncio.Queue()
-        try:
-            await self._serve(task_status)
-        finally:
-            self._close_queued_setups()
-
-    async def _serve(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         live = self.live
-        async with anyio.create_task_group() as tg:
-            self.tg = tg
-            tg.start_soon(self._spawn_setups)
-            await self.loop.call(self.acceptor.start)
-            logger.debug("route %s: listening on %s", live.spec.alias, live.spec.key)
-            task_status.started()
-            await live.closing.wait()
-            await self.loop.call(self.acceptor.close)
-            live.listener_closed.set()
-            if self.active:
-                logger.info(
-                    "route %s: draining %d connections for up to %gs",
-                    live.spec.alias,
-                    self.active,
-                    live.drain_timeout,
-                )
-            with anyio.move_on_after(live.drain_timeout):
-                self._draining = True
-                while self.active:
-                    self._empty = anyio.Event()
-                    if not self.active:
-                        break
-                    await self._empty.wait()
-            tg.cancel_scope.cancel()
-        await self.loop.call(self._abort_all, "drain_timeout")
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._spawn_setups, tg)
+                await self.loop.call(self.acceptor.start)
+                logger.debug("route %s: listening on %s", live.spec.alias, live.spec.key)
+                task_status.started()
+                await live.closing.wait()
+                left = await self.loop.call(self._stop_admitting)
+                live.stopped_admitting.set()
+                live.listener_closed.set()
+                await self.drain.wait(live, left, what="connections")
+                tg.cancel_scope.cancel()
+            await self.loop.call(self._abort_all, "drain_timeout")
+        finally:
+            while not self._setup_jobs.empty():
+                os.close(self._setup_jobs.get_nowait()[0])
+
+    async def _spawn_setups(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start a setup task for each client the data loop queued."""
+        while True:
+            client, peer, listen, mode = await self._setup_jobs.get()
+            sock = socket.socket(self._family, socket.SOCK_STREAM, 0, client)
+            tg.start_soon(self._set_up, sock, peer, listen, mode)
+
+    async def _set_up(
+        self,
+        client: socket.socket,
+        peer: tuple[str, int],
+        listen: tuple[str, int],
+        mode: ProxyHeader | None,
+    ) -> None:
+        """A setup task: wait for what `setup.set_up` waits for, then hand the client back
+        to the data loop (`_set_up_done`), whatever happened."""
+        found: Found | None = None
+        refused = False
+        try:
+            found = await set_up(self.live, client, peer, listen, read_header=mode == "read")
+        except HeaderRefusedError as exc:
+            refused = True
+            logger.info("route %s: refused client %s: %s", self.live.spec.alias, peer[0], exc)
+        except Exception:
+            logger.exception("route %s: connection setup failed", self.live.spec.alias)
+        finally:
+            fd = -1
+            if found is None:
+                client.close()
+            else:
+                fd = client.detach()
+            self.loop.submit(self._set_up_done, fd, peer, found, mode == "sniff", refused)
+
+    # -- the listener's life (data loop) ---------------------------------------------------
+    def _stop_admitting(self) -> int:
+        """(data loop) Close the listening socket and start draining; the connections left."""
+        self.acceptor.close()
+        left = self.active
+        self.drain.begin(left)
+        return left
 
     def shutdown(self) -> None:
         """(data loop) Close the listener and every connection; idempotent."""
-        self._closed = True
+        self.closed = True
         self.acceptor.close()
         self._abort_all("shutdown")
         self.deadlines.close()
@@ -174,54 +209,36 @@ class _TcpServer:
         for conn in list(self.conns):
             conn.abort(reason)
 
-    def settled(self) -> None:
-        """A connection or setup ended: wake a drain waiting for none to be left."""
-        if not self._draining or self.active or self.aloop is None:
-            return
-        if self.loop.in_thread():
-            self.aloop.call_soon_threadsafe(self._wake_drain)
-        else:
-            self._wake_drain()
-
-    def _wake_drain(self) -> None:
-        if self._empty is not None:
-            self._empty.set()
-
-    # -- what the relays ask for (data loop) -----------------------------------------------
-    def relay_done(self, relay: Relay) -> None:
-        self.conns.discard(relay)
-        conn = relay.conn
-        if conn.close_reason == "proxy_header":
-            self.live.counters.reject("proxy_header")
-        self.release(conn)
-        self.settled()
-
-    def release(self, conn: ConnInfo) -> None:
-        self.live.release(conn)
-        log_access(conn)
-
     # -- one connection (data loop) --------------------------------------------------------
-    def _admit(self, client: int, peer_addr: tuple[str, int]) -> None:
+    def _accepted(self, client: int, peer: tuple[str, int], listen: tuple[str, int]) -> None:
+        """(data loop) A new client (a non-blocking fd this takes over) from the acceptor."""
         live = self.live
-        set_nonblocking(client)
-        listen = self._fixed_listen
-        if listen is not None:
-            peer = peer_addr
-        else:
-            peer, listen = self.addresses(client, peer_addr)
+        mode = live.proxy_header(peer[0])  # trusted PROXY sender or not: decided here, once
         spec = live.spec
-        addrs = self._addrs if spec is self._spec_seen else self._addresses_of(spec)
-        sniff = False
-        if live.edge.accept_proxy_protocol != "off":
-            trusted = live.trusted_proxies is not None and live.trusted_proxies.permits(peer[0])
-            if trusted:  # its PROXY header is read first: the task path
-                addrs = None
-            sniff = True
-        if addrs is None:
-            assert self.aloop is not None and self._setup_queue is not None
-            self.aloop.call_soon_threadsafe(self._setup_queue.put_nowait, (client, peer, listen))
+        if spec is not self._spec_seen:
+            self._adopt(spec)
+        addrs = self._addrs
+        if addrs is None or mode == "read":  # a header to read, names to resolve: a task
+            self.setups += 1
+            self._aloop.call_soon_threadsafe(
+                self._setup_jobs.put_nowait, (client, peer, listen, mode)
+            )
             return
-        self.open(client, peer, peer, listen, rest=b"", sniff=sniff, addrs=addrs)
+        self.open(client, peer, peer, listen, rest=b"", sniff=mode == "sniff", addrs=addrs)
+
+    def _set_up_done(
+        self, client: int, peer: tuple[str, int], found: Found | None, sniff: bool, refused: bool
+    ) -> None:
+        """(data loop) A setup task ended: open its client, or count its refusal."""
+        self.setups -= 1
+        if found is not None:
+            self.open(
+                client, found.source, peer, found.dest, rest=found.rest, sniff=sniff,
+                addrs=found.addrs,
+            )  # fmt: skip
+        elif refused:
+            self.live.refused("proxy_header")
+        self._settled()
 
     def open(
         self,
@@ -238,94 +255,55 @@ class _TcpServer:
         addresses are known (`source`/`dest` from its PROXY header, else the socket's) and
         dial its backend: `addrs` holds each backend's address (None: did not resolve);
         `rest` is client data already read."""
+        if __debug__:
+            assert self.loop.owns_thread(), "TcpServer.open off the data loop"
         live = self.live
-        spec = live.spec
-        if self._closed:
+        if self.closed:
             os.close(client)
             return
-        conn = ConnInfo(spec.alias, "tcp", source, peer, dest)
+        conn = ConnInfo(live.spec.alias, "tcp", source, peer, dest)
         reason = live.admit(conn)
         if reason is not None:
-            logger.debug("route %s: refused client %s (%s)", spec.alias, source[0], reason)
+            logger.debug("route %s: refused client %s (%s)", conn.route, source[0], reason)
             os.close(client)
             return
-        first = live.pick_backend(source[0])
-        if first is None:
-            live.counters.reject("no_backend")
-            conn.close_reason = "no_backend"
-            os.close(client)
-            self.release(conn)
-            return
-        order = [(first, addrs.get(first))]
-        if len(spec.backends) > 1:
-            order += [(b, addrs.get(b)) for b in spec.backends if b != first]
-        version = spec.options.proxy_protocol
+        version = live.spec.options.proxy_protocol
         prefix = build_header(version, source, dest) + rest if version is not None else rest
-        connector = Connector(self, client, conn, order, prefix=prefix, sniff=sniff)
-        self.conns.add(connector)
-        connector.start()
-
-    def _addresses_of(self, spec: RouteSpec) -> dict[Backend, Address] | None:
-        if spec is not self._spec_seen:
-            self._spec_seen = spec
-            self._addrs = literal_addresses(spec.backends)
-        return self._addrs
-
-    def connected(self, connector: Connector, upstream: int, events: int) -> None:
-        self.conns.discard(connector)
-        relay = Relay(
-            self,
-            connector.client,
-            upstream,
-            connector.conn,
-            prefix=connector.prefix,
-            sniff=connector.sniff,
+        connector = Connector(
+            self, client, conn, addrs, prefix=prefix, sniff=sniff, steps=self._steps
         )
-        self.conns.add(relay)
-        if logger.isEnabledFor(logging.DEBUG):
-            conn = relay.conn
-            logger.debug("route %s: %s -> %s open", conn.route, conn.client[0], conn.backend)
-        relay.start(upstream_events=events)
+        self.conns.add(connector)
+        connector.proceed()
 
-    def failed(self, connector: Connector) -> None:
-        self.conns.discard(connector)
-        os.close(connector.client)
-        self.release(connector.conn)
-        self.settled()
+    def _adopt(self, spec: RouteSpec) -> None:
+        """(data loop) The route's spec changed: its backends' addresses (None: names to
+        resolve) and the steps of its new connections."""
+        self._spec_seen = spec
+        self._addrs = literal_addresses(spec.backends)
+        self._steps = self._steps_of(spec)
 
-    def addresses(
-        self, client: int, peer_addr: tuple[str, int]
-    ) -> tuple[tuple[str, int], tuple[str, int]]:
-        """(client, listener) addresses, IPv4-mapped ones unwrapped; the listener tuple is
-        shared between connections that hit the same address (idle connections stay small)."""
-        if self._fixed_listen is not None:
-            return peer_addr, self._fixed_listen
-        if self._family == socket.AF_INET6:
-            peer = (unmap(peer_addr[0]), int(peer_addr[1]))
-            name = local_address(client, self._family)
-            listen = (unmap(name[0]), name[1])
-        else:
-            peer = (peer_addr[0], peer_addr[1])
-            listen = local_address(client, self._family)
-        if listen == self._last_listen:
-            listen = self._last_listen
-        else:
-            self._last_listen = listen
-            self.live.shared.own.learn(listen[0])  # a local address: dials to it may loop
-        return peer, listen
+    @staticmethod
+    def _steps_of(spec: RouteSpec) -> tuple[Step, ...]:
+        """The steps a new connection of `spec` takes before its backend is picked
+        (`dial.Step`): none yet. A hold (wake) or a peek (ClientHello) is listed here."""
+        return ()
 
-    # -- one connection, the task path (asyncio) -------------------------------------------
-    async def _spawn_setups(self) -> None:
-        """Start a setup task for each client the data loop queued."""
-        queue = self._setup_queue
-        assert queue is not None and self.tg is not None
-        while True:
-            client, peer, listen = await queue.get()
-            self.setups += 1
-            sock = socket.socket(self._family, socket.SOCK_STREAM, 0, client)
-            self.tg.start_soon(setup_task, self, sock, peer, listen)
+    # -- what the connections tell (owner.Owner, data loop) ----------------------------------
+    def handed_over(self, old: Owned, new: Owned) -> None:
+        self.conns.discard(old)
+        self.conns.add(new)
+        log_opened(new.conn, listen=self.live.spec.key)
 
-    def _close_queued_setups(self) -> None:
-        queue = self._setup_queue
-        while queue is not None and not queue.empty():
-            os.close(queue.get_nowait()[0])
+    def ended(self, owned: Owned) -> None:
+        if __debug__:
+            assert self.loop.owns_thread(), "TcpServer.ended off the data loop"
+        self.conns.discard(owned)
+        conn = owned.conn
+        self.live.release(conn)
+        log_closed(conn, listen=self.live.spec.key)
+        self._settled()
+
+    def _settled(self) -> None:
+        drain = self.drain
+        if drain.draining:
+            drain.settled(self.active)

@@ -1,102 +1,96 @@
-"""The task path of a TCP connection's setup, and the access log.
+"""The waiting part of a TCP connection's setup, as a short task on the asyncio loop.
 
-Most connections are set up in data-loop callbacks (`tcp._TcpServer._admit`). A short anyio
-task on the asyncio loop (`setup_task`) does the parts that wait: a trusted client's PROXY
-header is read first, or backends that are host names are resolved. It touches no counter
-and no connection state: it hands the client fd, its addresses and the resolved backend
-addresses back to the data loop (`Server.open`), which admits and dials it like any other
-connection. `log_access` writes the one access record of a closed connection on
-`labelproxy.access` (INFO), skipped cheaply when that level is off.
+Most connections are set up in data-loop callbacks (`server.TcpServer`). When a client must
+be waited for, the listener hands it to `set_up` instead: a trusted proxy's PROXY header is
+read first (`read_client_header`), and backends that are host names are resolved
+(`resolve_all`). It returns what it found (`Found`: the client's addresses, the bytes read
+after its header, each backend's address) or raises `HeaderRefusedError`; it touches no
+counter and no connection state: the listener hands the client back to the data loop,
+which admits and dials it like any other.
+
+`read_client_header` waits (within a deadline) for a trusted client's PROXY header and
+returns what it carries plus the bytes that followed it; it raises, never hangs, and the
+caller closes the client and counts the reason. In `optional` mode a client that has not
+sent a whole PROXY signature within `PEEK_DEADLINE` (200 ms) has none, so a client that
+waits for the server to speak first is not held for the whole header timeout. `resolve`
+gives the address to dial a backend at (its IP literal, or its host name's first address).
 """
 
 from __future__ import annotations
 
-import functools
+import errno
 import logging
 import socket
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from dataclasses import dataclass
 
-import anyio.abc
+import anyio
 
-from labelproxy.spec import Backend
-from labelproxy.streams.hooks import ConnInfo
+from labelproxy.spec import AcceptProxyProtocol, Backend
+from labelproxy.streams.addresses import literal_family
 from labelproxy.streams.live import LiveRoute
+from labelproxy.streams.proxyproto import (
+    PEEK_DEADLINE,
+    HeaderError,
+    HeaderParser,
+    looks_like_header,
+)
 from labelproxy.streams.tcp.dial import Address
-from labelproxy.streams.tcp.handshake import HeaderRefusedError, read_client_header, resolve
 
-logger = logging.getLogger("labelproxy.streams.tcp.server")
-access_log = logging.getLogger("labelproxy.access")
+logger = logging.getLogger(__name__)
 
-
-class DataLoop(Protocol):
-    def submit(self, fn: Callable[..., object], *args: Any) -> None: ...
+_READ = 4096
 
 
-class Server(Protocol):
-    live: LiveRoute
-    setups: int
-
-    @property
-    def loop(self) -> DataLoop: ...
-
-    def settled(self) -> None: ...
-
-    def open(
-        self,
-        client: int,
-        source: tuple[str, int],
-        peer: tuple[str, int],
-        dest: tuple[str, int],
-        *,
-        rest: bytes,
-        sniff: bool,
-        addrs: Mapping[Backend, Address | None],
-    ) -> None: ...
+class HeaderRefusedError(Exception):
+    """The client's PROXY header is missing, malformed, oversized or too slow."""
 
 
-async def setup_task(
-    server: Server, client: socket.socket, peer: tuple[str, int], listen: tuple[str, int]
-) -> None:
-    """Read a trusted client's PROXY header and resolve host-name backends, then hand the
-    client to the data loop; the server counted this task in `setups`."""
-    live = server.live
-    spec = live.spec
-    handed_off = False
-    try:
-        source, dest, rest, sniff = peer, listen, b"", False
-        mode = live.edge.accept_proxy_protocol
-        if mode != "off":
-            trusted = live.trusted_proxies is not None and live.trusted_proxies.permits(peer[0])
-            if trusted:
-                try:
-                    header = await read_client_header(
-                        client, mode=mode, timeout=live.edge.proxy_header_timeout
-                    )
-                except HeaderRefusedError as exc:
-                    server.loop.submit(live.counters.reject, "proxy_header")
-                    logger.info("route %s: refused client %s: %s", spec.alias, peer[0], exc)
-                    return
-                source = header.source or peer
-                dest = header.dest or listen
-                rest = header.rest
-            else:
-                sniff = True
-        addrs = await _resolve_all(live)
-        opener = functools.partial(server.open, rest=rest, sniff=sniff, addrs=addrs)
-        server.loop.submit(opener, client.detach(), source, peer, dest)
-        handed_off = True
-    except Exception:
-        logger.exception("route %s: connection setup failed", spec.alias)
-    finally:
-        server.setups -= 1
-        if not handed_off:
-            client.close()
-        server.settled()
+@dataclass(frozen=True, slots=True)
+class ClientHeader:
+    """What a trusted client's first bytes said: the carried addresses (None: not proxied,
+    use the socket's) and the payload bytes already read after the header."""
+
+    source: tuple[str, int] | None
+    dest: tuple[str, int] | None
+    rest: bytes
 
 
-async def _resolve_all(live: LiveRoute) -> dict[Backend, Address | None]:
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What the setup of one client found: its addresses (from its PROXY header, else its
+    socket's), the bytes read after the header, each backend's address (None: no address)."""
+
+    source: tuple[str, int]
+    dest: tuple[str, int]
+    rest: bytes
+    addrs: dict[Backend, Address | None]
+
+
+async def set_up(
+    live: LiveRoute,
+    client: socket.socket,
+    peer: tuple[str, int],
+    listen: tuple[str, int],
+    *,
+    read_header: bool,
+) -> Found:
+    """Read the client's PROXY header (`read_header`: a trusted proxy's) and resolve the
+    route's backends. Raises HeaderRefusedError."""
+    source, dest, rest = peer, listen, b""
+    if read_header:
+        header = await read_client_header(
+            client,
+            mode=live.edge.accept_proxy_protocol,
+            timeout=live.edge.proxy_header_timeout,
+        )
+        source = header.source or peer
+        dest = header.dest or listen
+        rest = header.rest
+    return Found(source, dest, rest, await resolve_all(live))
+
+
+async def resolve_all(live: LiveRoute) -> dict[Backend, Address | None]:
     """Each backend's address; None for a name that does not resolve (logged: the dial
     counts it as failed)."""
     addrs: dict[Backend, Address | None] = {}
@@ -118,23 +112,73 @@ async def _resolve_all(live: LiveRoute) -> dict[Backend, Address | None]:
     return addrs
 
 
-def log_access(conn: ConnInfo) -> None:
-    """One INFO record on `labelproxy.access` for a closed connection."""
-    if not access_log.isEnabledFor(logging.INFO):
-        return
-    duration = time.monotonic() - conn.started
-    backend = str(conn.backend) if conn.backend is not None else ""
-    reason = conn.close_reason or "closed"
-    access_log.info(
-        "tcp connection closed",
-        extra={
-            "client": f"{conn.client[0]}:{conn.client[1]}",
-            "route": conn.route,
-            "protocol": "tcp",
-            "backend": backend,
-            "bytes_in": conn.bytes_in,
-            "bytes_out": conn.bytes_out,
-            "duration": round(duration, 6),
-            "reason": reason,
-        },
-    )
+async def resolve(backend: Backend) -> Address:
+    """(family, sockaddr) to dial `backend` at: its IP literal, or its name's first
+    address; OSError when the name does not resolve."""
+    family = literal_family(backend.host)
+    if family is not None:
+        return family, (backend.host, backend.port)
+    infos = await anyio.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(errno.EHOSTUNREACH, f"{backend.host} does not resolve")
+    fam, _, _, _, addr = infos[0]
+    return socket.AddressFamily(fam), (str(addr[0]), int(addr[1]))
+
+
+async def read_client_header(
+    client: socket.socket,
+    *,
+    mode: AcceptProxyProtocol,
+    timeout: float,
+    peek: float = PEEK_DEADLINE,
+) -> ClientHeader:
+    """Read a PROXY header from a trusted client within `timeout`.
+
+    `optional`: a client whose first bytes are not a PROXY signature, or who has not sent a
+    whole signature within `peek` seconds (nothing yet: a protocol where the server speaks
+    first; or a pause after `PRO`), or who closes before one, is served as is: the bytes read
+    are relayed unchanged. Once a signature is complete the rest of the header must come
+    within `timeout`. `required`: the whole header must come within `timeout`."""
+    parser = HeaderParser()
+    seen = bytearray()  # everything read, in case it is not a header after all
+    peek_until = anyio.current_time() + min(peek, timeout)
+    try:
+        with anyio.fail_after(timeout):
+            while True:
+                undecided = mode == "optional" and looks_like_header(bytes(seen[:16])) is None
+                data = await _receive(client, until=peek_until if undecided else None)
+                if data is None or (not data and undecided):
+                    return ClientHeader(None, None, bytes(seen))  # no header after all
+                if not data:
+                    raise HeaderRefusedError("client closed before its PROXY header ended")
+                first = len(seen) < 16
+                seen += data
+                if first and looks_like_header(bytes(seen[:16])) is False:
+                    if mode == "required":
+                        raise HeaderRefusedError("no PROXY header from a trusted proxy")
+                    return ClientHeader(None, None, bytes(seen))
+                parsed = parser.feed(data)
+                if parsed is not None:
+                    return ClientHeader(parsed.source, parsed.dest, parsed.rest)
+    except TimeoutError:
+        raise HeaderRefusedError(f"no complete PROXY header within {timeout:g}s") from None
+    except HeaderError as exc:
+        raise HeaderRefusedError(str(exc)) from exc
+
+
+async def _receive(client: socket.socket, *, until: float | None) -> bytes | None:
+    """The next bytes from `client` (b"" at its EOF); None when `until` (an anyio clock
+    time) passed first. What is already queued is read even past `until`."""
+    while True:
+        try:
+            return client.recv(_READ)
+        except BlockingIOError:
+            pass
+        if until is None:
+            await anyio.wait_readable(client)
+            continue
+        left = until - anyio.current_time()
+        if left <= 0:
+            return None
+        with anyio.move_on_after(left):
+            await anyio.wait_readable(client)
