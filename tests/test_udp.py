@@ -1,4 +1,5 @@
-"""UDP data plane, relay behaviour: echo per client, whole large datagrams, idle expiry, stop.
+"""UDP data plane, relay behaviour: echo per client, whole large datagrams, idle expiry, the
+drain of a closed route, stop.
 
 Real loopback sockets and a UDP upstream owned by the test; every route runs `serve_udp`.
 """
@@ -27,6 +28,8 @@ from tests.support.udp import (  # anyio_backend, relay_path: fixtures for every
 )
 
 pytestmark = pytest.mark.anyio
+
+DRAIN = 30.0  # a drain deadline no test waits for
 
 
 async def test_each_client_gets_only_its_own_replies_and_counters_match() -> None:
@@ -143,6 +146,49 @@ async def test_close_without_drain_ends_sessions_and_frees_the_port() -> None:
             assert reasons == ["drain_timeout"]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
             again.bind(("127.0.0.1", port))
+
+
+async def test_a_closed_route_drains_its_sessions_until_idle_and_takes_no_new_source() -> None:
+    async with (
+        access_log() as log,
+        udp_upstream() as up,
+        running_route(udp_spec(up.port, idle_timeout=0.5)) as live,
+        client_of(live) as old,
+        client_of(live) as new,
+    ):
+        assert await ask(old, b"before") == b"before"
+        port = live.bound[0][1]
+        live.close(DRAIN)
+        with anyio.fail_after(5):
+            await live.stopped_admitting.wait()
+        await new.send(b"new source")  # dropped: no session for a new source any more
+        assert await ask(old, b"draining") == b"draining"  # after it, on the same socket
+        assert [data for data, _ in up.received] == [b"before", b"draining"]
+        assert not live.listener_closed.is_set()  # bound: the replies leave through it
+        with anyio.fail_after(5):  # the session ends when idle, long before the deadline
+            await live.finished.wait()
+        assert [r.reason for r in log.closed()] == ["idle"]  # type: ignore[attr-defined]
+        assert live.listener_closed.is_set()
+        assert live.counters.udp_sessions_active == 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+        again.bind(("127.0.0.1", port))
+
+
+async def test_the_drain_deadline_ends_a_busy_session() -> None:
+    async with (
+        access_log() as log,
+        udp_upstream() as up,
+        running_route(udp_spec(up.port, idle_timeout=60)) as live,
+        client_of(live) as client,
+    ):
+        assert await ask(client, b"before") == b"before"
+        live.close(DRAIN)
+        assert await ask(client, b"draining") == b"draining"
+        live.close(0.2)  # a shorter drain timeout ends the drain in progress sooner
+        with anyio.fail_after(5):
+            await live.finished.wait()
+        assert [r.reason for r in log.closed()] == ["drain_timeout"]  # type: ignore[attr-defined]
+        assert live.counters.udp_sessions_active == 0
 
 
 async def test_outside_cancellation_closes_everything() -> None:
