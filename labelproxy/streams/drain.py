@@ -20,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import anyio
-
 from labelproxy.streams.live import LiveRoute
 
 logger = logging.getLogger(__name__)
@@ -30,11 +28,13 @@ logger = logging.getLogger(__name__)
 class Drain:
     """The drain of one listener (see the module docstring)."""
 
-    __slots__ = ("_aloop", "_empty", "draining")
+    __slots__ = ("_aloop", "_done", "_drained", "_timer", "draining")
 
     def __init__(self, aloop: asyncio.AbstractEventLoop) -> None:
         self._aloop = aloop
-        self._empty = asyncio.Event()  # set on the asyncio loop (thread-safe wake-up)
+        self._done: asyncio.Event | None = None  # (asyncio) drained or deadline; in `wait`
+        self._drained = False
+        self._timer: asyncio.TimerHandle | None = None
         self.draining = False  # (owner thread) admitting stopped
 
     # -- the thread that owns the connections ------------------------------------------
@@ -42,17 +42,18 @@ class Drain:
         """Admitting stopped with `left` connections."""
         self.draining = True
         if not left:
-            self._aloop.call_soon_threadsafe(self._empty.set)
+            self._aloop.call_soon_threadsafe(self._empty)
 
     def settled(self, left: int) -> None:
         """A connection ended and `left` are still open."""
         if self.draining and not left:
-            self._aloop.call_soon_threadsafe(self._empty.set)
+            self._aloop.call_soon_threadsafe(self._empty)
 
     # -- asyncio -----------------------------------------------------------------------
     async def wait(self, live: LiveRoute, left: int, *, what: str) -> bool:
         """Wait until `begin`/`settled` saw none left, at most until the drain deadline.
-        True: drained; False: the deadline came first."""
+        True: drained; False: the deadline came first. (The deadline is a loop timer that
+        sets the same event: the normal way out cancels nothing.)"""
         if left:
             logger.info(
                 "route %s: draining %d %s for up to %gs",
@@ -62,10 +63,35 @@ class Drain:
                 live.drain_timeout,
                 extra={"route": live.spec.alias, "listen": str(live.spec.key), "action": "drain"},
             )
-        with anyio.move_on_after(live.drain_timeout) as scope:
-            live.drain_scope = scope
-            try:
-                await self._empty.wait()
-            finally:
-                live.drain_scope = None
-        return not scope.cancelled_caught
+        done = self._done = asyncio.Event()
+        if self._drained:
+            return True
+        self.expire_in(live.drain_timeout)
+        live.drain_deadline = self.expire_in
+        try:
+            await done.wait()
+        finally:
+            live.drain_deadline = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        return self._drained
+
+    def expire_in(self, timeout: float) -> None:
+        """End the wait within `timeout` seconds (never later than an earlier deadline)."""
+        due = self._aloop.time() + timeout
+        timer = self._timer
+        if timer is None or due < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._aloop.call_at(due, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._done is not None:
+            self._done.set()
+
+    def _empty(self) -> None:
+        self._drained = True
+        if self._done is not None:
+            self._done.set()

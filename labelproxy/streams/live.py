@@ -35,7 +35,7 @@ import hashlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
 import anyio
@@ -95,7 +95,8 @@ class LiveRoute:
         self.listener_closed = anyio.Event()
         self.finished = anyio.Event()
         self.drain_timeout = edge.drain_timeout
-        self.drain_scope: anyio.CancelScope | None = None  # the drain in progress (drain.py)
+        # the drain in progress (drain.py): brings its deadline closer
+        self.drain_deadline: Callable[[float], None] | None = None
         self.spec = spec
         self.cap = CapHook(None)  # one for the route's life: `update` changes its limit
         self.policy = Policy()
@@ -228,7 +229,6 @@ class LiveRoute:
         sooner (`close(0)`: now)."""
         if drain_timeout is not None:
             self.drain_timeout = drain_timeout
-            scope = self.drain_scope
-            if scope is not None:
-                scope.deadline = min(scope.deadline, anyio.current_time() + drain_timeout)
+            if self.drain_deadline is not None:
+                self.drain_deadline(drain_timeout)
         self.closing.set()

@@ -69,6 +69,10 @@ class Target(Protocol):
     def abort(self, reason: str) -> None: ...
 
 
+def _nothing() -> None:
+    """What a cancelled timer would run."""
+
+
 class Timer:
     """A callback scheduled on the loop; `cancel()` it until it has run."""
 
@@ -93,6 +97,7 @@ class Timer:
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
+            self._fn, self._args = _nothing, ()  # it may sit on the heap a while: hold nothing
             if self._heap is not None:
                 self._heap.timer_cancelled()
 
@@ -258,19 +263,30 @@ class DataLoop:
                 elif fd == wake:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(wake)
-            while inbox:
-                fn, args = inbox.popleft()
-                self._guarded(fn, args)
+            target = None  # the loop waits next: hold no connection in its locals
+            if inbox:
+                self._run_inbox()
             if timers and timers[0][0] <= time.monotonic():
                 self._run_timers()
-            for _ in range(len(ready)):
-                timer = ready.popleft()
-                if not timer.cancelled:
-                    self._guarded(timer._fn, timer._args)
+            if ready:
+                self._run_ready()
         with contextlib.suppress(OSError):
             self._ep.close()
         with contextlib.suppress(OSError):
             os.close(wake)
+
+    def _run_inbox(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            fn, args = inbox.popleft()
+            self._guarded(fn, args)
+
+    def _run_ready(self) -> None:
+        ready = self._ready
+        for _ in range(len(ready)):
+            timer = ready.popleft()
+            if not timer.cancelled:
+                self._guarded(timer._fn, timer._args)
 
     def _run_timers(self) -> None:
         timers = self._timers

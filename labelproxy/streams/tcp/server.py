@@ -125,7 +125,8 @@ class TcpServer:
         self.closed = False  # (data loop) shut down: nothing new is admitted
         self._family = sock.family
         self._aloop = aloop
-        self._setup_jobs: asyncio.Queue[_SetupJob] = asyncio.Queue()  # (asyncio)
+        self._tg: anyio.abc.TaskGroup | None = None  # (asyncio) of the setup tasks
+        self._setup_tasks = 0  # (asyncio) setup tasks running
         self._spec_seen: RouteSpec | None = None  # (data loop) what the two below are for
         self._addrs: dict[Backend, Address] | None = None
         self._steps: tuple[Step, ...] = ()
@@ -140,7 +141,7 @@ class TcpServer:
         live = self.live
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._spawn_setups, tg)
+                self._tg = tg
                 await self.loop.call(self.acceptor.start)
                 logger.debug("route %s: listening on %s", live.spec.alias, live.spec.key)
                 task_status.started()
@@ -149,18 +150,23 @@ class TcpServer:
                 live.stopped_admitting.set()
                 live.listener_closed.set()
                 await self.drain.wait(live, left, what="connections")
-                tg.cancel_scope.cancel()
-            await self.loop.call(self._abort_all, "drain_timeout")
+                self._tg = None  # no new setup task from now on
+                if self._setup_tasks:  # only then: a drain that ends cancels nothing
+                    tg.cancel_scope.cancel()
         finally:
-            while not self._setup_jobs.empty():
-                os.close(self._setup_jobs.get_nowait()[0])
+            self._tg = None
+        await self.loop.call(self._abort_all, "drain_timeout")
 
-    async def _spawn_setups(self, tg: anyio.abc.TaskGroup) -> None:
-        """Start a setup task for each client the data loop queued."""
-        while True:
-            client, peer, listen, mode = await self._setup_jobs.get()
-            sock = socket.socket(self._family, socket.SOCK_STREAM, 0, client)
-            tg.start_soon(self._set_up, sock, peer, listen, mode)
+    def _start_setup(self, job: _SetupJob) -> None:
+        """(asyncio) Start a setup task for a client the data loop handed over."""
+        client, peer, listen, mode = job
+        sock = socket.socket(self._family, socket.SOCK_STREAM, 0, client)
+        if self._tg is None:  # the listener is stopping
+            sock.close()
+            self.loop.submit(self._set_up_done, -1, peer, None, False, False)
+            return
+        self._setup_tasks += 1
+        self._tg.start_soon(self._set_up, sock, peer, listen, mode)
 
     async def _set_up(
         self,
@@ -181,6 +187,7 @@ class TcpServer:
         except Exception:
             logger.exception("route %s: connection setup failed", self.live.spec.alias)
         finally:
+            self._setup_tasks -= 1
             fd = -1
             if found is None:
                 client.close()
@@ -220,9 +227,7 @@ class TcpServer:
         addrs = self._addrs
         if addrs is None or mode == "read":  # a header to read, names to resolve: a task
             self.setups += 1
-            self._aloop.call_soon_threadsafe(
-                self._setup_jobs.put_nowait, (client, peer, listen, mode)
-            )
+            self._aloop.call_soon_threadsafe(self._start_setup, (client, peer, listen, mode))
             return
         self.open(client, peer, peer, listen, rest=b"", sniff=mode == "sniff", addrs=addrs)
 

@@ -81,14 +81,20 @@ class UdpRelay:
         self._listening = False
         self.admitting = True  # False once the route is closed: new sources are dropped
         self.drain = Drain(loop)
+        self.resolving = 0  # tasks resolving a backend's name
+        self._expiry: asyncio.Handle | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         self.loop.add_reader(self.listener.fileno(), self._on_client_readable)
         self._listening = True
+        self._expiry = self.loop.call_soon(self._expire_idle_sessions)
 
     def stop_listening(self) -> None:
         """Stop reading and close the listening socket: the port is free afterwards."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if self._listening:
             self._listening = False
             self.loop.remove_reader(self.listener.fileno())
@@ -106,16 +112,19 @@ class UdpRelay:
         for session in list(self.sessions.values()):
             self.close_session(session, reason)
 
-    async def expire_idle_sessions(self) -> None:
-        """Close sessions idle (both ways) for the route's idle_timeout; runs until cancelled."""
-        while True:
+    def _expire_idle_sessions(self) -> None:
+        """Close sessions idle (both ways) for the route's idle_timeout, and those whose
+        backend left the route; again and again on a loop timer until the listener stops
+        (a timer, not a task: stopping it cancels nothing)."""
+        delay = 1.0
+        try:
             if self.live.spec is not self._spec_seen:
                 self._adopt_spec()
             idle = self.live.idle_timeout
-            now = time.monotonic()
             if idle is None or idle <= 0:
-                await anyio.sleep(30.0)
-                continue
+                delay = 30.0
+                return
+            now = time.monotonic()
             earliest = now + idle
             for session in list(self.sessions.values()):
                 deadline = session.last_active + idle
@@ -123,7 +132,10 @@ class UdpRelay:
                     self.close_session(session, "idle")
                 elif deadline < earliest:
                     earliest = deadline
-            await anyio.sleep(min(max(earliest - now, min(idle / 20, 1.0)), 30.0))
+            delay = min(max(earliest - now, min(idle / 20, 1.0)), 30.0)
+        finally:
+            if self._listening:
+                self._expiry = self.loop.call_later(delay, self._expire_idle_sessions)
 
     # -- sessions ------------------------------------------------------------------------
     def _adopt_spec(self) -> None:
@@ -173,6 +185,7 @@ class UdpRelay:
                 return None
         else:
             session.pending = []
+            self.resolving += 1
             self._spawn(lambda: self._resolve(session, backend))
         return session
 
@@ -196,6 +209,13 @@ class UdpRelay:
         self.loop.add_reader(sock.fileno(), self._on_upstream_readable, session)
 
     async def _resolve(self, session: UdpSession, backend: Backend) -> None:
+        """A task: connect `session` to `backend`, a host name, then send what waited."""
+        try:
+            await self._connect_by_name(session, backend)
+        finally:
+            self.resolving -= 1
+
+    async def _connect_by_name(self, session: UdpSession, backend: Backend) -> None:
         try:
             infos = await anyio.getaddrinfo(backend.host, backend.port, type=socket.SOCK_DGRAM)
             host = str(infos[0][4][0])

@@ -96,13 +96,13 @@ async def serve_udp(
                 extra={"route": spec.alias, "protocol": "udp", "listen": str(spec.key)},
             )
             task_status.started()
-            tg.start_soon(relay.expire_idle_sessions)
             await live.closing.wait()
             left = relay.stop_admitting()
             live.stopped_admitting.set()
             await relay.drain.wait(live, left, what="sessions")
             reason = "drain_timeout"
-            tg.cancel_scope.cancel()
+            if relay.resolving:  # only then: a drain that ends cancels nothing
+                tg.cancel_scope.cancel()
     finally:
         live.shared.own.remove(own, spec.family)
         live.stopped_admitting.set()
