@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import socket
 import weakref
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -66,42 +66,43 @@ def listener_objects(
     return [weakref.ref(live), weakref.ref(found[0])]
 
 
-async def stop(rec: Reconciler) -> None:
-    await rec.apply(DesiredState())
-    with anyio.fail_after(10):  # the drain deadline (0.3 s) ends what is still open
-        while rec.draining:
-            await anyio.sleep(0.01)
-
-
-async def test_a_stopped_tcp_listener_is_freed_without_the_collector(collector_off: None) -> None:
-    async with tcp.upstream() as up, anyio.create_task_group() as tg:
-        rec = Reconciler(metrics=Metrics(), edge=EdgePolicy(drain_timeout=0.3), task_group=tg)
-        spec = route("tcp", up.port)
-        await rec.apply(DesiredState(routes={spec.key: spec}))
-        live = rec.live[spec.key]
-        refs = listener_objects(live, TcpServer)
-        async with await tcp.connect(live) as done:
-            assert await tcp.ping(done) == b"ping"
-        held = await tcp.connect(live)
+async def tcp_traffic(live: LiveRoute, stopping: Callable[[], Awaitable[None]]) -> None:
+    """One connection ended before the stop, one still open when it comes."""
+    async with await tcp.connect(live) as done:
+        assert await tcp.ping(done) == b"ping"
+    async with await tcp.connect(live) as held:
         assert await tcp.ping(held) == b"ping"
-        del live
-        await stop(rec)
+        await stopping()
         assert await tcp.recv_until_eof(held) == b""
-        await held.aclose()
-        assert [ref() for ref in refs] == [None, None]
-        tg.cancel_scope.cancel()
 
 
-async def test_a_stopped_udp_listener_is_freed_without_the_collector(collector_off: None) -> None:
-    async with udp.udp_upstream() as up, anyio.create_task_group() as tg:
+async def udp_traffic(live: LiveRoute, stopping: Callable[[], Awaitable[None]]) -> None:
+    """A session still open when the stop comes."""
+    async with udp.client_of(live) as client:
+        assert await udp.ask(client, b"hi") == b"hi"
+        await stopping()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+async def test_a_stopped_listener_is_freed_without_the_collector(
+    collector_off: None, transport: str
+) -> None:
+    upstream = tcp.upstream() if transport == "tcp" else udp.udp_upstream()
+    async with upstream as up, anyio.create_task_group() as tg:
         rec = Reconciler(metrics=Metrics(), edge=EdgePolicy(drain_timeout=0.3), task_group=tg)
-        spec = route("udp", up.port)
+        spec = route(transport, up.port)
         await rec.apply(DesiredState(routes={spec.key: spec}))
         live = rec.live[spec.key]
-        refs = listener_objects(live, UdpRelay)
-        async with udp.client_of(live) as client:
-            assert await udp.ask(client, b"hi") == b"hi"
-            del live
-            await stop(rec)
+        refs = listener_objects(live, TcpServer if transport == "tcp" else UdpRelay)
+
+        async def stopping() -> None:
+            await rec.apply(DesiredState())
+            with anyio.fail_after(10):  # the drain deadline (0.3 s) ends what is still open
+                while rec.draining:
+                    await anyio.sleep(0.01)
+
+        traffic = tcp_traffic if transport == "tcp" else udp_traffic
+        await traffic(live, stopping)
+        del live
         assert [ref() for ref in refs] == [None, None]
         tg.cancel_scope.cancel()

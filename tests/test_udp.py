@@ -148,11 +148,20 @@ async def test_close_without_drain_ends_sessions_and_frees_the_port() -> None:
             again.bind(("127.0.0.1", port))
 
 
-async def test_a_closed_route_drains_its_sessions_until_idle_and_takes_no_new_source() -> None:
+@pytest.mark.parametrize(
+    ("idle_timeout", "shorter_drain", "reason"),
+    [
+        (0.5, None, "idle"),  # the session ends when idle, long before the drain deadline
+        (60.0, 0.2, "drain_timeout"),  # a shorter drain timeout ends the drain in progress
+    ],
+)
+async def test_a_closed_route_drains_its_session_and_takes_no_new_source(
+    idle_timeout: float, shorter_drain: float | None, reason: str
+) -> None:
     async with (
         access_log() as log,
         udp_upstream() as up,
-        running_route(udp_spec(up.port, idle_timeout=0.5)) as live,
+        running_route(udp_spec(up.port, idle_timeout=idle_timeout)) as live,
         client_of(live) as old,
         client_of(live) as new,
     ):
@@ -165,30 +174,15 @@ async def test_a_closed_route_drains_its_sessions_until_idle_and_takes_no_new_so
         assert await ask(old, b"draining") == b"draining"  # after it, on the same socket
         assert [data for data, _ in up.received] == [b"before", b"draining"]
         assert not live.listener_closed.is_set()  # bound: the replies leave through it
-        with anyio.fail_after(5):  # the session ends when idle, long before the deadline
+        if shorter_drain is not None:
+            live.close(shorter_drain)
+        with anyio.fail_after(5):
             await live.finished.wait()
-        assert [r.reason for r in log.closed()] == ["idle"]  # type: ignore[attr-defined]
+        assert [r.reason for r in log.closed()] == [reason]  # type: ignore[attr-defined]
         assert live.listener_closed.is_set()
         assert live.counters.udp_sessions_active == 0
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
         again.bind(("127.0.0.1", port))
-
-
-async def test_the_drain_deadline_ends_a_busy_session() -> None:
-    async with (
-        access_log() as log,
-        udp_upstream() as up,
-        running_route(udp_spec(up.port, idle_timeout=60)) as live,
-        client_of(live) as client,
-    ):
-        assert await ask(client, b"before") == b"before"
-        live.close(DRAIN)
-        assert await ask(client, b"draining") == b"draining"
-        live.close(0.2)  # a shorter drain timeout ends the drain in progress sooner
-        with anyio.fail_after(5):
-            await live.finished.wait()
-        assert [r.reason for r in log.closed()] == ["drain_timeout"]  # type: ignore[attr-defined]
-        assert live.counters.udp_sessions_active == 0
 
 
 async def test_outside_cancellation_closes_everything() -> None:

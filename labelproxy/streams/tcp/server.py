@@ -74,9 +74,8 @@ async def serve_tcp(
     sock = bind_socket(live.spec.key, live.spec.family)
     set_nodelay(sock)  # accepted sockets inherit TCP_NODELAY (Linux): no syscall each
     use_splice = splice_supported() if zero_copy is None else zero_copy
-    loop = data_loop.shared()
     try:
-        server = TcpServer(live, sock, loop, asyncio.get_running_loop(), zero_copy=use_splice)
+        server = TcpServer(live, sock, zero_copy=use_splice)
     except BaseException:
         sock.close()
         raise
@@ -89,7 +88,7 @@ async def serve_tcp(
     finally:
         live.shared.own.remove(own, live.spec.family)
         with anyio.CancelScope(shield=True):
-            await loop.call(server.shutdown)
+            await server.loop.call(server.shutdown)
         live.stopped_admitting.set()
         live.listener_closed.set()
         live.finished.set()
@@ -99,17 +98,11 @@ class TcpServer:
     """The listening socket of one route, its connections in setup, dialing or relaying,
     and its drain; the `owner.Owner` of those connections."""
 
-    def __init__(
-        self,
-        live: LiveRoute,
-        sock: socket.socket,
-        loop: data_loop.DataLoop,
-        aloop: asyncio.AbstractEventLoop,
-        *,
-        zero_copy: bool,
-    ) -> None:
+    def __init__(self, live: LiveRoute, sock: socket.socket, *, zero_copy: bool) -> None:
+        """Made on the asyncio loop, for the process's data loop (`loop.shared`)."""
+        aloop = asyncio.get_running_loop()
+        loop = self.loop = data_loop.shared()
         self.live = live
-        self.loop = loop
         self.pool = PipePool() if zero_copy else None
         self.deadlines = Deadlines(loop)
         self.acceptor = Acceptor(
