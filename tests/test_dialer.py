@@ -1,5 +1,5 @@
 """`deadlines.Deadlines` on a real `DataLoop`: every dial in flight times out at its own
-deadline, on one timer; and the loop's own timers, hand-over and compaction.
+deadline, on one timer; and the loop's own timers, hand-over, compaction and thread checks.
 
 The connectors here are stand-ins that record when they were timed out: what is under
 test is the deadline bookkeeping, on the real loop thread.
@@ -133,3 +133,19 @@ def test_a_failing_callback_is_logged_and_the_loop_goes_on(
     loop.submit(after.set)
     assert after.wait(DEADLINE)
     assert any("boom" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+@pytest.mark.skipif(not __debug__, reason="the thread checks are debug-mode assertions")
+def test_loop_only_calls_refuse_other_threads_and_submit_hands_over(loop: DataLoop) -> None:
+    # connections, dials and timers belong to the loop's thread: touched from another one
+    # (here the test's), the loop says so instead of racing it
+    with pytest.raises(AssertionError, match="off the loop thread"):
+        loop.call_soon(print)
+    with pytest.raises(AssertionError, match="off the loop thread"):
+        loop.call_later(1.0, print)
+    with pytest.raises(AssertionError, match="off the loop thread"):
+        loop.forget(0)
+    assert not loop.owns_thread()
+    owned: list[bool] = []
+    _on_loop(loop, lambda: owned.append(loop.owns_thread()))
+    assert owned == [True]

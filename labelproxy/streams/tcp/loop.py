@@ -18,7 +18,8 @@ per-connection state runs on this thread, so no lock is needed and no update is 
 Objects that live on this loop (listeners' connections, dials, relays, timers) say "(data
 loop)" in their docstrings, and the loop checks it: in debug mode (not `python -O`) its
 loop-thread-only methods assert that they run on its thread (`owns_thread`). `shared()` is
-the process's loop, started on first use. Linux only (epoll, eventfd).
+the process's loop, started on first use. Linux only (epoll, eventfd). (A little over 300
+lines: the dispatch, the timers and the hand-over from other threads are one loop.)
 """
 
 from __future__ import annotations
