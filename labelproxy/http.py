@@ -28,7 +28,7 @@ import anyio
 import anyio.abc
 
 from labelproxy.metrics import Metrics
-from labelproxy.streams.accept import RESOURCE_ERRNOS
+from labelproxy.streams.sockets import RESOURCE_ERRNOS, accept_backoff
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ async def _accept_loop(
                 raise
             if not backoff:
                 logger.error("HTTP accept failed: %s; backing off", exc, extra={"action": "accept"})
-            backoff = min(max(backoff * 2, 0.01), 1.0)
+            backoff = accept_backoff(backoff)
             await anyio.sleep(backoff)
             continue
         backoff = 0.0

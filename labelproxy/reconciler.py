@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,7 +31,7 @@ import anyio.to_thread
 from labelproxy.metrics import Metrics
 from labelproxy.routelog import context, log_runs, runs
 from labelproxy.spec import DesiredState, EdgePolicy, ListenKey, Problem, RouteSpec
-from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.live import LiveRoute, Serve
 from labelproxy.streams.shared import SharedState
 from labelproxy.streams.tcp import serve_tcp
 from labelproxy.streams.udp import serve_udp
@@ -39,7 +39,6 @@ from labelproxy.streams.udp import serve_udp
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-ServeFn = Callable[..., Awaitable[None]]
 LISTENER_CLOSE_DEADLINE = 5.0
 # listeners started, stopped or updated between two turns of the event loop: one bind or
 # close with its hand-over to the data loop is a fraction of a millisecond of loop time
@@ -174,19 +173,34 @@ class Reconciler:
         self._draining_keys[key] += 1
         live.close()
         with anyio.move_on_after(LISTENER_CLOSE_DEADLINE):
-            await live.listener_closed.wait()
+            await live.stopped_admitting.wait()
         stopped.append(live.spec)
+
+    async def _free_port(self, key: ListenKey) -> None:
+        """A draining listener may still hold `key`'s port (a UDP one keeps its socket for
+        the replies of its sessions until its drain ends): end that drain now, so the new
+        listener can bind."""
+        for live in list(self.draining):
+            old = live.spec.key
+            if (old.transport, old.port) != (key.transport, key.port):
+                continue
+            if not live.listener_closed.is_set():
+                live.close(0)
+                with anyio.move_on_after(LISTENER_CLOSE_DEADLINE):
+                    await live.listener_closed.wait()
 
     async def _start(
         self, spec: RouteSpec, started: list[RouteSpec], failed: list[tuple[RouteSpec, str]]
     ) -> None:
+        await self._free_port(spec.key)
         live = LiveRoute(
             spec,
             counters=self._metrics.route(spec.alias, spec.key),
             edge=self._edge,
             shared=self.shared,
         )
-        serve: ServeFn = serve_tcp if spec.transport == "tcp" else serve_udp
+        # the engine serving the route: a second one (kernel forwarding) is chosen here
+        serve: Serve = serve_tcp if spec.transport == "tcp" else serve_udp
         try:
             await self._tg.start(self._supervise, live, serve)
         except OSError as exc:
@@ -222,7 +236,7 @@ class Reconciler:
     async def _supervise(
         self,
         live: LiveRoute,
-        serve: ServeFn,
+        serve: Serve,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -245,14 +259,14 @@ class Reconciler:
             self._forget_if_gone(key)
 
     async def close_all(self, *, drain_timeout: float) -> None:
-        """Shutdown: stop accepting everywhere, then wait for connections up to the deadline."""
+        """Shutdown: stop admitting everywhere, then wait until every listener finished its
+        drain (each ends what is left at its own deadline: `drain_timeout` at the latest)."""
         lives = list(self.live.values()) + list(self.draining)
         self.live.clear()
         for live in lives:
             live.close(drain_timeout)
-        with anyio.move_on_after(drain_timeout + 1.0):
-            for live in lives:
-                await live.finished.wait()
+        for live in lives:
+            await live.finished.wait()
 
 
 def _slices(items: Sequence[T]) -> Iterator[Sequence[T]]:

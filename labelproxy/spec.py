@@ -71,8 +71,11 @@ _ALL = "all"
 _Cover = IPAddress | str | None
 
 
-def _ip(host: str) -> IPAddress | None:
-    """`host` as an address (zone id dropped, IPv4-mapped IPv6 unwrapped); None: a name."""
+def ip_of(host: str) -> IPAddress | None:
+    """`host` as an address (zone id dropped, IPv4-mapped IPv6 unwrapped); None: a name.
+
+    The one parser of addresses for matching (binds, ACLs, loops, PROXY headers); the data
+    plane reaches it through `streams.addresses`."""
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -86,7 +89,7 @@ def _coverage(bind: str, family: Family) -> tuple[_Cover, _Cover]:
     """The IPv4 and IPv6 addresses a listener on `bind` takes, as the kernel sees it: `::`
     dual-stack takes every address of both versions, `::` IPv6-only only the IPv6 ones,
     `0.0.0.0` every IPv4 address, a specific (or IPv4-mapped) address just that one."""
-    ip = _ip(bind)
+    ip = ip_of(bind)
     if ip is None:
         return bind, bind  # not an address (refused by the labels): equal to itself only
     if ip.version == 4:
@@ -119,7 +122,7 @@ def listener_takes(
     `key.port` lands on a listener on `key`: a wildcard bind takes every local address
     (loopback, the unspecified address, and the addresses in `local`), a specific bind its
     own address."""
-    ip = _ip(host)
+    ip = ip_of(host)
     if ip is None:
         return False
     if ip.is_unspecified:  # dialling 0.0.0.0 or :: reaches this host's loopback
@@ -134,7 +137,7 @@ def listener_takes(
 
 def bind_address(key: ListenKey) -> IPAddress | None:
     """The one address a listener with a specific bind takes (None for a wildcard bind)."""
-    ip = _ip(key.bind)
+    ip = ip_of(key.bind)
     return None if ip is None or ip.is_unspecified else ip
 
 

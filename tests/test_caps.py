@@ -1,14 +1,19 @@
 """Connection caps: beyond `max_connections` new connections are closed at once (reason
-`limit`) while the admitted ones keep working; a freed slot is reusable."""
+`limit`) while the admitted ones keep working; a freed slot is reusable; updates of the
+route while connections come and go never make the cap lose count."""
 
 from __future__ import annotations
 
+import sys
+import threading
 from typing import Any
 
+import anyio
 import pytest
 
-from tests.test_tcp_support import (
+from tests.support.tcp import (
     connect,
+    is_refused_or_closed,
     ping,
     recv_until_eof,
     running_route,
@@ -59,3 +64,51 @@ async def test_raising_the_cap_in_place_admits_more() -> None:
         assert live.counters.rejected["limit"] == 1
         await first.aclose()
         await second.aclose()
+
+
+async def test_updates_racing_connections_never_make_the_cap_lose_count() -> None:
+    # The data loop admits and releases connections on its thread while the control plane
+    # updates the route on another. An update used to copy the cap's count into a new cap
+    # while admissions and closes still went to the old one: the count drifted, here up to
+    # the limit with no connection open, and the route refused every client after that.
+    limit = 3
+    async with upstream() as up, running_route(tcp_spec(up.port, max_connections=limit)) as live:
+        spec = tcp_spec(up.port, max_connections=limit)
+        stop = threading.Event()
+
+        def keep_updating() -> None:
+            while not stop.is_set():
+                live.update(spec)
+
+        async def churn() -> None:
+            for _ in range(150):
+                try:
+                    stream = await connect(live)
+                except OSError:
+                    continue
+                async with stream:
+                    try:
+                        await stream.send(b"x")
+                        await stream.receive()
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                        pass  # refused at the limit: closed without a reply
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # hand the GIL over often: updates interleave with admits
+        updater = threading.Thread(target=keep_updating, name="test-updater")
+        updater.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(churn)
+        finally:
+            stop.set()
+            updater.join()
+            sys.setswitchinterval(interval)
+        await wait_for(lambda: live.counters.connections_active == 0)
+        held = [await connect(live) for _ in range(limit)]
+        for s in held:
+            assert await ping(s) == b"ping"
+        assert await is_refused_or_closed(live)
+        for s in held:
+            await s.aclose()

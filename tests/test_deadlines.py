@@ -15,8 +15,8 @@ from typing import Any
 import anyio
 import pytest
 
-from labelproxy.streams.dataloop import DataLoop
-from tests.test_tcp_support import (
+from labelproxy.streams.tcp.loop import DataLoop
+from tests.support.tcp import (
     DEADLINE,
     connect,
     ping,

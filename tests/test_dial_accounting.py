@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from labelproxy.streams import dataloop
 from labelproxy.streams.hooks import BaseHook, ConnInfo
-from tests.test_tcp_support import (
+from labelproxy.streams.tcp import loop as dataloop
+from tests.support.tcp import (
     DEADLINE,
     connect,
     recv_until_eof,

@@ -1,5 +1,5 @@
-"""`dialer.Deadlines` on a real `DataLoop`: every dial in flight times out at its own
-deadline, on one timer; and the loop's own timers, hand-over and compaction.
+"""`deadlines.Deadlines` on a real `DataLoop`: every dial in flight times out at its own
+deadline, on one timer; and the loop's own timers, hand-over, compaction and thread checks.
 
 The connectors here are stand-ins that record when they were timed out: what is under
 test is the deadline bookkeeping, on the real loop thread.
@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import cast
 
 import pytest
 
-from labelproxy.streams.dataloop import DataLoop
-from labelproxy.streams.dialer import Connector, Deadlines
+from labelproxy.streams.tcp.deadlines import Deadlines
+from labelproxy.streams.tcp.loop import DataLoop
 
 DEADLINE = 5.0
 
@@ -62,10 +61,10 @@ def test_each_dial_times_out_at_its_deadline_and_finished_dials_never_do(loop: D
         late = _Dial(loop, log, "late")
         early = _Dial(loop, log, "early")  # added after `late` but due first: re-arms
         done = _Dial(loop, log, "done")
-        deadlines.add(cast(Connector, late), 0.30)
-        deadlines.add(cast(Connector, early), 0.10)
-        deadlines.add(cast(Connector, done), 0.05)
-        deadlines.discard(cast(Connector, done))  # connected in time
+        deadlines.add(late, 0.30)
+        deadlines.add(early, 0.10)
+        deadlines.add(done, 0.05)
+        deadlines.discard(done)  # connected in time
         loop.call_later(0.5, fired.set)  # after both, and well after `done` would have been
 
     _on_loop(loop, scenario)
@@ -92,13 +91,13 @@ def test_a_dial_added_from_a_timeout_is_served_by_the_same_timer(loop: DataLoop)
             log.append(f"try {self.tries}")
             if self.tries > 1:
                 self.tries -= 1
-                self.deadlines.add(cast(Connector, self), 0.02)
+                self.deadlines.add(self, 0.02)
             else:
                 finished.set()
 
     def scenario() -> None:
         deadlines = Deadlines(loop)
-        deadlines.add(cast(Connector, Retrying(deadlines, 3)), 0.02)
+        deadlines.add(Retrying(deadlines, 3), 0.02)
 
     _on_loop(loop, scenario)
     assert finished.wait(DEADLINE)
@@ -134,3 +133,19 @@ def test_a_failing_callback_is_logged_and_the_loop_goes_on(
     loop.submit(after.set)
     assert after.wait(DEADLINE)
     assert any("boom" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+@pytest.mark.skipif(not __debug__, reason="the thread checks are debug-mode assertions")
+def test_loop_only_calls_refuse_other_threads_and_submit_hands_over(loop: DataLoop) -> None:
+    # connections, dials and timers belong to the loop's thread: touched from another one
+    # (here the test's), the loop says so instead of racing it
+    with pytest.raises(AssertionError, match="off the loop thread"):
+        loop.call_soon(print)
+    with pytest.raises(AssertionError, match="off the loop thread"):
+        loop.call_later(1.0, print)
+    with pytest.raises(AssertionError, match="off the loop thread"):
+        loop.forget(0)
+    assert not loop.owns_thread()
+    owned: list[bool] = []
+    _on_loop(loop, lambda: owned.append(loop.owns_thread()))
+    assert owned == [True]

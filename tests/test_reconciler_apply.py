@@ -1,6 +1,7 @@
 """The reconciler carrying plans out on real loopback listeners: a big port range is started
-and stopped in slices (the event loop keeps turning) and logged once, and a route's series
-leave /metrics once the route is gone, but not while it drains or when it is updated."""
+and stopped in slices (the event loop keeps turning) and logged once, a route's series
+leave /metrics once the route is gone, but not while it drains or when it is updated, and a
+draining UDP listener gives its port to the next route that wants it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from labelproxy.metrics import Metrics
 from labelproxy.reconciler import Reconciler
 from labelproxy.spec import Backend, DesiredState, EdgePolicy, ListenKey, RouteSpec
 from tests.support.lp import TcpEcho, consecutive_free_ports, free_port
+from tests.support.udp import ask, udp_upstream
 
 pytestmark = pytest.mark.anyio
 
@@ -202,3 +204,33 @@ async def test_series_of_a_removed_route_go_once_it_has_drained() -> None:
             assert series(metrics, "keep")
     finally:
         echo.close()
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_removed_udp_route_drains_and_hands_its_port_to_its_successor() -> None:
+    """A UDP listener stays bound while its sessions drain (their replies leave through it):
+    the pass that removes the route does not wait for that, the session keeps working, and
+    a route that wants the port again (a container restarted) gets it at once."""
+    async with udp_upstream() as up, reconciler(Metrics()) as (rec, _):
+        port = free_udp_port()
+        spec = RouteSpec(
+            alias="dns",
+            scheme="udp4",
+            key=ListenKey("udp", "127.0.0.1", port),
+            backends=(Backend("127.0.0.1", up.port),),
+        )
+        async with await anyio.create_connected_udp_socket("127.0.0.1", port) as client:
+            await rec.apply(desired([spec]))
+            assert await ask(client, b"up") == b"up"
+            with anyio.fail_after(2):  # not the 5 s drain
+                await rec.apply(desired([]))
+            assert await ask(client, b"draining") == b"draining"
+            with anyio.fail_after(2):
+                await rec.apply(desired([spec]))
+            assert spec.key in rec.live and spec.key not in rec.bind_problems
+            assert await ask(client, b"again") == b"again"  # a new session, on the new route

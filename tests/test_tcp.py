@@ -19,9 +19,9 @@ import pytest
 
 from labelproxy.metrics import Metrics
 from labelproxy.spec import EdgePolicy
-from labelproxy.streams.route import LiveRoute
-from labelproxy.streams.tcp import serve_tcp
-from tests.test_tcp_support import (
+from labelproxy.streams.live import LiveRoute
+from labelproxy.streams.tcp.server import serve_tcp
+from tests.support.tcp import (
     DEADLINE,
     connect,
     free_port,

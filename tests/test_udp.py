@@ -1,4 +1,5 @@
-"""UDP data plane, relay behaviour: echo per client, whole large datagrams, idle expiry, stop.
+"""UDP data plane, relay behaviour: echo per client, whole large datagrams, idle expiry, the
+drain of a closed route, stop.
 
 Real loopback sockets and a UDP upstream owned by the test; every route runs `serve_udp`.
 """
@@ -13,9 +14,9 @@ import pytest
 
 from labelproxy.metrics import Metrics
 from labelproxy.spec import EdgePolicy
-from labelproxy.streams.route import LiveRoute
-from labelproxy.streams.udp import serve_udp
-from tests.test_udp_support import (  # anyio_backend, relay_path: fixtures for every test
+from labelproxy.streams.live import LiveRoute
+from labelproxy.streams.udp.server import serve_udp
+from tests.support.udp import (  # anyio_backend, relay_path: fixtures for every test
     access_log,
     anyio_backend,  # noqa: F401
     ask,
@@ -27,6 +28,8 @@ from tests.test_udp_support import (  # anyio_backend, relay_path: fixtures for 
 )
 
 pytestmark = pytest.mark.anyio
+
+DRAIN = 30.0  # a drain deadline no test waits for
 
 
 async def test_each_client_gets_only_its_own_replies_and_counters_match() -> None:
@@ -129,19 +132,57 @@ async def test_traffic_in_either_direction_keeps_the_session() -> None:
         await log.wait_closed(reason="idle")
 
 
-async def test_close_ends_sessions_and_frees_the_port() -> None:
+async def test_close_without_drain_ends_sessions_and_frees_the_port() -> None:
     async with access_log() as log, udp_upstream() as up:
         async with running_route(udp_spec(up.port)) as live, client_of(live) as client:
             assert await ask(client, b"hi") == b"hi"
             port = live.bound[0][1]
-            live.close()
+            live.close(0)
             with anyio.fail_after(5):
                 await live.listener_closed.wait()
                 await live.finished.wait()
             assert live.counters.udp_sessions_active == 0
-            assert [r.reason for r in log.closed()] == ["closed"]  # type: ignore[attr-defined]
+            reasons = [r.reason for r in log.closed()]  # type: ignore[attr-defined]
+            assert reasons == ["drain_timeout"]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
             again.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize(
+    ("idle_timeout", "shorter_drain", "reason"),
+    [
+        (0.5, None, "idle"),  # the session ends when idle, long before the drain deadline
+        (60.0, 0.2, "drain_timeout"),  # a shorter drain timeout ends the drain in progress
+    ],
+)
+async def test_a_closed_route_drains_its_session_and_takes_no_new_source(
+    idle_timeout: float, shorter_drain: float | None, reason: str
+) -> None:
+    async with (
+        access_log() as log,
+        udp_upstream() as up,
+        running_route(udp_spec(up.port, idle_timeout=idle_timeout)) as live,
+        client_of(live) as old,
+        client_of(live) as new,
+    ):
+        assert await ask(old, b"before") == b"before"
+        port = live.bound[0][1]
+        live.close(DRAIN)
+        with anyio.fail_after(5):
+            await live.stopped_admitting.wait()
+        await new.send(b"new source")  # dropped: no session for a new source any more
+        assert await ask(old, b"draining") == b"draining"  # after it, on the same socket
+        assert [data for data, _ in up.received] == [b"before", b"draining"]
+        assert not live.listener_closed.is_set()  # bound: the replies leave through it
+        if shorter_drain is not None:
+            live.close(shorter_drain)
+        with anyio.fail_after(5):
+            await live.finished.wait()
+        assert [r.reason for r in log.closed()] == [reason]  # type: ignore[attr-defined]
+        assert live.listener_closed.is_set()
+        assert live.counters.udp_sessions_active == 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+        again.bind(("127.0.0.1", port))
 
 
 async def test_outside_cancellation_closes_everything() -> None:

@@ -12,10 +12,10 @@ import socket
 import anyio
 import pytest
 
-from labelproxy.streams import udp_mmsg
-from labelproxy.streams.udp_session import RawRefs
-from labelproxy.streams.udp_sockets import unmapped_host
-from tests.test_udp_support import (  # anyio_backend, relay_path: fixtures for every test
+from labelproxy.streams.addresses import unmapped
+from labelproxy.streams.udp import mmsg as udp_mmsg
+from labelproxy.streams.udp.session import RawRefs
+from tests.support.udp import (  # anyio_backend, relay_path: fixtures for every test
     anyio_backend,  # noqa: F401
     client_of,
     relay_path,  # noqa: F401
@@ -145,7 +145,7 @@ def test_raw_source_addresses_decode_like_recvfrom() -> None:
     assert udp_mmsg.sockaddr_tuple(v6("2001:db8::7", 53, flow=9)) == ("2001:db8::7", 53, 9, 0)
     mapped = udp_mmsg.sockaddr_tuple(v6("::ffff:192.0.2.1", 4000))
     assert mapped == ("::ffff:192.0.2.1", 4000, 0, 0)
-    assert unmapped_host(mapped[0]) == "192.0.2.1"
+    assert unmapped(mapped[0]) == "192.0.2.1"
     with pytest.raises(ValueError):
         udp_mmsg.sockaddr_tuple(bytes(16))
     for raw in (v4, v6("2001:db8::7", 53, flow=9), v6("fe80::1", 53, scope=3)):
@@ -210,7 +210,7 @@ def test_arena_receives_names_and_sends_replies_on_real_sockets() -> None:
         sources = arena.sources(n)
         assert len(set(sources)) == 1
         host, port = udp_mmsg.sockaddr_tuple(sources[0])[:2]
-        assert (unmapped_host(host), port) == client.getsockname()
+        assert (unmapped(host), port) == client.getsockname()
         assert bytes(arena.view[2048 : 2048 + 2]) == b"bb"
         refs = RawRefs(sources[0], None)
         assert arena.send_replies(server.fileno(), 1, 2, [2, 3], refs.name) == 2

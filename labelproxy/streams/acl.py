@@ -6,23 +6,17 @@ Deny wins; an empty allow list allows everyone; a route's rules narrow the globa
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable
-from functools import lru_cache
+from collections.abc import Callable, Iterable
+from functools import lru_cache, partial
 
-from labelproxy.spec import IPAddress, IPNetwork
-
-
-def client_ip(host: str) -> IPAddress:
-    """Parse a socket address host, unwrapping IPv4-mapped IPv6 and dropping a zone id."""
-    ip = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+from labelproxy.spec import IPNetwork
+from labelproxy.streams.addresses import ip_of
 
 
 class Acl:
-    """One allow/deny pair. `permits` is cached per address string: O(1) on the hot path."""
+    """One allow/deny pair. `permits` is cached per address string: O(1) on the hot path.
+    (The cache holds the rules, not the `Acl`: no reference cycle, so a route's ACL goes
+    with its route by reference counting alone.)"""
 
     __slots__ = ("_allow", "_deny", "permits", "permits_all")
 
@@ -30,20 +24,11 @@ class Acl:
         self._allow = tuple(allow)
         self._deny = tuple(deny)
         self.permits_all = not self._allow and not self._deny
-        self.permits = lru_cache(maxsize=4096)(self._permits)
-
-    def _permits(self, host: str) -> bool:
-        if self.permits_all:
-            return True
-        try:
-            ip = client_ip(host)
-        except ValueError:
-            return False
-        if any(ip in net for net in self._deny if net.version == ip.version):
-            return False
-        if not self._allow:
-            return True
-        return any(ip in net for net in self._allow if net.version == ip.version)
+        self.permits: Callable[[str], bool] = (
+            _everyone
+            if self.permits_all
+            else lru_cache(maxsize=4096)(partial(_permits, self._allow, self._deny))
+        )
 
 
 class LayeredAcl:
@@ -55,7 +40,27 @@ class LayeredAcl:
         self._layers = tuple(layer for layer in layers if not layer.permits_all)
         self.permits_all = not self._layers
         # one layer (the common case): its cached check itself, no generator per client
-        self.permits = self._layers[0].permits if len(self._layers) == 1 else self._all_permit
+        self.permits: Callable[[str], bool] = (
+            self._layers[0].permits
+            if len(self._layers) == 1
+            else partial(_all_permit, tuple(layer.permits for layer in self._layers))
+        )
 
-    def _all_permit(self, host: str) -> bool:
-        return all(layer.permits(host) for layer in self._layers)
+
+def _everyone(host: str) -> bool:
+    return True
+
+
+def _permits(allow: tuple[IPNetwork, ...], deny: tuple[IPNetwork, ...], host: str) -> bool:
+    ip = ip_of(host)
+    if ip is None:
+        return False
+    if any(ip in net for net in deny if net.version == ip.version):
+        return False
+    if not allow:
+        return True
+    return any(ip in net for net in allow if net.version == ip.version)
+
+
+def _all_permit(checks: tuple[Callable[[str], bool], ...], host: str) -> bool:
+    return all(check(host) for check in checks)

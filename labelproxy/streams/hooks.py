@@ -1,4 +1,4 @@
-"""Connection hooks: the one place where policy plugs into the relay.
+"""Connection hooks: where policy plugs into the data plane, without editing a relay.
 
 The data plane calls, for every TCP connection or UDP session:
   `before_dial(conn)` once the client address is known (after any PROXY header) and before any
@@ -6,10 +6,14 @@ The data plane calls, for every TCP connection or UDP session:
   `on_open(conn)` when it is admitted; `on_chunk(conn, direction, nbytes)` for each chunk
   relayed (sizes only, so a hook never forces the zero-copy path to copy bytes);
   `on_close(conn)` exactly once for every admitted connection.
-A new policy is one new `Hook`; the relay is not edited. ACL, caps and metrics are hooks.
-Only the hooks that override a phase are called for it (`overriding`), and the relays add
-byte counts to the connection and the route's counters themselves: with the default hooks,
-relaying a chunk calls no hook at all.
+A new policy is one new `Hook`; the relay is not edited. The ACL and the caps are hooks.
+Hooks decide; they do not count: the route's counters are kept by `live.LiveRoute` (admit,
+release, dials) and, for the bytes and datagrams moved, by the relays themselves.
+
+A `Policy` is a route's hooks sorted by phase, only those that override it (`overriding`):
+with the default hooks, relaying a chunk or opening a connection calls no hook at all. A
+route swaps its whole `Policy` in one attribute store, so a connection never sees half of
+an update.
 """
 
 from __future__ import annotations
@@ -17,13 +21,11 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from labelproxy.metrics import Direction, RejectReason, RouteCounters
+from labelproxy.metrics import Direction, RejectReason
 from labelproxy.spec import Backend, Transport
-
-if TYPE_CHECKING:
-    from labelproxy.streams.acl import LayeredAcl
+from labelproxy.streams.acl import LayeredAcl
 
 
 @dataclass(slots=True, eq=False)
@@ -73,6 +75,27 @@ def overriding(hooks: tuple[Hook, ...], method: str) -> tuple[Hook, ...]:
     return tuple(h for h in hooks if _overrides(type(h), method))
 
 
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A route's hooks, and per phase the ones that override it."""
+
+    hooks: tuple[Hook, ...] = ()
+    gate: tuple[Hook, ...] = ()  # before_dial
+    open: tuple[Hook, ...] = ()  # on_open
+    chunk: tuple[Hook, ...] = ()  # on_chunk
+    close: tuple[Hook, ...] = ()  # on_close
+
+    @classmethod
+    def of(cls, hooks: tuple[Hook, ...]) -> Policy:
+        return cls(
+            hooks,
+            overriding(hooks, "before_dial"),
+            overriding(hooks, "on_open"),
+            overriding(hooks, "on_chunk"),
+            overriding(hooks, "on_close"),
+        )
+
+
 @functools.cache
 def _overrides(cls: type, method: str) -> bool:
     default = getattr(BaseHook, method)
@@ -90,7 +113,9 @@ class AclHook(BaseHook):
 
 
 class CapHook(BaseHook):
-    """Refuses a connection beyond `limit` concurrent ones (None: unlimited)."""
+    """Refuses a connection beyond `limit` concurrent ones (None: unlimited). `open` is
+    counted on the thread that owns the connections; `limit` may be changed from another
+    (one attribute store), so a route keeps one `CapHook` for as long as it listens."""
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
@@ -106,26 +131,3 @@ class CapHook(BaseHook):
 
     def on_close(self, conn: ConnInfo) -> None:
         self.open -= 1
-
-
-class MetricsHook(BaseHook):
-    """Feeds a route's `RouteCounters` as connections open and close. Byte and datagram
-    counts are added by the relays themselves (once per chunk or batch, no hook call)."""
-
-    def __init__(self, counters: RouteCounters) -> None:
-        self.counters = counters
-
-    def on_open(self, conn: ConnInfo) -> None:
-        if conn.transport == "tcp":
-            self.counters.connections_total += 1
-            self.counters.connections_active += 1
-        else:
-            self.counters.udp_sessions_active += 1
-
-    def on_close(self, conn: ConnInfo) -> None:
-        if conn.transport == "tcp":
-            self.counters.connections_active -= 1
-        else:
-            self.counters.udp_sessions_active -= 1
-        if conn.backend is not None:  # only what was relayed: not a datagram with no backend
-            self.counters.observe_connection(time.monotonic() - conn.started)

@@ -34,6 +34,7 @@ from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
 
 from labelproxy.spec import ProxyProtocolVersion
+from labelproxy.streams.addresses import IPAddress, ip_of
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +140,10 @@ def _parsed(result: ProxyResult, rest: bytes, version: int) -> ParsedHeader:
     return ParsedHeader(None, None, rest, version)
 
 
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    ip = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
+def _ip(host: str) -> IPAddress:
+    ip = ip_of(host)
+    if ip is None:
+        raise ValueError(f"not an IP address: {host!r}")
     return ip
 
 

@@ -17,7 +17,6 @@ to every `LiveRoute`:
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 
@@ -31,6 +30,7 @@ from labelproxy.spec import (
     bind_address,
     listener_takes,
 )
+from labelproxy.streams.addresses import ip_of
 from labelproxy.streams.hooks import CapHook, ConnInfo
 
 logger = logging.getLogger(__name__)
@@ -104,11 +104,9 @@ class OwnListeners:
 
     def learn(self, host: str) -> None:
         """`host` is one of this host's addresses (a client reached a listener there)."""
-        try:
-            ip = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return
-        self._add_local(ip)
+        ip = ip_of(host)
+        if ip is not None:
+            self._add_local(ip)
 
     def lookup(self, transport: Transport, host: str, port: int) -> ListenKey | None:
         """The listener of ours a dial to `host`:`port` (an IP address) would land on."""
@@ -141,8 +139,7 @@ class OwnListeners:
         return key
 
     def _add_local(self, ip: IPAddress) -> None:
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        """`ip` is one of this host's addresses (`ip_of`: an IPv4-mapped one unwrapped)."""
         if ip in self.local:
             return
         with self._local_lock:

@@ -1,4 +1,4 @@
-"""Socket helpers shared by the TCP and UDP listeners: binding by address family.
+"""Socket helpers shared by the listeners: binding by address family, accept back-off.
 
 A route's `Family` decides what its listen key binds to:
   "ipv4"  AF_INET on the bind address;
@@ -6,25 +6,38 @@ A route's `Family` decides what its listen key binds to:
   "dual"  AF_INET6 with IPV6_V6ONLY=0 on an IPv6 bind (`::` takes IPv4 clients as mapped
           addresses), falling back to AF_INET 0.0.0.0 when the host has no IPv6; a dual
           route with an explicit IPv4 bind just binds that address.
-Every socket is non-blocking with SO_REUSEADDR. A bind failure raises OSError, the socket
-closed, so the caller can report the route in error before it says "started".
+Every socket is non-blocking; TCP ones get SO_REUSEADDR, UDP ones do not (on Linux it
+would let two UDP listeners share one port). A bind failure raises
+OSError, the socket closed, so the caller can report the route in error before it says
+"started".
+
+An accept loop that fails with one of `RESOURCE_ERRNOS` (out of descriptors, buffers or
+memory) stops accepting for `accept_backoff(previous)` seconds (10 ms, doubling up to 1 s)
+instead of dying or spinning: the TCP listeners (`tcp.accept`) and the HTTP endpoints
+(`labelproxy.http`) back off alike.
 """
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import ipaddress
 import logging
 import socket
-import struct
-import termios
+from collections.abc import Callable
 
 from labelproxy.spec import Family, ListenKey
 
 logger = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 4096
-_ON = struct.pack("i", 1)
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+BACKOFF_MIN, BACKOFF_MAX = 0.01, 1.0
+
+
+def accept_backoff(previous: float) -> float:
+    """How long to stop accepting after a resource error (`previous`: the last pause, 0 for
+    none since the last accept that worked)."""
+    return min(max(previous * 2, BACKOFF_MIN), BACKOFF_MAX)
 
 
 def has_ipv6() -> bool:
@@ -62,12 +75,17 @@ def bind_socket(
     *,
     kind: socket.SocketKind = socket.SOCK_STREAM,
     backlog: int = LISTEN_BACKLOG,
+    prepare: Callable[[socket.socket], None] | None = None,
 ) -> socket.socket:
-    """Open, bind and (for TCP) listen on `key`; non-blocking. Raises OSError on failure."""
+    """Open, bind and (for TCP) listen on `key`; non-blocking. `prepare` sets options
+    before the bind. Raises OSError on failure."""
     af, host, v6only = listen_family(key.bind, family)
     sock = socket.socket(af, kind)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if prepare is not None:
+            prepare(sock)
         if v6only is not None:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
         sock.setblocking(False)
@@ -86,40 +104,9 @@ def bound_address(sock: socket.socket) -> tuple[str, int]:
     return str(name[0]), int(name[1])
 
 
-def unmap(host: str) -> str:
-    """`::ffff:10.0.0.1` -> `10.0.0.1`; any other address unchanged (zone id dropped)."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
 def set_nodelay(sock: socket.socket) -> None:
     """TCP_NODELAY: small writes go out at once (the relay never coalesces on purpose)."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         logger.debug("TCP_NODELAY unavailable on %s", sock)
-
-
-def set_nonblocking(fd: int) -> None:
-    """O_NONBLOCK on a raw socket fd in one syscall (FIONBIO)."""
-    fcntl.ioctl(fd, termios.FIONBIO, _ON)
-
-
-def local_address(fd: int, family: socket.AddressFamily) -> tuple[str, int]:
-    """(host, port) a raw socket fd is bound to (a throwaway socket object, fd kept)."""
-    carrier = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-    try:
-        return bound_address(carrier)
-    finally:
-        carrier.detach()
-
-
-def accept_fd(sock: socket.socket) -> tuple[int, tuple[str, int]]:
-    """`accept` returning a raw fd (for a socket without CPython's `_accept`)."""
-    client, peer = sock.accept()
-    return client.detach(), peer

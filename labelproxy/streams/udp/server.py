@@ -17,8 +17,8 @@ Behaviour a user sees:
 - Backends change (`live.update`): new sessions use the new backends; a session whose backend
   left the route (container stopped, unhealthy, replaced) is ended (reason `backend_gone`)
   when the change is seen, and the client's next datagram opens a session to a current
-  backend. A UDP session has nothing to drain, and would otherwise stick to a dead backend
-  for as long as its client keeps talking.
+  backend. Such a session would otherwise stick to a dead backend for as long as its
+  client keeps talking.
 - Upstream errors (an ICMP "port unreachable" from the backend, a send that fails) count as
   `upstream_error` drops and never end the session or the listener.
 - `proxy_protocol: v2` puts a PROXY v2 header (command PROXY, transport DGRAM, the real client
@@ -28,14 +28,17 @@ Behaviour a user sees:
 - Counters: `udp_datagrams_total` and `bytes_total` per direction count what was relayed
   (payload bytes, without any PROXY header); `udp_sessions_active` follows admit/release.
   One access-log record (logger `labelproxy.access`, INFO) per ended session; DEBUG per open.
-- Stop: when `live.closing` is set the listening socket is closed at once (`live.listener_closed`,
-  the port is free again), then every session ends with reason `closed` and `live.finished`
-  is set. There is no drain period: replies leave through the listening socket, so none can be
-  delivered once it is closed. Outside cancellation does the same, promptly.
+- Stop (`live.close()`): the route drains like a TCP one (`drain.Drain`): datagrams from new
+  sources are dropped from then on (`live.stopped_admitting`), while existing sessions keep
+  relaying both ways until each is idle for its `idle_timeout` or the drain timeout passes;
+  then the rest end with reason `drain_timeout`, the listening socket closes
+  (`live.listener_closed`: the port is free again; it stays bound until then because the
+  replies leave through it) and `live.finished` is set. `live.close(0)` ends the drain now.
+  Outside cancellation closes everything promptly (reason `cancelled`).
 
 Requires the asyncio event loop (uvloop or the standard one) under anyio: the relay runs in
-`add_reader` callbacks (see `udp_relay`); on Linux they move what queued behind a wake-up's
-first datagram in batches with recvmmsg/sendmmsg (`udp_batched`), elsewhere one system call
+`add_reader` callbacks (see `relay`); on Linux they move what queued behind a wake-up's
+first datagram in batches with recvmmsg/sendmmsg (`batched`), elsewhere one system call
 per datagram.
 """
 
@@ -50,11 +53,11 @@ import anyio
 import anyio.abc
 
 from labelproxy.spec import ListenKey
-from labelproxy.streams import udp_batched
-from labelproxy.streams.route import LiveRoute
-from labelproxy.streams.udp_batched import BatchedUdpRelay
-from labelproxy.streams.udp_relay import UdpRelay
-from labelproxy.streams.udp_sockets import bind_udp_listener
+from labelproxy.streams.live import LiveRoute
+from labelproxy.streams.udp import batched
+from labelproxy.streams.udp.batched import BatchedUdpRelay
+from labelproxy.streams.udp.relay import UdpRelay
+from labelproxy.streams.udp.sockets import bind_udp_listener
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ async def serve_udp(
             def spawn(factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
                 tg.start_soon(factory)
 
-            relay_type = BatchedUdpRelay if udp_batched.ENABLED else UdpRelay
+            relay_type = BatchedUdpRelay if batched.ENABLED else UdpRelay
             relay = relay_type(live, sock, loop=loop, spawn=spawn)
             relay.start()
             logger.debug(
@@ -93,12 +96,16 @@ async def serve_udp(
                 extra={"route": spec.alias, "protocol": "udp", "listen": str(spec.key)},
             )
             task_status.started()
-            tg.start_soon(relay.expire_idle_sessions)
             await live.closing.wait()
-            reason = "closed"
-            tg.cancel_scope.cancel()
+            left = relay.stop_admitting()
+            live.stopped_admitting.set()
+            await relay.drain.wait(live, left, what="sessions")
+            reason = "drain_timeout"
+            if relay.resolving:  # only then: a drain that ends cancels nothing
+                tg.cancel_scope.cancel()
     finally:
         live.shared.own.remove(own, spec.family)
+        live.stopped_admitting.set()
         if relay is not None:
             relay.stop_listening()
         else:

@@ -15,7 +15,11 @@ the loop) or, from a coroutine, `await call(fn, *args)` for the result.
 Threads: the control plane never touches a TCP connection; it swaps a route's spec and hooks
 (atomic attribute stores) and reads counters, while everything that counts or mutates
 per-connection state runs on this thread, so no lock is needed and no update is lost.
-`shared()` is the process's loop, started on first use. Linux only (epoll, eventfd).
+Objects that live on this loop (listeners' connections, dials, relays, timers) say "(data
+loop)" in their docstrings, and the loop checks it: in debug mode (not `python -O`) its
+loop-thread-only methods assert that they run on its thread (`owns_thread`). `shared()` is
+the process's loop, started on first use. Linux only (epoll, eventfd). (A little over 300
+lines: the dispatch, the timers and the hand-over from other threads are one loop.)
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 import select
 import threading
 import time
+from _thread import get_ident
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -65,6 +70,10 @@ class Target(Protocol):
     def abort(self, reason: str) -> None: ...
 
 
+def _nothing() -> None:
+    """What a cancelled timer would run."""
+
+
 class Timer:
     """A callback scheduled on the loop; `cancel()` it until it has run."""
 
@@ -89,6 +98,7 @@ class Timer:
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
+            self._fn, self._args = _nothing, ()  # it may sit on the heap a while: hold nothing
             if self._heap is not None:
                 self._heap.timer_cancelled()
 
@@ -107,6 +117,7 @@ class DataLoop:
         self._ready: deque[Timer] = deque()
         self._inbox: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
         self._thread: threading.Thread | None = None
+        self._ident = -1  # the loop thread's id, once it runs
         self._stop = False
         self._bad_deadline_logged = False
 
@@ -116,8 +127,9 @@ class DataLoop:
             self._thread = threading.Thread(target=self._run, name="labelproxy-tcp", daemon=True)
             self._thread.start()
 
-    def in_thread(self) -> bool:
-        return threading.current_thread() is self._thread
+    def owns_thread(self) -> bool:
+        """True on the loop's own thread (the only one that may touch its connections)."""
+        return get_ident() == self._ident
 
     def submit(self, fn: Callable[..., object], *args: Any) -> None:
         """Run `fn(*args)` on the loop's thread, soon (thread-safe)."""
@@ -167,11 +179,15 @@ class DataLoop:
         return time.monotonic()
 
     def call_soon(self, fn: Callable[..., object], *args: Any) -> Timer:
+        if __debug__:
+            assert get_ident() == self._ident, "DataLoop.call_soon off the loop thread"
         timer = Timer(0.0, fn, args)
         self._ready.append(timer)
         return timer
 
     def call_at(self, when: float, fn: Callable[..., object], *args: Any) -> Timer:
+        if __debug__:
+            assert get_ident() == self._ident, "DataLoop.call_at off the loop thread"
         if not math.isfinite(when):
             return self._unschedulable(when, fn, args)
         timer = Timer(when, fn, args, self)
@@ -198,20 +214,27 @@ class DataLoop:
 
     def add(self, fd: int, target: Target, mask: int = MASK) -> None:
         """Watch `fd` for `target` until it is closed (or `remove`d)."""
+        if __debug__:
+            assert get_ident() == self._ident, "DataLoop.add off the loop thread"
         self._ep.register(fd, mask)
         self.targets[fd] = target
 
     def remove(self, fd: int) -> None:
         """Stop watching an fd that stays open (a listener backing off, or closing)."""
+        if __debug__:
+            assert get_ident() == self._ident, "DataLoop.remove off the loop thread"
         self.targets.pop(fd, None)
         with contextlib.suppress(OSError):
             self._ep.unregister(fd)
 
     def forget(self, fd: int) -> None:
         """Stop dispatching `fd` (call right before closing it: closing leaves the set)."""
+        if __debug__:
+            assert get_ident() == self._ident, "DataLoop.forget off the loop thread"
         self.targets.pop(fd, None)
 
     def _run(self) -> None:
+        self._ident = get_ident()
         poll = self._ep.poll
         targets = self.targets
         wake = self._wake
@@ -241,19 +264,30 @@ class DataLoop:
                 elif fd == wake:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(wake)
-            while inbox:
-                fn, args = inbox.popleft()
-                self._guarded(fn, args)
+            target = None  # the loop waits next: hold no connection in its locals
+            if inbox:
+                self._run_inbox()
             if timers and timers[0][0] <= time.monotonic():
                 self._run_timers()
-            for _ in range(len(ready)):
-                timer = ready.popleft()
-                if not timer.cancelled:
-                    self._guarded(timer._fn, timer._args)
+            if ready:
+                self._run_ready()
         with contextlib.suppress(OSError):
             self._ep.close()
         with contextlib.suppress(OSError):
             os.close(wake)
+
+    def _run_inbox(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            fn, args = inbox.popleft()
+            self._guarded(fn, args)
+
+    def _run_ready(self) -> None:
+        ready = self._ready
+        for _ in range(len(ready)):
+            timer = ready.popleft()
+            if not timer.cancelled:
+                self._guarded(timer._fn, timer._args)
 
     def _run_timers(self) -> None:
         timers = self._timers
@@ -271,6 +305,8 @@ class DataLoop:
         """A timer on the heap was cancelled. When cancelled ones crowd the heap (an idle
         timeout of an hour on short connections would keep one per connection for that
         hour), rebuild it without them."""
+        if __debug__:
+            assert get_ident() == self._ident, "Timer.cancel off the loop thread"
         self._cancelled_seen += 1
         timers = self._timers
         if self._cancelled_seen >= _COMPACT_AT and self._cancelled_seen * 2 > len(timers):

@@ -1,10 +1,11 @@
 """Socket plumbing for the UDP data plane: the listener bind and the upstream sockets.
 
-Everything here is synchronous and small: `bind_udp_listener` opens a route's listening socket
-by its scheme's family (IPv4; IPv6 only; dual-stack `::` with a fallback to IPv4 on hosts
-without IPv6), `open_upstream` makes a session's connected, non-blocking upstream socket, and
-`local_address_towards` names the listener address a client sent to (the destination of the
-PROXY v2 header, which `proxyproto.build_dgram_header` builds).
+Everything here is synchronous and small: `bind_udp_listener` opens a route's listening
+socket by its scheme's family (`sockets.bind_socket`: IPv4; IPv6 only; dual-stack `::`
+with a fallback to IPv4 on hosts without IPv6), `open_upstream` makes a session's
+connected, non-blocking upstream socket, and `local_address_towards` names the listener
+address a client sent to (the destination of the PROXY v2 header, which
+`proxyproto.build_dgram_header` builds).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import socket
 import sys
 
 from labelproxy.spec import RouteSpec
+from labelproxy.streams.addresses import literal_family, unmapped
+from labelproxy.streams.sockets import bind_socket
 
 logger = logging.getLogger(__name__)
 
@@ -46,41 +49,14 @@ def _set_buffers(sock: socket.socket, *, size: int) -> None:
 
 
 def bind_udp_listener(spec: RouteSpec) -> socket.socket:
-    """Open and bind the non-blocking UDP socket of `spec`; raises OSError on failure.
-
-    ipv4: AF_INET; ipv6: AF_INET6 with IPV6_V6ONLY=1; dual: AF_INET6 with IPV6_V6ONLY=0 when
-    the bind address is `::` (AF_INET `0.0.0.0` when the host has no IPv6). SO_REUSEADDR is
-    not set: on Linux it would let two UDP listeners share one port.
-    """
-    host, port = spec.key.bind, spec.key.port
-    ip = ipaddress.ip_address(host.split("%", 1)[0])
-    if ip.version == 4:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sockaddr: SockAddr = (host, port)
-    else:
-        dual = spec.family == "dual" and ip.is_unspecified
-        try:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        except OSError:
-            if not dual:
-                raise
-            logger.info("no IPv6 on this host: %s listens on IPv4 only", spec.key)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sockaddr = ("0.0.0.0", port)
-        else:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
-            info = socket.getaddrinfo(
-                host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST
-            )
-            sockaddr = info[0][4]  # type: ignore[assignment]
-    try:
-        sock.setblocking(False)
-        _set_buffers(sock, size=LISTENER_BUFFER_BYTES)
-        sock.bind(sockaddr)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    """Open and bind the non-blocking UDP socket of `spec` by its scheme's family
+    (`sockets.bind_socket`), with large kernel buffers; raises OSError on failure."""
+    return bind_socket(
+        spec.key,
+        spec.family,
+        kind=socket.SOCK_DGRAM,
+        prepare=lambda sock: _set_buffers(sock, size=LISTENER_BUFFER_BYTES),
+    )
 
 
 def open_upstream(host: str, port: int) -> socket.socket:
@@ -89,8 +65,9 @@ def open_upstream(host: str, port: int) -> socket.socket:
     Connected, so the kernel delivers only that backend's replies to it and reports ICMP
     errors (port unreachable) as ConnectionRefusedError on the next send or receive.
     """
-    ip = ipaddress.ip_address(host.split("%", 1)[0])
-    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    family = literal_family(host)
+    if family is None:
+        raise OSError(f"not an IP address: {host}")
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
@@ -102,13 +79,6 @@ def open_upstream(host: str, port: int) -> socket.socket:
     return sock
 
 
-def unmapped_host(host: str) -> str:
-    """`::ffff:10.0.0.1` -> `10.0.0.1`; other addresses unchanged (cheap string test)."""
-    if host.startswith("::ffff:") and "." in host:
-        return host[7:]
-    return host
-
-
 def local_address_towards(client: tuple[str, int], bound: tuple[str, int]) -> tuple[str, int]:
     """The listener address a client most likely sent to, in the client's address family.
 
@@ -116,7 +86,7 @@ def local_address_towards(client: tuple[str, int], bound: tuple[str, int]) -> tu
     towards the client (a connected probe socket, no packet sent) is.
     """
     client_ip = ipaddress.ip_address(client[0].split("%", 1)[0])
-    bound_ip = ipaddress.ip_address(unmapped_host(bound[0]).split("%", 1)[0])
+    bound_ip = ipaddress.ip_address(unmapped(bound[0]).split("%", 1)[0])
     if not bound_ip.is_unspecified and bound_ip.version == client_ip.version:
         return str(bound_ip), bound[1]
     family = socket.AF_INET if client_ip.version == 4 else socket.AF_INET6

@@ -8,20 +8,21 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
 import anyio.abc
 import pytest
 
-from labelproxy.metrics import Metrics
-from labelproxy.spec import Backend, EdgePolicy, ListenKey, RouteOptions, RouteSpec, Scheme
-from labelproxy.streams import udp_batched, udp_mmsg
+from labelproxy.spec import Backend, EdgePolicy, RouteSpec, Scheme
 from labelproxy.streams.hooks import Hook
-from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.live import LiveRoute
 from labelproxy.streams.shared import SharedState
-from labelproxy.streams.udp import serve_udp
+from labelproxy.streams.udp import batched as udp_batched
+from labelproxy.streams.udp import mmsg as udp_mmsg
+from labelproxy.streams.udp.server import serve_udp
+from tests.support.routes import route_spec, serving
 
 logger = logging.getLogger(__name__)
 
@@ -109,41 +110,21 @@ def udp_spec(
     **options: Any,
 ) -> RouteSpec:
     backends = () if backend_port is None else (Backend(backend_host, backend_port),)
-    return RouteSpec(
-        alias="echo",
-        scheme=scheme,
-        key=ListenKey("udp", bind, port),
-        backends=backends,
-        options=RouteOptions(**options),
-    )
+    return route_spec("echo", scheme, (bind, port), backends, options)
 
 
-@asynccontextmanager
-async def running_route(
+def running_route(
     spec: RouteSpec,
     *,
     edge: EdgePolicy | None = None,
     extra_hooks: tuple[Hook, ...] = (),
     shared: SharedState | None = None,
-) -> AsyncIterator[LiveRoute]:
-    """serve_udp for `spec` on a fresh Metrics; closed (and awaited) on exit. `shared`: the
-    global caps and own listeners of several routes (default: its own)."""
-    metrics = Metrics()
-    live = LiveRoute(
-        spec,
-        counters=metrics.route(spec.alias, spec.key),
-        edge=edge or EdgePolicy(),
-        extra_hooks=extra_hooks,
-        shared=shared,
+) -> AbstractAsyncContextManager[LiveRoute]:
+    """serve_udp for `spec` on a fresh Metrics; closed without a drain (and awaited) on exit.
+    `shared`: the global caps and own listeners of several routes (default: its own)."""
+    return serving(
+        spec, serve=serve_udp, edge=edge, metrics=None, shared=shared, extra_hooks=extra_hooks
     )
-    async with anyio.create_task_group() as tg:
-        await tg.start(serve_udp, live)
-        try:
-            yield live
-        finally:
-            live.close()
-            with anyio.fail_after(DEADLINE):
-                await live.finished.wait()
 
 
 @asynccontextmanager

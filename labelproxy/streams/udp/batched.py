@@ -1,11 +1,11 @@
-"""The relay's batched hot path: `recvmmsg`/`sendmmsg` (see `udp_mmsg`) instead of one system
+"""The relay's batched hot path: `recvmmsg`/`sendmmsg` (see `mmsg`) instead of one system
 call per datagram and direction.
 
-`BatchedUdpRelay` is a `UdpRelay` whose two readiness callbacks move up to `udp_mmsg.SLOTS`
+`BatchedUdpRelay` is a `UdpRelay` whose two readiness callbacks move up to `mmsg.SLOTS`
 datagrams per system call. Latency first: each wake-up takes its first datagram the plain
 way (`recvfrom_into` + `send`, or `recv_into` + `sendto`, as `UdpRelay` does), so a lone
 query or reply costs no vector set-up; only what queued behind it is batched. A session
-opened by that plain read is keyed by `udp_mmsg.sockaddr_raw` of its address, the bytes a
+opened by that plain read is keyed by `mmsg.sockaddr_raw` of its address, the bytes a
 `recvmmsg` reports for the same source. From clients: one `recvmmsg` on the listening
 socket, the batch is cut into runs of consecutive datagrams from one source address (looked
 up by the raw sockaddr bytes, so no address tuple is built per datagram), and each run goes to its
@@ -17,7 +17,7 @@ counters and idle times are updated once per run or batch. A run that fails part
 retried after the failing datagram (counted as `upstream_error`, or lost on the way back as
 in the per-datagram path); a full send buffer drops the rest of the run.
 
-`ENABLED` (True where `udp_mmsg.available()`) picks this relay in `serve_udp`; tests switch
+`ENABLED` (True where `mmsg.available()`) picks this relay in `serve_udp`; tests switch
 it to run every UDP test through both paths.
 """
 
@@ -28,10 +28,10 @@ import logging
 import socket
 
 from labelproxy.streams.hooks import Hook
-from labelproxy.streams.udp_mmsg import MmsgArena, arena, available, sockaddr_raw, sockaddr_tuple
-from labelproxy.streams.udp_relay import BATCH, PENDING_LIMIT, UdpRelay
-from labelproxy.streams.udp_session import RawRefs, UdpSession
-from labelproxy.streams.udp_sockets import SockAddr
+from labelproxy.streams.udp.mmsg import MmsgArena, arena, available, sockaddr_raw, sockaddr_tuple
+from labelproxy.streams.udp.relay import BATCH, PENDING_LIMIT, UdpRelay
+from labelproxy.streams.udp.session import RawRefs, UdpSession
+from labelproxy.streams.udp.sockets import SockAddr
 
 logger = logging.getLogger(__name__)
 

@@ -1,25 +1,29 @@
 """The byte relay of one TCP connection, driven by edge-triggered epoll (no coroutine, no
 event-loop handle per connection).
 
-`Relay` moves bytes client -> upstream ("in") and upstream -> client ("out"). Both sockets
-sit in the TCP data loop (`dataloop`, IN|OUT|RDHUP, edge-triggered); the relay keeps, per
-direction, "source readable" and "destination writable" flags that an edge sets and an
-EAGAIN (or a short read) clears, and pumps while both are set.
+`Relay` moves bytes client -> upstream ("in") and upstream -> client ("out"), one
+`pump.Half` per direction. Both sockets sit in the TCP data loop (`loop.DataLoop`,
+IN|OUT|RDHUP, edge-triggered); per direction, "source readable" and "destination
+writable" flags are set by an edge and cleared by an EAGAIN (or a short read), and `_pump`
+runs the direction's steps while both are set: flush what is staged, then copy (or splice)
+the next read.
 
-Adaptive zero-copy, like HAProxy's splice-auto: a direction starts in copy mode (one `recv`
-into a process-wide buffer, one `send`; a remainder the destination would not take is kept
-as `pending`), and switches to `os.splice` through a pooled pipe when a read fills the
-buffer (bulk). It goes back to copy mode when a fresh read is small again. Buffering per
+Adaptive zero-copy, like HAProxy's splice-auto: a direction starts in copy mode and
+switches to `os.splice` through a pooled pipe when a read fills the copy buffer (bulk); it
+goes back to copy mode when a fresh read is small again (see `pump`). Buffering per
 direction is bounded by one staging area (the pending bytes or the pipe); an idle
-direction holds neither (pipes go back to the pool as soon as they are empty).
+direction holds neither.
 
 An EOF on one side is propagated as `shutdown(SHUT_WR)` on the other once everything read
 was written (half-close), while the other direction keeps flowing; the relay ends when both
-reached EOF, on an error, on the optional idle timeout, or on `abort`. Hooks get each
-chunk's size (`on_chunk`), never the bytes. `prefix` is written upstream before any client
+reached EOF, on an error, on the optional idle timeout, or on `abort`, and then tells its
+listener (`owner.Owner.ended`), which releases and logs the connection. The relay adds the
+bytes it moves to the connection's and the route's counters and hands each chunk's size
+to the route's chunk hooks, never the bytes. `prefix` is written upstream before any client
 byte (a PROXY header, bytes read after the client's own header); with `sniff=True` the first
 client bytes are checked for a PROXY signature (a header from an untrusted client is refused;
 bytes that are still only the start of one after `PEEK_DEADLINE` are relayed as they came).
+Everything here runs on the data loop.
 """
 
 from __future__ import annotations
@@ -27,13 +31,11 @@ from __future__ import annotations
 import logging
 import os
 
-from labelproxy.streams.dataloop import HANGUP, READABLE, WRITABLE, Timer
-from labelproxy.streams.half import EOF as _EOF
-from labelproxy.streams.half import SHUT as _SHUT
-from labelproxy.streams.half import Half, shutdown_write
 from labelproxy.streams.hooks import ConnInfo
 from labelproxy.streams.proxyproto import PEEK_DEADLINE, looks_like_header
-from labelproxy.streams.transfer import Owner, Transfer
+from labelproxy.streams.tcp.loop import HANGUP, READABLE, WRITABLE, Timer
+from labelproxy.streams.tcp.owner import Owner
+from labelproxy.streams.tcp.pump import EOF, SHUT, Half, PumpError, shutdown_write
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +43,9 @@ _ROUNDS = 16  # reads per wake-up before yielding to other connections
 _SNIFF_MAX = 12
 
 
-class Relay(Transfer):
-    """Relays a client and a connected upstream (raw, non-blocking socket fds the relay
-    owns and closes) until both end."""
+class Relay:
+    """(data loop) Relays a client and a connected upstream (raw, non-blocking socket fds
+    the relay owns and closes) until both end."""
 
     __slots__ = (
         "_idle_handle",
@@ -84,8 +86,7 @@ class Relay(Transfer):
         """Begin relaying both ways (call once, from the loop). `upstream_events`: the
         upstream socket is already in the loop (the dialer put it there) and these are
         the readiness bits the dialer consumed; None: add it now."""
-        owner = self.owner
-        loop = owner.loop
+        loop = self.owner.loop
         loop.add(self._in.src_fd, self)
         if upstream_events is None:
             loop.add(self._out.src_fd, self)
@@ -93,10 +94,10 @@ class Relay(Transfer):
             loop.targets[self._out.src_fd] = self
             self._out.readable = bool(upstream_events & READABLE)
             self._out.rdhup = bool(upstream_events & HANGUP)
-        idle = owner.live.idle_timeout
+        idle = self.owner.live.idle_timeout
         if idle:
-            self.last_active = owner.loop.time()
-            self._idle_handle = owner.loop.call_later(idle, self._check_idle)
+            self.last_active = loop.time()
+            self._idle_handle = loop.call_later(idle, self._check_idle)
         self._pump(self._in)
         if not self.done:
             self._pump(self._out)
@@ -113,10 +114,7 @@ class Relay(Transfer):
         pool = owner.pool
         for half in (self._in, self._out):
             owner.loop.forget(half.src_fd)
-            if half.pipe is not None and pool is not None:
-                pool.release(half.pipe, clean=half.staged == 0)
-                half.pipe = None
-            half.pending = None
+            half.release(pool)
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
@@ -129,7 +127,7 @@ class Relay(Transfer):
             except OSError:
                 pass
         try:
-            owner.relay_done(self)
+            owner.ended(self)
         except Exception:
             logger.exception("route %s: connection close handler failed", conn.route)
 
@@ -159,36 +157,50 @@ class Relay(Transfer):
     def _pump(self, half: Half) -> None:
         """Write what is staged, then read and write while both ends are ready."""
         rounds = 0
-        while True:
-            if (half.pending is not None or half.staged) and not (
-                half.writable and self._flush(half)
-            ):
-                return
-            if half.eof:
-                if half.eof == _EOF:
-                    self._shut(half)
-                return
-            if not (half.readable and half.writable) or self.done:
-                return
-            if rounds == _ROUNDS:  # fairness: let other connections run, then go on
-                self.owner.loop.call_soon(self._resume, half)
-                return
-            rounds += 1
-            if half.splice:
-                if not self._splice_in(half, fresh=rounds == 1):
+        pool = self.owner.pool
+        try:
+            while True:
+                if half.pending is not None or half.staged:
+                    if not half.writable:
+                        return
+                    sent = half.flush(pool)
+                    if sent:
+                        self._count(half, sent)
+                    if half.pending is not None or half.staged:
+                        return
+                if half.eof:
+                    if half.eof == EOF:
+                        self._shut(half)
                     return
-            elif self._sniff is not None and half is self._in:
-                if not self._sniff_client():
+                if not (half.readable and half.writable) or self.done:
                     return
-            elif not self._copy(half):
-                return
+                if rounds == _ROUNDS:  # fairness: let other connections run, then go on
+                    self.owner.loop.call_soon(self._resume, half)
+                    return
+                rounds += 1
+                if half.splice:
+                    assert pool is not None
+                    half.splice_in(pool, fresh=rounds == 1)  # the next turn flushes it
+                elif self._sniff is not None and half is self._in:
+                    if not self._sniff_client():
+                        return
+                else:
+                    sent = half.copy(pool)
+                    if sent:
+                        self._count(half, sent)
+        except PumpError as failure:
+            if failure.written:
+                self._count(half, failure.written)
+            side = "client" if (half is self._in) == failure.reading else "upstream"
+            logger.debug(
+                "route %s: %s error on %s: %s", self.conn.route, side, half.direction, failure
+            )
+            self.abort(f"{side}_error")
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _count(self, half: Half, n: int) -> None:
-        """Account `n` relayed bytes: the connection's and the route's totals (the metrics
-        hook's part, done here), the idle clock, and any other hook wanting chunks."""
-        if n <= 0:
-            return
+        """Account `n` relayed bytes: the connection's and the route's totals, the idle
+        clock, and the hooks that want chunk sizes."""
         live = self.owner.live
         if live.idle_timeout:
             self.last_active = self.owner.loop.time()
@@ -199,27 +211,22 @@ class Relay(Transfer):
         else:
             conn.bytes_out += n
             live.counters.bytes_out += n
-        hooks = live.chunk_hooks
+        hooks = live.policy.chunk
         if hooks:
             for hook in hooks:
                 hook.on_chunk(conn, half.direction, n)
 
     def _shut(self, half: Half) -> None:
         """src reached EOF and everything was written: propagate the half-close."""
-        half.eof = _SHUT
+        half.eof = SHUT
         other = self._out if half is self._in else self._in
-        if other.eof == _SHUT:  # both ways done: close() sends the FIN, no shutdown needed
+        if other.eof == SHUT:  # both ways done: close() sends the FIN, no shutdown needed
             self.abort("eof")
             return
         try:  # noqa: SIM105 (hot path)
             shutdown_write(half.dst_fd)
         except OSError:
             pass
-
-    def _fail(self, half: Half, exc: OSError, *, reading: bool) -> None:
-        side = "client" if (half is self._in) == reading else "upstream"
-        logger.debug("route %s: %s error on %s: %s", self.conn.route, side, half.direction, exc)
-        self.abort(f"{side}_error")
 
     def _sniff_client(self) -> bool:
         sniff = self._sniff
@@ -231,8 +238,7 @@ class Relay(Transfer):
             half.readable = False
             return False
         except OSError as exc:
-            self._fail(half, exc, reading=True)
-            return False
+            raise PumpError(exc, reading=True) from exc
         sniff += data
         verdict = looks_like_header(bytes(sniff))
         if verdict is None and data:
@@ -248,7 +254,6 @@ class Relay(Transfer):
                 self.conn.route,
                 self.conn.peer[0],
             )
-            self.conn.close_reason = "proxy_header"
             self.abort("proxy_header")
             return False
         self._sniff = None
@@ -256,7 +261,7 @@ class Relay(Transfer):
             half.pending = bytes(sniff)
         if not data:  # EOF while sniffing: flush what came, then half-close
             half.readable = False
-            half.eof = _EOF
+            half.eof = EOF
         return True
 
     def _sniff_expired(self) -> None:

@@ -1,47 +1,50 @@
-"""Dialing a connection's upstream from data-loop callbacks (no task per connection).
+"""From an admitted TCP client to a connected upstream, in data-loop callbacks (no task).
 
-`Connector` tries the route's backends in order (the picked one first): a non-blocking
-`connect_ex`, the socket added to the TCP data loop (`dataloop`), the connect timeout kept
-in the listener's `Deadlines` (one timer for all dials in flight, not a handle each). The
-first backend that accepts wins and the connector hands the socket to its owner
-(`connected`), which starts the relay; when every backend failed, or on `abort`, it tells
-the owner (`failed`), which closes the client and releases the connection. A dial error is
-a connect that failed: an upstream that accepted and then reset the connection before the
-relay began ends it as `upstream_error`, like a reset during the relay. Every dial of
-every connection goes through here, with one accounting: in-flight per backend, dial
-errors, the dial histogram, the error log.
+`Connector` holds an admitted client (a raw socket fd) until its relay starts. `proceed()`
+first runs the connection's steps (`Step`s: none today; see "Room to grow" below), then
+picks the backend (`LiveRoute.pick_backend`) and dials the route's backends in order, the
+picked one first: a non-blocking `connect_ex`, the socket added to the TCP data loop, the
+connect timeout kept in the listener's `Deadlines` (one timer for all dials in flight). The
+first backend that accepts wins: the connector starts the `relay.Relay` and hands the
+connection over to it (`Owner.handed_over`). When no backend is left, or on `abort`, it
+closes the client and tells its listener (`Owner.ended`), with the reason in
+`conn.close_reason` (`no_backend`, `loop`, `dial_error`, `upstream_error`, ...); the route
+counts dials and refusals (`LiveRoute.dialed`, `dial_failed`, `release`).
 
-Addresses are resolved before: IP literals directly (`literal_address`), host names by the
-setup task (`tcp_setup`); a backend whose name did not resolve counts as a failed dial. An
-address that is one of labelproxy's own listeners (`shared.OwnListeners`) is never dialled
-(each hop would dial the next): the next backend is tried, and a connection left with none
-is refused with reason `loop`.
+A dial error is a connect that failed: an upstream that accepted and then reset the
+connection before the relay began ends it as `upstream_error`, like a reset during the
+relay. Addresses are resolved before: IP literals directly (`literal_addresses`), host
+names by the setup task (`setup`); a backend whose name did not resolve counts as a failed
+dial. An address that is one of labelproxy's own listeners (`shared.OwnListeners`) is never
+dialled (each hop would dial the next): the next backend is tried, and a connection left
+with none is refused with reason `loop`.
+
+Room to grow: a `Step` is called with the connector before the backend is picked. It
+returns True to go on at once, or False when it parked the connector: it then calls
+`proceed()` again later (or `abort(reason)`), on the data loop. The connector stays in its
+listener's connections meanwhile, so a drain waits for it and a shutdown aborts it. A hold
+(wait for a woken container or a ready backend, up to the connect timeout) or a peek
+(read the TLS ClientHello or a game handshake before choosing the backend) is one such
+step, in a module of its own, listed by `server.TcpServer._steps_of`.
+Everything here runs on the data loop.
 """
 
 from __future__ import annotations
 
 import _socket
 import errno
-import ipaddress
 import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping
 
 from labelproxy.spec import Backend
-from labelproxy.streams.dataloop import (
-    EPOLLERR,
-    EPOLLHUP,
-    EPOLLIN,
-    EPOLLOUT,
-    WRITABLE,
-    DataLoop,
-    Timer,
-)
+from labelproxy.streams.addresses import literal_family
 from labelproxy.streams.hooks import ConnInfo
-from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.tcp.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, WRITABLE
+from labelproxy.streams.tcp.owner import Owner
+from labelproxy.streams.tcp.relay import Relay
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +58,8 @@ _RESET_AFTER_CONNECT = frozenset({errno.ECONNRESET, errno.EPIPE})
 
 def literal_address(backend: Backend) -> Address | None:
     """(family, sockaddr) of a backend whose host is an IP literal; None for a hostname."""
-    host = backend.host
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-    return family, (host, backend.port)
+    family = literal_family(backend.host)
+    return None if family is None else (family, (backend.host, backend.port))
 
 
 def literal_addresses(backends: Iterable[Backend]) -> dict[Backend, Address] | None:
@@ -75,69 +73,17 @@ def literal_addresses(backends: Iterable[Backend]) -> dict[Backend, Address] | N
     return addrs
 
 
-class Deadlines:
-    """The connect deadlines of a listener's dials in flight, served by one timer.
-
-    `add` and `discard` are a dict store and a dict pop; the timer is armed for the earliest
-    deadline and, when it fires, times out every dial past its deadline and re-arms."""
-
-    __slots__ = ("_due", "_loop", "_timer")
-
-    def __init__(self, loop: DataLoop) -> None:
-        self._loop = loop
-        self._due: dict[Connector, float] = {}
-        self._timer: Timer | None = None
-
-    def add(self, connector: Connector, timeout: float) -> None:
-        due = self._loop.time() + timeout
-        self._due[connector] = due
-        timer = self._timer
-        if timer is None or due < timer.when():
-            if timer is not None:
-                timer.cancel()
-            self._timer = self._loop.call_at(due, self._fire)
-
-    def discard(self, connector: Connector) -> None:
-        self._due.pop(connector, None)
-
-    def _fire(self) -> None:
-        self._timer = None
-        now = self._loop.time()
-        late = [c for c, due in self._due.items() if due <= now]
-        for connector in late:
-            del self._due[connector]
-        for connector in late:
-            connector.timed_out()  # may dial the next backend: add() again
-        if self._due and self._timer is None:
-            self._timer = self._loop.call_at(min(self._due.values()), self._fire)
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._due.clear()
-
-
-class Owner(Protocol):
-    loop: DataLoop
-    live: LiveRoute
-    deadlines: Deadlines
-
-    def connected(self, connector: Connector, upstream: int, events: int) -> None: ...
-
-    def failed(self, connector: Connector) -> None: ...
-
-
 class Connector:
-    """Connects one admitted client (a raw socket fd) to the first backend of `order` that
-    answers."""
+    """(data loop) One admitted client (a raw socket fd it owns until the relay starts), on
+    its way through its steps and the dials of its backends."""
 
     __slots__ = (
+        "_addrs",
         "_looped",
         "_order",
         "_sock",
         "_started",
-        "addresses",
+        "_steps",
         "client",
         "conn",
         "done",
@@ -151,15 +97,18 @@ class Connector:
         owner: Owner,
         client: int,
         conn: ConnInfo,
-        order: list[tuple[Backend, Address | None]],
+        addrs: Mapping[Backend, Address | None],
         *,
         prefix: bytes,
         sniff: bool,
+        steps: tuple[Step, ...] = (),
     ) -> None:
         self.owner = owner
         self.client = client
         self.conn = conn
-        self._order = order
+        self._addrs = addrs
+        self._steps = steps
+        self._order: list[tuple[Backend, Address | None]] | None = None
         self.prefix = prefix
         self.sniff = sniff
         self._sock: _socket.socket | None = None
@@ -167,12 +116,34 @@ class Connector:
         self._looped = False  # the last backend tried is one of our own listeners
         self.done = False
 
-    def start(self) -> None:
-        """Dial the next backend; call from the loop (never from inside an event dispatch)."""
+    def proceed(self) -> None:
+        """Run the steps left (one may park the connector and call this again later), then
+        pick the backend and dial; call from the loop, never from inside an event dispatch."""
+        while self._steps:
+            step, self._steps = self._steps[0], self._steps[1:]
+            if not step(self) or self.done:
+                return
+        if self._order is None:
+            first = self.owner.live.pick_backend(self.conn.client[0])
+            if first is None:
+                self._give_up("no_backend")
+                return
+            addrs = self._addrs
+            order = [(first, addrs.get(first))]
+            backends = self.owner.live.spec.backends
+            if len(backends) > 1:
+                order += [(b, addrs.get(b)) for b in backends if b != first]
+            self._order = order
+        self._dial_next()
+
+    def _dial_next(self) -> None:
+        """Dial the next backend of the order (a failed one goes on to the next)."""
         owner = self.owner
         live = owner.live
-        while self._order and not self.done:
-            backend, address = self._order.pop(0)
+        order = self._order
+        assert order is not None
+        while order and not self.done:
+            backend, address = order.pop(0)
             self.conn.backend = backend
             live.backend_opened(backend)
             self._started = time.monotonic()
@@ -212,13 +183,7 @@ class Connector:
             owner.deadlines.add(self, live.connect_timeout)
             return
         if not self.done:
-            self.done = True
-            if self._looped:
-                self.conn.close_reason = "loop"
-                live.counters.reject("loop")
-            else:
-                self.conn.close_reason = "dial_error"
-            owner.failed(self)
+            self._give_up("loop" if self._looped else "dial_error")
 
     def on_event(self, fd: int, events: int) -> None:
         sock = self._sock
@@ -236,7 +201,7 @@ class Connector:
             return
         self._drop_socket()
         self._dial_error(os.strerror(err))
-        self.owner.loop.call_soon(self.start)  # not inside this dispatch (fd reuse)
+        self.owner.loop.call_soon(self._dial_next)  # not inside this dispatch (fd reuse)
 
     def timed_out(self) -> None:
         """The connect deadline passed (called by `Deadlines`): try the next backend."""
@@ -244,37 +209,35 @@ class Connector:
             return
         self._drop_socket()
         self._dial_error("timeout")
-        self.start()
+        self._dial_next()
 
     def _connected(self, events: int) -> None:
         sock = self._sock
         assert sock is not None
         self._sock = None
-        self.owner.deadlines.discard(self)
+        owner = self.owner
+        owner.deadlines.discard(self)
         self.done = True
-        self.owner.live.counters.observe_dial(time.monotonic() - self._started)
-        self.owner.connected(self, sock.detach(), events)
+        owner.live.dialed(time.monotonic() - self._started)
+        relay = Relay(owner, self.client, sock.detach(), self.conn, prefix=self.prefix,
+                      sniff=self.sniff)  # fmt: skip
+        owner.handed_over(self, relay)
+        relay.start(upstream_events=events)
 
     def _reset_after_connect(self, why: str) -> None:
         """The connect succeeded and the upstream reset the connection before the relay
         began: an upstream error of this connection (as in the relay), not a failed dial,
         and not retried on another backend (the relay would not either)."""
-        self.owner.live.counters.observe_dial(time.monotonic() - self._started)
+        self.owner.live.dialed(time.monotonic() - self._started)
         self._drop_socket()
-        self.done = True
-        self.conn.close_reason = "upstream_error"
         logger.debug("route %s: upstream %s reset: %s", self.conn.route, self.conn.backend, why)
-        self.owner.failed(self)
+        self._give_up("upstream_error")
 
     def _dial_error(self, why: str) -> None:
-        live = self.owner.live
         backend = self.conn.backend
-        if backend is not None:
-            live.backend_closed(backend)
         self.conn.backend = None
         self._looped = False
-        live.counters.dial_errors += 1
-        logger.error("route %s: dial %s failed: %s", self.conn.route, backend, why)
+        self.owner.live.dial_failed(self.conn, backend, why)
 
     def _drop_socket(self) -> None:
         sock = self._sock
@@ -284,12 +247,20 @@ class Connector:
             self.owner.loop.forget(sock.fileno())
             sock.close()
 
-    def abort(self, reason: str) -> None:
-        """Give up (drain deadline, shutdown): the owner closes the client (idempotent)."""
-        if self.done:
-            return
+    def _give_up(self, reason: str) -> None:
+        """Close the client and tell the listener: this connection is over."""
         self.done = True
-        self._drop_socket()
         if not self.conn.close_reason:
             self.conn.close_reason = reason
-        self.owner.failed(self)
+        os.close(self.client)
+        self.owner.ended(self)
+
+    def abort(self, reason: str) -> None:
+        """Give up (drain deadline, shutdown): close the client (idempotent)."""
+        if self.done:
+            return
+        self._drop_socket()
+        self._give_up(reason)
+
+
+Step = Callable[[Connector], bool]

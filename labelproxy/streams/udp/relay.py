@@ -3,16 +3,22 @@
 `UdpRelay` owns a route's listening socket and its sessions. Both directions run in plain
 callbacks registered with the asyncio (uvloop) loop's `add_reader`: each callback drains its
 non-blocking socket with `recvfrom_into`/`recv_into` into one preallocated 64 KiB buffer and
-forwards `memoryview` slices of it, so a datagram costs two system calls and no copy.
-Counters are updated once per batch; hooks that want per-chunk sizes (other than the metrics
-hook, whose work is done inline with the same totals) are called per datagram.
+forwards `memoryview` slices of it, so a datagram costs two system calls and no copy. The
+relay adds the volume it moves (datagrams, bytes, datagrams lost) to the route's counters
+once per batch; hooks that want per-chunk sizes are called per datagram.
 
-A session is created by the first datagram from a new client address: admission hooks (ACL,
-session cap), backend choice, then its own connected upstream socket (a backend given by host
-name is resolved in a task first; up to `PENDING_LIMIT` datagrams wait for it). Replies go
-back to the client from the listening socket. A session ends when it is idle for the route's
-`idle_timeout` (traffic either way resets it) or the listener stops; `live.release` is called
-exactly once and one access-log record is written.
+A session is created by the first datagram from a new client address while the route
+admits: admission (`LiveRoute.admit`: ACL, session caps; it counts the session), backend
+choice, then its own connected upstream socket (a backend given by host name is resolved in
+a task first; up to `PENDING_LIMIT` datagrams wait for it). Replies go back to the client
+from the listening socket. A session ends when it is idle for the route's `idle_timeout`
+(traffic either way resets it), when its backend left the route, or when the drain ends
+(`drain.Drain`, told of every session that ends); `live.release` is called exactly once and
+one access-log record is written. Everything here runs on the asyncio loop.
+
+This module is longer than most (about 400 lines): the session table and the two readiness
+callbacks that use it are one class, so that a datagram's path is direct method calls on
+it, and `batched.BatchedUdpRelay` overrides both halves.
 """
 
 from __future__ import annotations
@@ -27,21 +33,18 @@ from typing import Any
 import anyio
 
 from labelproxy.spec import Backend
+from labelproxy.streams.accesslog import log_closed, log_opened
+from labelproxy.streams.addresses import literal_family, unmapped
+from labelproxy.streams.drain import Drain
 from labelproxy.streams.hooks import ConnInfo, Hook
+from labelproxy.streams.live import LiveRoute
 from labelproxy.streams.proxyproto import build_dgram_header
-from labelproxy.streams.route import LiveRoute
-from labelproxy.streams.udp_session import (
-    UdpSession,
-    is_ip_literal,
-    log_session_closed,
-    log_session_opened,
-)
-from labelproxy.streams.udp_sockets import (
+from labelproxy.streams.udp.session import UdpSession
+from labelproxy.streams.udp.sockets import (
     MAX_DATAGRAM,
     SockAddr,
     local_address_towards,
     open_upstream,
-    unmapped_host,
 )
 
 logger = logging.getLogger(__name__)
@@ -76,33 +79,52 @@ class UdpRelay:
         self.bound: tuple[str, int] = (str(name[0]), int(name[1]))
         self._spec_seen = live.spec
         self._listening = False
+        self.admitting = True  # False once the route is closed: new sources are dropped
+        self.drain = Drain(loop)
+        self.resolving = 0  # tasks resolving a backend's name
+        self._expiry: asyncio.Handle | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         self.loop.add_reader(self.listener.fileno(), self._on_client_readable)
         self._listening = True
+        self._expiry = self.loop.call_soon(self._expire_idle_sessions)
 
     def stop_listening(self) -> None:
         """Stop reading and close the listening socket: the port is free afterwards."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if self._listening:
             self._listening = False
             self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
 
+    def stop_admitting(self) -> int:
+        """The route is closed: no new session from now on (the existing ones go on until
+        they are idle or the drain ends); the sessions left."""
+        self.admitting = False
+        left = len(self.sessions)
+        self.drain.begin(left)
+        return left
+
     def close_all(self, reason: str) -> None:
         for session in list(self.sessions.values()):
             self.close_session(session, reason)
 
-    async def expire_idle_sessions(self) -> None:
-        """Close sessions idle (both ways) for the route's idle_timeout; runs until cancelled."""
-        while True:
+    def _expire_idle_sessions(self) -> None:
+        """Close sessions idle (both ways) for the route's idle_timeout, and those whose
+        backend left the route; again and again on a loop timer until the listener stops
+        (a timer, not a task: stopping it cancels nothing)."""
+        delay = 1.0
+        try:
             if self.live.spec is not self._spec_seen:
                 self._adopt_spec()
             idle = self.live.idle_timeout
-            now = time.monotonic()
             if idle is None or idle <= 0:
-                await anyio.sleep(30.0)
-                continue
+                delay = 30.0
+                return
+            now = time.monotonic()
             earliest = now + idle
             for session in list(self.sessions.values()):
                 deadline = session.last_active + idle
@@ -110,7 +132,10 @@ class UdpRelay:
                     self.close_session(session, "idle")
                 elif deadline < earliest:
                     earliest = deadline
-            await anyio.sleep(min(max(earliest - now, min(idle / 20, 1.0)), 30.0))
+            delay = min(max(earliest - now, min(idle / 20, 1.0)), 30.0)
+        finally:
+            if self._listening:
+                self._expiry = self.loop.call_later(delay, self._expire_idle_sessions)
 
     # -- sessions ------------------------------------------------------------------------
     def _adopt_spec(self) -> None:
@@ -121,13 +146,12 @@ class UdpRelay:
             if session.conn.backend not in current:
                 self.close_session(session, "backend_gone")
 
-    def _chunk_hooks_now(self) -> tuple[Hook, ...]:
-        """The hooks that want `on_chunk`, except metrics (the relay counts, per batch)."""
-        return self.live.chunk_hooks
-
     def _open_session(self, addr: SockAddr) -> UdpSession | None:
         live = self.live
-        client = (unmapped_host(addr[0]), addr[1])
+        if not self.admitting:
+            logger.debug("udp datagram from %s dropped: %s is closing", addr, live.spec.key)
+            return None
+        client = (unmapped(addr[0]), addr[1])
         conn = ConnInfo(
             route=live.spec.alias, transport="udp", client=client, peer=client, listen=self.bound
         )
@@ -148,8 +172,8 @@ class UdpRelay:
             header = build_dgram_header(client, conn.listen)
         session = UdpSession(addr, conn, header)
         self.sessions[addr] = session
-        log_session_opened(conn, listen=str(live.spec.key))
-        if is_ip_literal(backend.host):
+        log_opened(conn, listen=live.spec.key)
+        if literal_family(backend.host) is not None:
             if self._refuse_loop(session, backend.host):
                 return None
             try:
@@ -161,6 +185,7 @@ class UdpRelay:
                 return None
         else:
             session.pending = []
+            self.resolving += 1
             self._spawn(lambda: self._resolve(session, backend))
         return session
 
@@ -184,6 +209,13 @@ class UdpRelay:
         self.loop.add_reader(sock.fileno(), self._on_upstream_readable, session)
 
     async def _resolve(self, session: UdpSession, backend: Backend) -> None:
+        """A task: connect `session` to `backend`, a host name, then send what waited."""
+        try:
+            await self._connect_by_name(session, backend)
+        finally:
+            self.resolving -= 1
+
+    async def _connect_by_name(self, session: UdpSession, backend: Backend) -> None:
         try:
             infos = await anyio.getaddrinfo(backend.host, backend.port, type=socket.SOCK_DGRAM)
             host = str(infos[0][4][0])
@@ -218,7 +250,7 @@ class UdpRelay:
         counters.udp_datagrams_in += 1
         counters.bytes_in += n
         session.conn.bytes_in += n
-        for hook in self._chunk_hooks_now():
+        for hook in self.live.policy.chunk:
             hook.on_chunk(session.conn, "in", n)
 
     def close_session(self, session: UdpSession, reason: str) -> None:
@@ -234,7 +266,8 @@ class UdpRelay:
         conn = session.conn
         conn.close_reason = reason
         self.live.release(conn)
-        log_session_closed(conn, listen=str(self.live.spec.key), reason=reason)
+        log_closed(conn, listen=self.live.spec.key)
+        self.drain.settled(len(self.sessions))
 
     # -- hot path ------------------------------------------------------------------------
     #: Datagrams a wake-up reads one at a time before `_client_batches` / `_upstream_batches`
@@ -247,7 +280,7 @@ class UdpRelay:
         counters = self.live.counters
         if self.live.spec is not self._spec_seen:
             self._adopt_spec()
-        chunk_hooks = self._chunk_hooks_now()
+        chunk_hooks = self.live.policy.chunk
         now = time.monotonic()
         count = nbytes = errors = 0
         rearm = False
@@ -322,7 +355,7 @@ class UdpRelay:
         sendto = self.listener.sendto
         buf, view, client = self._buf, self._view, session.addr
         conn = session.conn
-        chunk_hooks = self._chunk_hooks_now()
+        chunk_hooks = self.live.policy.chunk
         count = nbytes = errors = dropped = 0
         try:
             for _ in range(self.PLAIN_READS):

@@ -1,4 +1,12 @@
-"""The waiting steps of a TCP connection's setup: the client's PROXY header, host names.
+"""The waiting part of a TCP connection's setup, as a short task on the asyncio loop.
+
+Most connections are set up in data-loop callbacks (`server.TcpServer`). When a client must
+be waited for, the listener hands it to `set_up` instead: a trusted proxy's PROXY header is
+read first (`read_client_header`), and backends that are host names are resolved
+(`resolve_all`). It returns what it found (`Found`: the client's addresses, the bytes read
+after its header, each backend's address) or raises `HeaderRefusedError`; it touches no
+counter and no connection state: the listener hands the client back to the data loop,
+which admits and dials it like any other.
 
 `read_client_header` waits (within a deadline) for a trusted client's PROXY header and
 returns what it carries plus the bytes that followed it; it raises, never hangs, and the
@@ -11,20 +19,23 @@ gives the address to dial a backend at (its IP literal, or its host name's first
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import socket
+import time
 from dataclasses import dataclass
 
 import anyio
 
 from labelproxy.spec import AcceptProxyProtocol, Backend
+from labelproxy.streams.addresses import literal_family
+from labelproxy.streams.live import LiveRoute
 from labelproxy.streams.proxyproto import (
     PEEK_DEADLINE,
     HeaderError,
     HeaderParser,
     looks_like_header,
 )
+from labelproxy.streams.tcp.dial import Address
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +54,75 @@ class ClientHeader:
     source: tuple[str, int] | None
     dest: tuple[str, int] | None
     rest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What the setup of one client found: its addresses (from its PROXY header, else its
+    socket's), the bytes read after the header, each backend's address (None: no address)."""
+
+    source: tuple[str, int]
+    dest: tuple[str, int]
+    rest: bytes
+    addrs: dict[Backend, Address | None]
+
+
+async def set_up(
+    live: LiveRoute,
+    client: socket.socket,
+    peer: tuple[str, int],
+    listen: tuple[str, int],
+    *,
+    read_header: bool,
+) -> Found:
+    """Read the client's PROXY header (`read_header`: a trusted proxy's) and resolve the
+    route's backends. Raises HeaderRefusedError."""
+    source, dest, rest = peer, listen, b""
+    if read_header:
+        header = await read_client_header(
+            client,
+            mode=live.edge.accept_proxy_protocol,
+            timeout=live.edge.proxy_header_timeout,
+        )
+        source = header.source or peer
+        dest = header.dest or listen
+        rest = header.rest
+    return Found(source, dest, rest, await resolve_all(live))
+
+
+async def resolve_all(live: LiveRoute) -> dict[Backend, Address | None]:
+    """Each backend's address; None for a name that does not resolve (logged: the dial
+    counts it as failed)."""
+    addrs: dict[Backend, Address | None] = {}
+    for backend in live.spec.backends:
+        started = time.monotonic()
+        try:
+            with anyio.fail_after(live.connect_timeout):
+                addrs[backend] = await resolve(backend)
+        except (OSError, TimeoutError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timeout"
+            logger.warning(
+                "route %s: cannot resolve %s (%.1fs): %s",
+                live.spec.alias,
+                backend.host,
+                time.monotonic() - started,
+                why,
+            )
+            addrs[backend] = None
+    return addrs
+
+
+async def resolve(backend: Backend) -> Address:
+    """(family, sockaddr) to dial `backend` at: its IP literal, or its name's first
+    address; OSError when the name does not resolve."""
+    family = literal_family(backend.host)
+    if family is not None:
+        return family, (backend.host, backend.port)
+    infos = await anyio.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(errno.EHOSTUNREACH, f"{backend.host} does not resolve")
+    fam, _, _, _, addr = infos[0]
+    return socket.AddressFamily(fam), (str(addr[0]), int(addr[1]))
 
 
 async def read_client_header(
@@ -102,24 +182,3 @@ async def _receive(client: socket.socket, *, until: float | None) -> bytes | Non
             return None
         with anyio.move_on_after(left):
             await anyio.wait_readable(client)
-
-
-def _family(host: str) -> socket.AddressFamily | None:
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    return socket.AF_INET if ip.version == 4 else socket.AF_INET6
-
-
-async def resolve(backend: Backend) -> tuple[socket.AddressFamily, tuple[str, int]]:
-    """(family, sockaddr) to dial `backend` at: its IP literal, or its name's first
-    address; OSError when the name does not resolve."""
-    family = _family(backend.host)
-    if family is not None:
-        return family, (backend.host, backend.port)
-    infos = await anyio.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
-    if not infos:
-        raise OSError(errno.EHOSTUNREACH, f"{backend.host} does not resolve")
-    fam, _, _, _, addr = infos[0]
-    return socket.AddressFamily(fam), (str(addr[0]), int(addr[1]))

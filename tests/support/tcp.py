@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -20,15 +20,14 @@ from labelproxy.metrics import Metrics
 from labelproxy.spec import (
     Backend,
     EdgePolicy,
-    ListenKey,
-    RouteOptions,
     RouteSpec,
     Scheme,
 )
 from labelproxy.streams.hooks import Hook
-from labelproxy.streams.route import LiveRoute
+from labelproxy.streams.live import LiveRoute
 from labelproxy.streams.shared import SharedState
-from labelproxy.streams.tcp import serve_tcp
+from labelproxy.streams.tcp.server import serve_tcp
+from tests.support.routes import route_spec, serving
 
 DEADLINE = 10.0
 
@@ -94,17 +93,10 @@ def tcp_spec(
 ) -> RouteSpec:
     """A TCP route on an ephemeral port relaying to `host`:`ports`."""
     backends = tuple(Backend(host, p) for p in ports)
-    return RouteSpec(
-        alias=alias,
-        scheme=scheme,
-        key=ListenKey("tcp", bind, 0),
-        backends=backends,
-        options=RouteOptions(**options),
-    )
+    return route_spec(alias, scheme, (bind, 0), backends, options)
 
 
-@asynccontextmanager
-async def running_route(
+def running_route(
     spec: RouteSpec,
     edge: EdgePolicy | None = None,
     *,
@@ -112,25 +104,13 @@ async def running_route(
     zero_copy: bool | None = None,
     shared: SharedState | None = None,
     extra_hooks: tuple[Hook, ...] = (),
-) -> AsyncIterator[LiveRoute]:
+) -> AbstractAsyncContextManager[LiveRoute]:
     """Serve `spec` with `serve_tcp`; on exit close it (no drain) and wait until finished.
     `shared`: the global caps and own listeners of several routes (default: its own)."""
-    metrics = metrics or Metrics()
-    live = LiveRoute(
-        spec,
-        counters=metrics.route(spec.alias, spec.key),
-        edge=edge or EdgePolicy(),
-        shared=shared,
-        extra_hooks=extra_hooks,
+    serve = partial(serve_tcp, zero_copy=zero_copy)
+    return serving(
+        spec, serve=serve, edge=edge, metrics=metrics, shared=shared, extra_hooks=extra_hooks
     )
-    async with anyio.create_task_group() as tg:
-        await tg.start(partial(serve_tcp, zero_copy=zero_copy), live)
-        try:
-            yield live
-        finally:
-            live.close(0)
-            with anyio.fail_after(DEADLINE):
-                await live.finished.wait()
 
 
 def port_of(live: LiveRoute) -> int:
