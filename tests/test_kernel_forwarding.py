@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.kernellab import KernelLab, lab
+from tests.support.lp import wait_for
 from tests.support.netns import (
     BRIDGE_HOST,
     BRIDGED,
@@ -110,6 +111,9 @@ def test_max_connections_is_enforced_with_ct_count(k: KernelLab) -> None:
     assert k.counters()["tcp://[::]:8006"]["active"] == 2
 
     k.remote.call("close", conn=first)  # its conntrack entry leaves ESTABLISHED: a slot frees
+    # the FIN exchange is the kernel's, not this call's: wait for the count to show it
+    wait_for(lambda: k.counters()["tcp://[::]:8006"]["active"] == 1, timeout=10.0,
+             what="the closed connection's slot freed")  # fmt: skip
     k.connect(k.remote, HOST_V4, 8006)
     counters = k.counters()["tcp://[::]:8006"]
     assert (counters["connections"], counters["rejected_limit"]) == (3, 1)
