@@ -196,6 +196,8 @@ def labelproxy_env(*, routes_file: Path | None, http_port: int, docker_host: str
         LABELPROXY_HTTP_ADDR=f"127.0.0.1:{http_port}",
         LABELPROXY_ALLOW="0.0.0.0/0,::/0",
         LABELPROXY_LOG_LEVEL="warning",
+        # the relay target relays; the kernel target (own namespace only) says so itself
+        LABELPROXY_FORWARDING="relay",
     )
     if routes_file is not None:
         env["LABELPROXY_ROUTES_FILE"] = str(routes_file)

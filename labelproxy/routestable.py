@@ -67,7 +67,7 @@ class StateView:
                 state = "error"
             else:
                 state = "pending"
-            routes.append(
+            route: dict[str, Any] = (
                 {
                     "route": spec.alias,
                     "listen": str(key),
@@ -93,6 +93,8 @@ class StateView:
                     },
                 }
             )
+            route.update(rt.forwarding.route_document(key, route["counters"]))
+            routes.append(route)
         return {
             "ready": rt.ready(),
             "docker": {
@@ -121,6 +123,7 @@ class StateView:
                         targets=",".join(str(b) for b in spec.backends),
                         up=live is not None,
                         limit=limit,
+                        forwarding=rt.forwarding.path(key).forwarding,
                     )
                 )
         errors = tuple((_error_route(p), p.listen, p.kind) for p in self._problems())

@@ -228,10 +228,10 @@ class KernelEngine:
                 routes[identity] = self._plan(spec, verdict, slots[identity], paths)
             self._commit(routes)
             for identity in set(self._slots) - set(wanted):
-                logger.info("kernel route %s removed: draining until its deadline", identity,
+                logger.debug("kernel route %s removed: draining until its deadline", identity,
                             extra={"action": "kernel drain"})
             for identity in set(routes) - set(self._routes):
-                logger.info("kernel route %s up", identity, extra={"action": "kernel up"})
+                logger.debug("kernel route %s up", identity, extra={"action": "kernel up"})
             self._eligible, self._slots, self._draining, self._routes = (
                 pure, slots, draining, routes)
             self._verdicts = {identity: verdict for identity, (_, verdict) in wanted.items()}
@@ -318,7 +318,7 @@ class KernelEngine:
             for draining in due:
                 conntrack.cut(draining.slot)
                 del self._draining[draining.slot]
-                logger.info("kernel route %s: drain deadline, flows cut", draining.identity,
+                logger.debug("kernel route %s: drain deadline, flows cut", draining.identity,
                             extra={"action": "kernel cut"})
             return [d.identity for d in due]
 
