@@ -105,7 +105,7 @@ class Forwarding:
             self.unavailable = ""
         self.failed = ""  # the last apply's error, until one succeeds
         self._paths: dict[ListenKey, RoutePath] = {}
-        self._logged: dict[ListenKey, RoutePath] = {}
+        self._logged: dict[ListenKey, str] = {}  # what the log last said of each route
         # made on the event loop (`start`): set when the drain deadlines may have changed
         self._deadlines_changed: anyio.Event | None = None
         self._lock: anyio.Lock | None = None  # one engine call at a time from the loop
@@ -167,12 +167,16 @@ class Forwarding:
         else:
             candidates = [spec for key, spec in desired.items() if key in bound]
             assert self._lock is not None and self._deadlines_changed is not None, "start first"
+            began = time.monotonic()
             async with self._lock:
                 try:
                     result = await anyio.to_thread.run_sync(engine.apply, candidates)
                 except Exception as exc:
                     self._apply_failed(exc, desired)
                     return
+            logger.debug("kernel: %d routes forwarded, %d refused, applied in %.1f ms",
+                         len(result.routes), len(result.refused),
+                         (time.monotonic() - began) * 1000)
             if self.failed:
                 logger.info("kernel forwarding: the table is up to date again",
                             extra={"action": "forwarding"})
@@ -208,15 +212,17 @@ class Forwarding:
     def _log_changes(self, desired: Mapping[ListenKey, RouteSpec]) -> None:
         """One INFO line per route (or run of ports) whose path changed; none while the
         engine is off (said once at start)."""
-        changed: dict[RoutePath, list[RouteSpec]] = {}
+        changed: dict[str, list[RouteSpec]] = {}
+        logged: dict[ListenKey, str] = {}
         for key, path in self._paths.items():
-            if self._logged.get(key) != path:
-                changed.setdefault(path, []).append(desired[key])
-        self._logged = dict(self._paths)
+            logged[key] = line = path.describe()
+            if self._logged.get(key) != line:
+                changed.setdefault(line, []).append(desired[key])
+        self._logged = logged
         if self.engine is None:
             return
-        for path, specs in changed.items():
-            log_runs(path.describe(), specs, action="forwarding")
+        for line, specs in changed.items():
+            log_runs(line, specs, action="forwarding")
 
     def path(self, key: ListenKey) -> RoutePath:
         """The path of the route on `key` (relay, with why, before the first pass)."""
