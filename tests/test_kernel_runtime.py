@@ -16,7 +16,7 @@ import pytest
 from tests.support.kernelworld import KernelWorld, world
 from tests.support.lp import wait_for, write_routes
 from tests.support.netns import HOST_V4, ROOT
-from tests.support.nslp import NO_NET_ADMIN
+from tests.support.nslp import NO_NET_ADMIN, READ_ONLY_SYSCTLS
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +102,33 @@ def test_a_thousand_kernel_routes_are_applied_and_scraped_in_under_a_second(
           + ", ".join(f"{s:.3f}s" for s in scrapes))
     assert min(scrapes) < 1.0, scrapes
     assert "route forwarding: kernel (1000 ports)" in lp.log()
+
+
+def test_where_route_localnet_cannot_be_switched_on_the_routes_needing_it_stay_on_the_relay(
+    w: KernelWorld, tmp_path: Path
+) -> None:
+    """labelproxy in a container: /proc/sys is read-only. A loopback backend behind a wildcard
+    bind needs route_localnet for remote clients: relayed, and the reason says what to set;
+    a loopback-only route does not need it and is forwarded."""
+    wide, own = w.serve("tcp", 9801), w.serve("tcp", 9802)
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {
+        "wide": {"scheme": "tcp4", "port": "8801:9801", "host": "127.0.0.1"},
+        "own": {"scheme": "tcp4", "bind": "127.0.0.1", "port": "8802:9802",
+                "host": "127.0.0.1"},
+    })  # fmt: skip
+    before = w.host.call("sysctl", name="net.ipv4.conf.all.route_localnet")
+    lp = w.labelproxy(static(routes), without=READ_ONLY_SYSCTLS)
+    doc = {r["route"]: r for r in lp.routes()["routes"]}
+    assert doc["own"]["forwarding"] == "kernel"
+    assert (doc["wide"]["forwarding"], doc["wide"]["forwarding_reason"]) == (
+        "relay", "remote clients of the loopback backend 127.0.0.1:9801 need "
+        "net.ipv4.conf.all.route_localnet=1, which labelproxy cannot set here "
+        "(Read-only file system)")
+    reply = w.remote.call("connect", host=HOST_V4, port=8801)
+    assert w.remote.call("echo", conn=reply["conn"]) == {"ok": True}
+    reply = w.host.call("connect", host="127.0.0.1", port=8802)
+    assert w.host.call("echo", conn=reply["conn"]) == {"ok": True}
+    assert (w.peers(wide), w.peers(own)) == (["127.0.0.1"], ["127.0.0.1"])
+    assert w.kernel_routes() == ["tcp://127.0.0.1:8802 own"]
+    assert w.host.call("sysctl", name="net.ipv4.conf.all.route_localnet") == before == "0"

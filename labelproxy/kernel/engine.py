@@ -211,6 +211,7 @@ class KernelEngine:
                     wanted[route_identity(spec)] = (spec, verdict)
                 else:
                     refused[spec.key] = verdict.reason
+            self._localnet(wanted, refused)
             slots = {i: slot for i, slot in self._slots.items() if i in wanted}
             draining = dict(self._draining)
             deadline = self.clock() + self.policy.drain_timeout
@@ -237,12 +238,32 @@ class KernelEngine:
             self._verdicts = {identity: verdict for identity, (_, verdict) in wanted.items()}
             return ApplyResult(routes=self._states(), refused=refused)
 
+    def _localnet(self, wanted: dict[str, tuple[RouteSpec, Verdict]],
+                  refused: dict[ListenKey, str]) -> None:
+        """IPv4 routes need route_localnet on (remote clients of a loopback backend, loopback
+        clients of another one): switch it on; where that is not allowed (a container's
+        read-only /proc/sys), such routes are refused with the reason."""
+        ipv4 = [identity for identity, (_, v) in wanted.items() if "ipv4" in v.families]
+        if not ipv4 or host.route_localnet():
+            return
+        try:
+            host.set_route_localnet(True)
+        except OSError as exc:
+            missing = exc.strerror or str(exc)
+        else:
+            self._localnet_owned = True
+            return
+        for identity in ipv4:
+            spec = wanted[identity][0]
+            who = host.localnet_clients(spec)
+            if who is not None:
+                del wanted[identity]
+                refused[spec.key] = (f"{who} need net.ipv4.conf.all.route_localnet=1, which "
+                                     f"labelproxy cannot set here ({missing})")
+
     def _commit(self, routes: dict[str, KernelRoute]) -> None:
         """Program the table for `routes` in one transaction (see `apply`)."""
         guard = any("ipv4" in route.families for route in routes.values())
-        if guard and not host.route_localnet():
-            host.set_route_localnet(True)
-            self._localnet_owned = True
         table = build(routes.values(), policy=self.policy, localnet_guard=guard,
                       localnet_owned=self._localnet_owned, fragments=self._fragments)
         if self._rebuild:

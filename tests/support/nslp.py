@@ -6,7 +6,9 @@ namespace's loopback; the test process is not in that namespace, so /routes and 
 fetched by an agent that is (`tests.support.nsagent`, op `http_get`). Everything else is
 `LabelproxyProcess`: waits with deadlines, stop by PID (SIGTERM), `kill()` (SIGKILL).
 
-`NO_NET_ADMIN` is the `setpriv` prefix that starts it without CAP_NET_ADMIN.
+`NO_NET_ADMIN` is the `setpriv` prefix that starts it without CAP_NET_ADMIN;
+`READ_ONLY_SYSCTLS` starts it in a mount namespace of its own where /proc/sys is read-only,
+as Docker gives it to a container (even with host networking).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from tests.support.lp import LabelproxyProcess
 from tests.support.netns import Agent, Topology
 
 NO_NET_ADMIN = ("setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin")
+READ_ONLY_SYSCTLS = (
+    "unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+    'mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec "$@"', "sh",
+)  # fmt: skip
 
 
 class NsLabelproxy(LabelproxyProcess):
