@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -143,6 +144,15 @@ def test_image_relays_for_a_labelled_container_healthy_and_non_root(
         return str(proxy.attrs["State"]["Health"]["Status"])
 
     settled("docker inspect: healthy", lambda: health() == "healthy")
+    # the image has nft, but its non-root user has no CAP_NET_ADMIN (none was added): every
+    # route on the relay, said once in the log and per route on /routes
+    assert proxy.exec_run(["nft", "--version"]).exit_code == 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/routes", timeout=5) as resp:
+        routes = json.load(resp)["routes"]
+    assert {r["forwarding"] for r in routes} == {"relay"}, routes
+    assert all(r["forwarding_reason"].startswith("nftables unavailable: ") for r in routes)
+    full_log = proxy.logs().decode(errors="replace")
+    assert full_log.count("forwarding: every route on the relay: nftables unavailable") == 1
     uid = proxy.exec_run(["python3", "-c", "import os; print(os.getuid(), os.getgroups())"])
     assert uid.exit_code == 0
     user, groups = uid.output.decode().split(" ", 1)
