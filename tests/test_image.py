@@ -12,10 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,8 +20,9 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.support.baseimage import BaseImageError, ensure_base_image
+from tests.support.baseimage import BaseImageError
 from tests.support.dockerd import PrivateDockerd
+from tests.support.image import build_image
 from tests.support.lp import echo_roundtrip, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,30 +42,9 @@ def image(dockerd: PrivateDockerd, tmp_path_factory: pytest.TempPathFactory) -> 
     """labelproxy's image built on the private engine with the local base and host wheels."""
     dockerd.ensure_running()
     try:
-        base = ensure_base_image(docker_host=dockerd.host)
+        build_image(dockerd, tag=IMAGE, workdir=tmp_path_factory.mktemp("image"))
     except BaseImageError as exc:
         _unavailable(str(exc))
-    ctx = tmp_path_factory.mktemp("image-ctx")
-    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "LICENSE"):
-        if (ROOT / name).exists():
-            shutil.copy2(ROOT / name, ctx / name)
-    shutil.copytree(
-        ROOT / "labelproxy", ctx / "labelproxy",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-    )  # fmt: skip
-    wheels = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(ctx / "wheels"),
-         str(ctx)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert wheels.returncode == 0, wheels.stderr
-    build = subprocess.run(
-        ["docker", "build", "--build-arg", f"BASE_IMAGE={base}", "--build-arg", "VERSION=test",
-         "-t", IMAGE, str(ctx)],
-        env={**dockerd.env, "DOCKER_BUILDKIT": "0"},
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     yield IMAGE
     with contextlib.suppress(Exception):
         dockerd.cli("image", "rm", "-f", IMAGE, check=False)

@@ -7,6 +7,8 @@ removal, a SIGKILL and a restart do to established flows. Never the host's own n
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -14,6 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.baseimage import BaseImageError
+from tests.support.image import build_image
 from tests.support.kernelworld import KernelWorld, world
 from tests.support.lp import wait_for
 from tests.support.netns import CLIENT_V4, HOST_V4, HOST_V6, ROOT
@@ -257,3 +261,54 @@ def test_forwarding_relay_label_keeps_a_route_on_the_relay(w: KernelWorld) -> No
     assert lp.metric("labelproxy_route_info", **ids, scheme="tcp", targets="127.0.0.1:9601",
                      forwarding="relay") == 1
     assert w.kernel_routes() == []
+
+
+def test_the_image_run_as_compose_runs_it_forwards_in_the_kernel(
+    w: KernelWorld, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """compose.yaml's way: uid 0, every capability dropped but NET_ADMIN, read-only, no new
+    privileges, host networking. The kernel forwards a loopback route; a route that remote
+    clients reach on a loopback backend needs route_localnet, which a container cannot set
+    (read-only /proc/sys): it is relayed, and /routes says what to set."""
+    assert w.engine is not None and w.client is not None
+    try:
+        image = build_image(w.engine, tag="labelproxy-test/labelproxy:kernel",
+                            workdir=tmp_path_factory.mktemp("kernel-image"))
+    except BaseImageError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"the image test needs a local base image in CI: {exc}", pytrace=False)
+        pytest.skip(f"cannot make the local base image: {exc}")
+    w.host.call("sysctl", name="net.ipv4.conf.all.route_localnet", value="0")
+    own, wide = w.serve("tcp", 9701), w.serve("tcp", 9702)
+    w.run({"proxy.own.port": "8701:9701", "proxy.own.bind": "127.0.0.1"})
+    w.run({"proxy.wide.port": "8702:9702", "proxy.wide.scheme": "tcp4"})
+    proxy = w.client.containers.run(
+        image, detach=True, network_mode="host", user="0:0", cap_drop=["ALL"],
+        cap_add=["NET_ADMIN"], read_only=True, security_opt=["no-new-privileges:true"],
+        volumes={str(w.engine.socket_path): {"bind": "/var/run/docker.sock", "mode": "ro"}},
+        environment={"LABELPROXY_HTTP_ADDR": "127.0.0.1:9465", "LABELPROXY_DRAIN_TIMEOUT": "1s"},
+    )  # fmt: skip
+
+    def routes() -> dict[str, dict[str, object]] | None:
+        reply = w.host.call("http_get", url="http://127.0.0.1:9465/routes", timeout=2.0)
+        if reply["status"] != 200:
+            return None
+        found = {r["route"]: r for r in json.loads(reply["body"])["routes"]}
+        return found if {"own", "wide"} <= set(found) and all(
+            r["state"] == "up" for r in found.values()) else None  # fmt: skip
+
+    logs = proxy.logs
+    doc = wait_for(routes, timeout=60, what=f"the image's routes\n{logs().decode()[-3000:]}")
+    assert (doc["own"]["forwarding"], doc["own"]["client_address_hidden"]) == ("kernel", False)
+    assert doc["wide"]["forwarding"] == "relay"
+    assert str(doc["wide"]["forwarding_reason"]).endswith(
+        "need net.ipv4.conf.all.route_localnet=1, which labelproxy cannot set here "
+        "(Read-only file system)")
+    connect(w, "127.0.0.1", 8701, local=True)
+    connect(w, HOST_V4, 8702)
+    assert (w.peers(own), w.peers(wide)) == (["127.0.0.1"], ["127.0.0.1"])
+    assert w.kernel_routes() == ["tcp://127.0.0.1:8701 own"]
+    assert "forwarding: nftables usable here" in logs().decode()
+    proxy.stop(timeout=20)
+    assert proxy.wait(timeout=30)["StatusCode"] == 0
+    assert w.kernel_routes() == []  # a clean stop removed the table
