@@ -5,6 +5,7 @@ routes file, inside namespaces the test creates (no Docker engine needed here).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -79,7 +80,7 @@ def test_a_thousand_kernel_routes_are_applied_and_scraped_in_under_a_second(
     write_routes(routes, {"many": {"scheme": "tcp4", "port": "20000-20999:30000-30999",
                                    "host": "127.0.0.1", "max_connections": "100"}})
     began = time.monotonic()
-    lp = w.labelproxy(static(routes, LABELPROXY_LOG_LEVEL="info"))
+    lp = w.labelproxy(static(routes, LABELPROXY_LOG_LEVEL="debug"))
 
     def all_kernel() -> bool:
         doc = lp.routes()["routes"]
@@ -92,16 +93,29 @@ def test_a_thousand_kernel_routes_are_applied_and_scraped_in_under_a_second(
     assert w.remote.call("echo", conn=reply["conn"]) == {"ok": True}
     scrapes = []
     for _ in range(3):
-        start = time.monotonic()
+        start, cpu = time.monotonic(), process_cpu(lp.proc.pid)
         text = lp.metrics()
-        scrapes.append(time.monotonic() - start)
+        scrapes.append((time.monotonic() - start, process_cpu(lp.proc.pid) - cpu))
     samples = [x for x in text.splitlines() if x.startswith("labelproxy_ip_bytes_total{")]
     assert len(samples) == 2000
     assert 'labelproxy_connections_total{listen="tcp://0.0.0.0:20500",route="many"} 1.0' in text
-    print(f"\n1,000 kernel routes: ready (bound, applied) in {ready:.2f}s; /metrics "
-          + ", ".join(f"{s:.3f}s" for s in scrapes))
-    assert min(scrapes) < 1.0, scrapes
-    assert "route forwarding: kernel (1000 ports)" in lp.log()
+    log = lp.log_path.read_text()
+    [(wall, cpu)] = re.findall(r"kernel: 1000 routes forwarded, 0 refused, applied in ([\d.]+) "
+                               r"ms \(CPU ([\d.]+) ms\)", log)
+    print(f"\n1,000 kernel routes: ready (bound, applied) in {ready:.2f}s, the apply {wall} ms "
+          f"wall / {cpu} ms CPU; /metrics " + ", ".join(f"{w:.3f}s wall / {c:.3f}s CPU"
+                                                        for w, c in scrapes))
+    # CPU time (labelproxy's and the nft it ran): wall time on a shared machine measures its load
+    assert float(cpu) < 1000, (wall, cpu)
+    assert min(c for _, c in scrapes) < 1.0, scrapes
+    assert "route forwarding: kernel (1000 ports)" in log
+
+
+def process_cpu(pid: int) -> float:
+    """utime + stime of `pid` and of its waited-for children (the `nft` it ran), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def test_where_route_localnet_cannot_be_switched_on_the_routes_needing_it_stay_on_the_relay(

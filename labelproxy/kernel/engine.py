@@ -52,7 +52,7 @@ from labelproxy.kernel.model import (
     route_identity,
 )
 from labelproxy.kernel.nft import Nft
-from labelproxy.kernel.routerules import Fragment, chain_digest
+from labelproxy.kernel.routerules import COUNTED_SETS, Fragment, chain_digest
 from labelproxy.kernel.ruleset import build
 from labelproxy.kernel.transaction import delete_table, transaction
 from labelproxy.spec import EdgePolicy, ListenKey, RouteSpec
@@ -299,7 +299,7 @@ class KernelEngine:
         `connections` and the rejections count flows (their first packet)."""
         with self._lock:
             routes = list(self._routes.values())
-        counted = self.nft.counted()
+        counted = self.nft.counted(COUNTED_SETS)
         active = conntrack.active_by_slot()
         traffic, zero = counted.get("traffic", {}), (0, 0)
 
