@@ -32,60 +32,26 @@ import logging
 import resource
 import time
 from collections.abc import Collection, Container, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import anyio.to_thread
 
-from labelproxy.kernel.engine import ApplyResult, KernelEngine, RouteCounters, RouteState
+from labelproxy.kernel.engine import ApplyResult, KernelEngine, RouteCounters
 from labelproxy.routelog import log_runs
+from labelproxy.routepath import NOT_BOUND, RoutePath, kernel_path, with_kernel_counters
 from labelproxy.settings import Forwarding as ForwardingMode
 from labelproxy.spec import EdgePolicy, ListenKey, RouteSpec
 
 logger = logging.getLogger(__name__)
 
-Path = Literal["kernel", "relay"]
 CUT_RETRY = 5.0  # after a failed conntrack cut
 ROUTES_COUNTERS_AGE = 1.0  # /routes asks for a fresh kernel reading when its own is older
 DRAIN_POLL = 0.25  # shutdown: how often the remaining forwarded flows are counted
-NOT_BOUND = "its listen socket is not bound: the kernel only forwards ports labelproxy holds"
 
 
 class KernelUnavailableError(Exception):
     """`LABELPROXY_FORWARDING=kernel` and nftables cannot be used here (one line)."""
-
-
-@dataclass(frozen=True, slots=True)
-class RoutePath:
-    """Which path carries a route, and why not the kernel when it is the relay."""
-
-    forwarding: Path
-    reason: str = ""
-    client_address_hidden: bool = False
-    families: tuple[str, ...] = ()
-    uncovered: tuple[str, ...] = ()
-    mark: int | None = None
-
-    def document(self) -> dict[str, Any]:
-        """The route's fields on /routes."""
-        doc: dict[str, Any] = {
-            "forwarding": self.forwarding,
-            "forwarding_reason": self.reason,
-            "client_address_hidden": self.client_address_hidden,
-        }
-        if self.forwarding == "kernel":
-            doc["kernel"] = {"families": list(self.families), "uncovered": list(self.uncovered),
-                             "mark": f"{self.mark:#010x}" if self.mark is not None else None}
-        return doc
-
-    def describe(self) -> str:
-        """The log line's message."""
-        if self.forwarding == "relay":
-            return f"route forwarding: relay ({self.reason})"
-        hidden = " (client address hidden: the upstream sees this host)"
-        rest = f"; {'/'.join(self.uncovered)} clients on the relay" if self.uncovered else ""
-        return f"route forwarding: kernel{hidden if self.client_address_hidden else ''}{rest}"
 
 
 def _timed_apply(engine: KernelEngine, specs: list[RouteSpec]) -> tuple[ApplyResult, float]:
@@ -98,11 +64,6 @@ def _timed_apply(engine: KernelEngine, specs: list[RouteSpec]) -> tuple[ApplyRes
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def kernel_path(state: RouteState) -> RoutePath:
-    return RoutePath("kernel", "", state.client_address_hidden, tuple(state.families),
-                     tuple(state.uncovered), state.mark)
 
 
 class Forwarding:
@@ -161,10 +122,6 @@ class Forwarding:
             await anyio.to_thread.run_sync(self.engine.start)
         except Exception as exc:  # nft or conntrack refused: as unusable as a failed probe
             self._disable(f"cannot read labelproxy's nftables table: {exc}")
-
-    @property
-    def active(self) -> bool:
-        return self.engine is not None
 
     # -- each pass -----------------------------------------------------------------------
     async def apply(self, desired: Mapping[ListenKey, RouteSpec],
@@ -275,18 +232,8 @@ class Forwarding:
         k = self._counters.get(str(key))
         if k is None:
             return doc
-        merged = dict(counters)
-        if key.transport == "udp":
-            merged["udp_sessions_active"] = merged.get("udp_sessions_active", 0) + k.active
-        else:
-            merged["connections_active"] = merged.get("connections_active", 0) + k.active
-            merged["connections_total"] = merged.get("connections_total", 0) + k.connections
-            merged["rejected"] = {reason: n + k.rejected.get(reason, 0)
-                                  for reason, n in dict(merged.get("rejected", {})).items()}
-        merged.update(ip_bytes_in=k.bytes_in, ip_bytes_out=k.bytes_out,
-                      ip_packets_in=k.packets_in, ip_packets_out=k.packets_out,
-                      kernel_counters_age=round(age, 3))
-        doc["counters"] = merged
+        doc["counters"] = with_kernel_counters(counters, k, udp=key.transport == "udp",
+                                               age=age)
         return doc
 
     # -- background: drain deadlines, /routes counters ----------------------------------------
