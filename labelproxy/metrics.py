@@ -332,13 +332,13 @@ class _LiveCollector(Collector):
         def histogram(name: str, doc: str) -> HistogramMetricFamily:
             return HistogramMetricFamily(PREFIX + name, doc, labels=ROUTE_LABELS)
 
-        conns = counter("connections", "TCP connections accepted and relayed or forwarded.")
+        conns = counter("connections", "TCP connections accepted and relayed.")
         active = gauge("connections_active", "TCP connections open now.")
         rejected = counter("connections_rejected", "TCP connections refused, by reason.", "reason")
-        dial_err = counter("upstream_dial_errors", "Failed upstream dials (relay).")
+        dial_err = counter("upstream_dial_errors", "Failed upstream dials.")
         nbytes = counter(
-            "bytes", "Payload bytes relayed; in = client to upstream, out = upstream to client "
-            "(relay; kernel routes: see ip_bytes).", "direction",
+            "bytes", "Bytes relayed; in = client to upstream, out = upstream to client.",
+            "direction",
         )  # fmt: skip
         ip_bytes = counter(
             "ip_bytes", "IP bytes (headers included) the kernel forwarded for a kernel route; "
@@ -349,14 +349,13 @@ class _LiveCollector(Collector):
             "direction",
         )  # fmt: skip
         sessions = gauge("udp_sessions_active", "UDP sessions open now.")
-        dgrams = counter("udp_datagrams", "UDP datagrams relayed or forwarded.", "direction")
+        dgrams = counter("udp_datagrams", "UDP datagrams relayed.", "direction")
         dropped = counter("udp_datagrams_dropped", "UDP datagrams dropped, by reason.", "reason")
         dial = histogram(
-            "upstream_dial_duration_seconds", "Time to connect to an upstream backend (relay)."
+            "upstream_dial_duration_seconds", "Time to connect to an upstream backend."
         )
         duration = histogram(
-            "connection_duration_seconds",
-            "Lifetime of a relayed TCP connection or UDP session (relay).",
+            "connection_duration_seconds", "Lifetime of a relayed TCP connection or UDP session."
         )
         for c in routes:
             ids = [c.route, c.listen]
