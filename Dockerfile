@@ -21,6 +21,19 @@
 #   compose: group_add: ["${DOCKER_GID}"]  with DOCKER_GID=$(stat -c %g /var/run/docker.sock)
 # Or give it no socket at all and point LABELPROXY_DOCKER_HOST at a docker-socket-proxy
 # (deploy/compose.socket-proxy.yaml).
+#
+# Kernel fast path (LABELPROXY_FORWARDING=auto, the default): routes the kernel can carry are
+# forwarded by nftables (the image has `nft`), which needs CAP_NET_ADMIN in the host's network
+# namespace: host networking and --cap-add NET_ADMIN. Docker hands an added capability only to
+# root in the container (a non-root user gets none of it), so run it as uid 0 with every other
+# capability dropped:
+#   docker run -d --network host --user 0:0 --cap-drop ALL --cap-add NET_ADMIN \
+#     -v /var/run/docker.sock:/var/run/docker.sock:ro labelproxy:local
+# Without it every route is relayed, and the log says so once ("forwarding: every route on the
+# relay: nftables unavailable: ... Operation not permitted"). /proc/sys is read-only in a
+# container: routes with a loopback backend that remote clients reach (host-network
+# containers) need net.ipv4.conf.all.route_localnet=1, set on the host, to be forwarded by the
+# kernel; without it they stay on the relay, and /routes says why.
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS builder
@@ -48,6 +61,12 @@ LABEL org.opencontainers.image.title="labelproxy" \
       org.opencontainers.image.source="${SOURCE}" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.version="${VERSION}"
+# nftables (`nft`) for the kernel fast path; a base that has it (the tests' offline base) skips apt
+RUN if ! command -v nft >/dev/null 2>&1; then \
+        apt-get update && apt-get install -y --no-install-recommends nftables \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi; \
+    nft --version
 RUN groupadd --system --gid 10001 labelproxy \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin labelproxy

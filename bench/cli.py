@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from bench import convergence, pyspy
+from bench import convergence, netns, pyspy
 from bench.measure import Env, Plan
 from bench.procs import BenchError, Children, free_port, raise_nofile_limit
 from bench.report import SECTION_KEYS, Results, render_markdown, to_json
@@ -28,6 +28,7 @@ from bench.run import observed_threads, restart_target, run_data_plane, start_ta
 from bench.targets import (
     ALL_TARGETS,
     DEFAULT_TARGETS,
+    KERNEL_TARGET,
     StartContext,
     default_labelproxy_cmd,
 )
@@ -89,6 +90,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="record labelproxy with py-spy during each data-plane measurement "
         "and write profile-<section>.md to --out (needs py-spy)",
     )
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="run every target inside a fresh network namespace of the bench's own (needed "
+        "by labelproxy-kernel, which programs nftables; the convergence section is skipped)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     unknown = [s for s in args.only + args.skip if s not in SECTION_KEYS]
@@ -97,6 +104,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"unknown section or target: {', '.join(unknown)}")
     if args.profile and pyspy.PROFILED_TARGET not in args.targets:
         parser.error(f"--profile records {pyspy.PROFILED_TARGET}: add it to --targets")
+    if KERNEL_TARGET in args.targets and not args.netns:
+        parser.error(f"{KERNEL_TARGET} programs nftables, never in the host's network "
+                     "namespace: add --netns (the whole bench then runs in one of its own)")
     return args
 
 
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("--profile needs py-spy, which was not found: %s", pyspy.INSTALL_HINT)
         return 2
     sections = [s for s in SECTION_KEYS if s in args.only and s not in args.skip]
-    if args.skip_docker and "convergence" in sections:
+    if (args.skip_docker or args.netns) and "convergence" in sections:
         sections.remove("convergence")
     targets = [t for t in ALL_TARGETS if t in args.targets]
     plan = make_plan(args)
@@ -144,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise BenchError(f"missing programs from Debian packages: {', '.join(missing)}")
         tools = build_tools(cache_dir=default_cache_dir())
+        if args.netns and not netns.inside():
+            return netns.reexec(list(sys.argv[1:] if argv is None else argv), repo=REPO)
     except BenchError as exc:
         logger.error("%s", exc)
         return 2

@@ -16,6 +16,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 PEERS = ("haproxy", "nginx", "socat")
+KERNEL = "labelproxy-kernel"  # labelproxy with nftables forwarding (bench --netns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,14 +203,22 @@ def render_metric(metric: Metric, results: Results) -> list[str]:
 
 def render_summary(results: Results, sections: list[str]) -> list[str]:
     """One row per measurement: each target's median, then labelproxy's ratio to HAProxy
-    and to the best peer (the table the README's Performance section shows)."""
+    and to the best peer (the table the README's Performance section shows). With the
+    `labelproxy-kernel` target, the ratios of both labelproxy paths to direct and to the
+    best peer instead."""
     names = {"direct": "direct", "haproxy": "HAProxy", "nginx": "nginx", "socat": "socat"}
     targets = results.targets
+    ours_all = [t for t in ("labelproxy", KERNEL) if t in targets]
+    with_kernel = KERNEL in targets
+    ratio_titles = (
+        ["relay vs direct", "kernel vs direct", "relay vs best peer", "kernel vs best peer"]
+        if with_kernel else ["vs HAProxy", "vs best peer"]
+    )  # fmt: skip
     out = [
         "| measurement | "
         + " | ".join(names.get(t, t) for t in targets)
-        + " | vs HAProxy | vs best peer |",
-        "|---|" + "---:|" * (len(targets) + 2),
+        + " | " + " | ".join(ratio_titles) + " |",
+        "|---|" + "---:|" * (len(targets) + len(ratio_titles)),
     ]
     for section in SECTIONS:
         if section.key not in sections or section.key == "convergence":
@@ -217,22 +226,30 @@ def render_summary(results: Results, sections: list[str]) -> list[str]:
         for metric in section.metrics:
             by_target = results.samples.get(metric.key, {})
             medians = {t: statistics.median(v) for t, v in by_target.items() if v}
-            if "labelproxy" not in medians:
+            if not any(t in medians for t in ours_all):
                 continue
             pick = max if metric.higher_is_better else min
             peers = [medians[p] for p in PEERS if p in medians]
-            ours = medians["labelproxy"]
+            best = pick(peers) if peers else None
             cells = [
-                (f"**{fmt(medians[t])}**" if t == "labelproxy" else fmt(medians[t]))
+                (f"**{fmt(medians[t])}**" if t in ours_all else fmt(medians[t]))
                 if t in medians
                 else "n/a"
                 for t in targets
             ]
             direction = "higher is better" if metric.higher_is_better else "lower is better"
             title = f"{section.title.split(' (')[0]}: {metric.title} ({metric.unit}, {direction})"
-            vs_haproxy = _ratio(ours, medians.get("haproxy"))
-            vs_best = _ratio(ours, pick(peers) if peers else None)
-            out.append(f"| {title} | " + " | ".join(cells) + f" | {vs_haproxy} | {vs_best} |")
+            def ratio(target: str, reference: float | None,
+                      medians: dict[str, float] = medians) -> str:
+                return _ratio(medians[target], reference) if target in medians else "n/a"
+
+            if with_kernel:
+                direct = medians.get("direct")
+                ratios = [ratio("labelproxy", direct), ratio(KERNEL, direct),
+                          ratio("labelproxy", best), ratio(KERNEL, best)]
+            else:
+                ratios = [ratio("labelproxy", medians.get("haproxy")), ratio("labelproxy", best)]
+            out.append(f"| {title} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     return [*out, ""]
 
 

@@ -1,5 +1,7 @@
 """The targets the same load runs through: direct, HAProxy, nginx stream, socat, labelproxy,
-and on request the reference floor `pyfloor` (a bare CPython relay, `bench/tools/pyfloor.py`).
+and on request the reference floor `pyfloor` (a bare CPython relay, `bench/tools/pyfloor.py`)
+and `labelproxy-kernel` (labelproxy with `LABELPROXY_FORWARDING=kernel`: nftables forwards
+its routes; only in a bench started with `--netns`, see `bench/netns.py`).
 
 Each `start_*` writes the target's configuration into the work directory, starts it as a child
 of the bench, listening on 127.0.0.1 only, with one listen port per route, and returns a
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import netns
 from bench.procs import (
     BenchError,
     Children,
@@ -35,8 +38,9 @@ logger = logging.getLogger(__name__)
 
 PEERS = ("haproxy", "nginx", "socat")
 DEFAULT_TARGETS = ("direct", "haproxy", "nginx", "socat", "labelproxy")
+KERNEL_TARGET = "labelproxy-kernel"
 # run only when named in --targets; never a peer ("vs best peer" compares with PEERS only)
-REFERENCE_TARGETS = ("pyfloor",)
+REFERENCE_TARGETS = ("pyfloor", KERNEL_TARGET)
 ALL_TARGETS = DEFAULT_TARGETS + REFERENCE_TARGETS
 PYFLOOR = Path(__file__).resolve().parent / "tools" / "pyfloor.py"
 START_TIMEOUT = 30.0
@@ -196,6 +200,8 @@ def labelproxy_env(*, routes_file: Path | None, http_port: int, docker_host: str
         LABELPROXY_HTTP_ADDR=f"127.0.0.1:{http_port}",
         LABELPROXY_ALLOW="0.0.0.0/0,::/0",
         LABELPROXY_LOG_LEVEL="warning",
+        # the relay target relays; the kernel target (own namespace only) says so itself
+        LABELPROXY_FORWARDING="relay",
     )
     if routes_file is not None:
         env["LABELPROXY_ROUTES_FILE"] = str(routes_file)
@@ -223,29 +229,41 @@ def wait_ready_endpoint(http_port: int, *, deadline: float, alive: Callable[[], 
         time.sleep(0.02)
 
 
-def start_labelproxy(ctx: StartContext) -> Target:
+def start_labelproxy(ctx: StartContext, *, kernel: bool = False) -> Target:
+    name = KERNEL_TARGET if kernel else "labelproxy"
+    if kernel and not netns.inside():
+        raise BenchError(f"{name} programs nftables: run the bench with --netns")
     ports = _listen_ports()
-    routes_file = ctx.workdir / "labelproxy-routes.yaml"
+    routes_file = ctx.workdir / f"{name}-routes.yaml"
     routes_file.write_text(labelproxy_routes_yaml(ports=ports, upstream=ctx.upstream))
     http_port = free_port()
     env = labelproxy_env(routes_file=routes_file, http_port=http_port, docker_host="none")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ctx.repo), env.get("PYTHONPATH")]))
-    proc = ctx.children.start(ctx.labelproxy_cmd, name="labelproxy", env=env, cwd=ctx.repo)
+    if kernel:
+        env["LABELPROXY_FORWARDING"] = "kernel"
+    proc = ctx.children.start(ctx.labelproxy_cmd, name=name, env=env, cwd=ctx.repo)
     deadline = time.monotonic() + START_TIMEOUT
     try:
         wait_ready_endpoint(http_port, deadline=deadline, alive=lambda: proc.poll() is None)
     except BenchError as exc:
-        raise BenchError(f"{exc}; log: {ctx.children.log_tail('labelproxy')}") from None
+        raise BenchError(f"{exc}; log: {ctx.children.log_tail(name)}") from None
     status, body = http_get(http_port, "/routes")
-    logger.debug("labelproxy /routes %s: %s", status, body[:500])
-    target = Target(
-        name="labelproxy",
-        ports=ports,
-        roots=[proc.pid],
-        note="run as a user runs it (python -m labelproxy, a routes file); metrics and an "
-        "allow-all ACL on",
-    )
-    return _wait_ready(ctx, target, "labelproxy")
+    logger.debug("%s /routes %s: %s", name, status, body[:500])
+    note = ("run as a user runs it (python -m labelproxy, a routes file); metrics and an "
+            "allow-all ACL on")
+    if kernel:
+        paths = {r.get("forwarding") for r in json.loads(body or b"{}").get("routes", [])}
+        if paths != {"kernel"}:
+            raise BenchError(f"{name}: routes not all forwarded by the kernel ({body[:300]!r})")
+        note = ("the same, with LABELPROXY_FORWARDING=kernel: nftables forwards every route "
+                "(NAT and conntrack in the kernel, counted in no process: its CPU figures are "
+                "labelproxy's own, about nothing)")
+    target = Target(name=name, ports=ports, roots=[proc.pid], note=note)
+    return _wait_ready(ctx, target, name)
+
+
+def start_labelproxy_kernel(ctx: StartContext) -> Target:
+    return start_labelproxy(ctx, kernel=True)
 
 
 def start_pyfloor(ctx: StartContext) -> Target:
@@ -270,6 +288,7 @@ STARTERS: dict[str, Callable[[StartContext], Target]] = {
     "socat": start_socat,
     "labelproxy": start_labelproxy,
     "pyfloor": start_pyfloor,
+    KERNEL_TARGET: start_labelproxy_kernel,
 }
 
 

@@ -4,7 +4,9 @@ Two subjects: the running containers of a Docker engine (listed with docker-py a
 views by `discovery.list_once`), or a compose file (`compose.load_compose`, read as Compose
 reads it). Either way the views go through the same `snapshot.build_desired` the proxy uses, so
 what `check` prints is what labelproxy would serve: the routes table (listen, scheme, alias,
-targets, source) and every problem (container or service, label, value, what was expected).
+targets, source, forwarding) and every problem (container or service, label, value, what was
+expected). FORWARDING says which path a route takes where labelproxy may program nftables
+(`kernel`), or `relay` and why (its `forwarding` field, or an option only the relay has).
 
 Beside the problems, `check` warns about Docker traps that are not label errors:
 - a listen port already taken on this host (compose files only: a bind attempt on the route's
@@ -41,9 +43,10 @@ from typing import TextIO
 from labelproxy.compose import ComposeError, ComposeProject, load_compose, views_of
 from labelproxy.composeorder import settle
 from labelproxy.containers import ContainerView, DiscoveryContext
+from labelproxy.kernel.eligible import eligible
 from labelproxy.labels import declare_container
 from labelproxy.snapshot import build_desired
-from labelproxy.spec import DesiredState, ListenKey, Problem
+from labelproxy.spec import DesiredState, EdgePolicy, ListenKey, Problem, RouteSpec
 
 logger = logging.getLogger(__name__)
 
@@ -239,22 +242,30 @@ def _network_warnings(
                 )  # fmt: skip
 
 
+def forwarding_of(spec: RouteSpec) -> str:
+    """`kernel`, or `relay: <why>`: the path a route takes where nftables is usable."""
+    verdict = eligible(spec, policy=EdgePolicy())
+    return "kernel" if verdict.kernel else f"relay: {verdict.reason}"
+
+
 def render(result: CheckResult) -> str:
     """The report: routes table, problems, warnings and a one-line summary."""
     lines = [f"labelproxy check: {result.subject}", ""]
-    rows = [("LISTEN", "SCHEME", "ALIAS", "TARGETS", "SOURCE")]
+    rows = [("LISTEN", "SCHEME", "ALIAS", "TARGETS", "SOURCE", "FORWARDING")]
     for key in sorted(result.state.routes):
         spec = result.state.routes[key]
         targets = ",".join(str(b) for b in spec.backends) or "(no ready backend)"
         source = spec.source.removeprefix("compose:").removeprefix("swarm:")
         if key in result.undecided:
             source += f" (or {', '.join(result.undecided[key])}: whichever is created first)"
-        rows.append((str(key), spec.scheme, spec.alias, targets, source))
+        rows.append((str(key), spec.scheme, spec.alias, targets, source, forwarding_of(spec)))
     if len(rows) > 1:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines.extend(
             "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
         )
+        lines.append("(FORWARDING kernel: where labelproxy may program nftables, see "
+                     "LABELPROXY_FORWARDING; the relay otherwise)")
     else:
         lines.append("no routes")
     if result.problems:

@@ -64,7 +64,10 @@ def _base_url(settings: Settings) -> str:
 
 def format_routes(doc: dict[str, Any]) -> str:
     """Render a /routes document as an aligned text table plus its problems."""
-    rows = [("ROUTE", "LISTEN", "SCHEME", "STATE", "BACKENDS", "ACTIVE", "IN", "OUT")]
+    rows = [("ROUTE", "LISTEN", "SCHEME", "STATE", "FORWARDING", "BACKENDS", "ACTIVE", "IN",
+             "OUT")]
+    why_relay: dict[str, list[str]] = {}
+    kernel_routes = 0
     for r in doc.get("routes", []):
         counters = r.get("counters", {})
         active = counters.get("connections_active", 0) + counters.get("udp_sessions_active", 0)
@@ -72,21 +75,42 @@ def format_routes(doc: dict[str, Any]) -> str:
             b["address"] + (f"({b['container']})" if b.get("container") else "")
             for b in r.get("backends", [])
         )
+        forwarding = r.get("forwarding", "relay")
+        flow_in, flow_out = counters.get("bytes_in", 0), counters.get("bytes_out", 0)
+        if forwarding == "kernel":
+            kernel_routes += 1
+            flow_in = counters.get("ip_bytes_in", 0)
+            flow_out = counters.get("ip_bytes_out", 0)
+            if r.get("client_address_hidden"):
+                forwarding += " (masq)"
+        elif r.get("forwarding_reason"):
+            why_relay.setdefault(r["forwarding_reason"], []).append(r["route"])
         rows.append(
             (
                 r["route"],
                 r["listen"],
                 r["scheme"],
                 r["state"],
+                forwarding,
                 backends or "-",
                 str(active),
-                str(counters.get("bytes_in", 0)),
-                str(counters.get("bytes_out", 0)),
+                str(flow_in),
+                str(flow_out),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
              for row in rows]
+    if kernel_routes:
+        lines.append("(kernel routes: IN/OUT are IP bytes, headers included; masq: the "
+                     "upstream sees this host, not the client)")
+    if why_relay:
+        lines.append("")
+        lines.append("ON THE RELAY")
+        for reason, names in why_relay.items():
+            shown = ", ".join(sorted(set(names))[:5])
+            more = len(set(names)) - 5
+            lines.append(f"  {reason}: {shown}" + (f" and {more} more" if more > 0 else ""))
     problems = doc.get("problems", [])
     if problems:
         lines.append("")

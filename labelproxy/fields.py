@@ -1,7 +1,8 @@
 """The syntax of a route's fields, shared by container labels and the routes file.
 
 `parse_route_fields` validates one route's `field -> text` mapping (port, scheme, bind, host,
-proxy_protocol, allow, deny, max_connections, idle_timeout, connect_timeout, load_balance) into
+proxy_protocol, allow, deny, max_connections, idle_timeout, connect_timeout, load_balance,
+forwarding) into
 a `RouteFields`, or returns the problems, each naming the label (via `label_of`), the value and
 what was expected. Any bad or unknown field fails the route: serving it with the field dropped
 could silently widen access (`allow`) or change its meaning. Defaults that depend on the
@@ -19,10 +20,12 @@ from typing import Literal, TypeVar
 
 from labelproxy.spec import (
     LOAD_BALANCERS,
+    ROUTE_FORWARDINGS,
     SCHEMES,
     LoadBalance,
     Problem,
     ProxyProtocolVersion,
+    RouteForwarding,
     RouteOptions,
     Scheme,
     family_of,
@@ -34,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 FIELDS = (
     "port", "scheme", "bind", "host", "proxy_protocol", "allow", "deny", "max_connections",
-    "idle_timeout", "connect_timeout", "load_balance",
+    "idle_timeout", "connect_timeout", "load_balance", "forwarding",
 )  # fmt: skip
 HTTP_SCHEMES = frozenset({"http", "https", "h2c", "fileserver"})
 # An alias is a label value of every per-route series and a word in every log line about it:
@@ -116,6 +119,7 @@ def parse_route_fields(
         idle_timeout=take("idle_timeout", parse_positive_duration),
         connect_timeout=take("connect_timeout", parse_positive_duration),
         load_balance=take("load_balance", parse_load_balance) or "round_robin",
+        forwarding=take("forwarding", parse_forwarding) or "auto",
     )
     if problems or ports is None:
         return None, tuple(problems)
@@ -260,6 +264,20 @@ def parse_load_balance(text: str) -> LoadBalance:
         if policy == value:
             return policy
     raise ValueError(f"expected one of {', '.join(LOAD_BALANCERS)}")
+
+
+def parse_forwarding(text: str) -> RouteForwarding:
+    """`auto` (the kernel where it can carry the route, else the relay) or `relay`."""
+    value = text.strip().lower()
+    for choice in ROUTE_FORWARDINGS:
+        if choice == value:
+            return choice
+    if value == "kernel":
+        raise ValueError(
+            "expected auto or relay (kernel is not a per-route choice: auto uses it wherever "
+            "it can carry the route; LABELPROXY_FORWARDING=kernel makes it required)"
+        )
+    raise ValueError(f"expected one of {', '.join(ROUTE_FORWARDINGS)}")
 
 
 def parse_bool(text: str) -> bool:

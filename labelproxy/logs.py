@@ -81,6 +81,7 @@ def configure_logging(*, level: str, fmt: str, stream: TextIO | None = None) -> 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # docker-py's HTTP stack is chatty at DEBUG; keep it at WARNING unless asked otherwise.
-    for noisy in ("urllib3", "docker"):
+    # docker-py's HTTP stack and pyroute2's netlink (conntrack, route lookups of the kernel
+    # path: a line per message) are chatty at DEBUG; keep them at WARNING.
+    for noisy in ("urllib3", "docker", "pyroute2"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

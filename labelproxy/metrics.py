@@ -14,14 +14,25 @@ Current-state gauges (route_info, route_up, route_errors, active connections and
 come from a `StateProvider` the runtime installs: read from live state, they cannot drift.
 Label values are route aliases (at most 64 characters of `[A-Za-z0-9_.-]`, see `fields`),
 listen keys and fixed reason words, never client addresses.
+
+Routes the kernel forwards (`RouteState.forwarding == "kernel"`) are counted by nftables and
+conntrack: a `KernelReader` the runtime installs is called at scrape time, on the thread that
+writes the exposition (never the event loop), once per scrape and only when some route is a
+kernel route. Their connection, session, datagram and rejection series add the kernel's
+counts to the relay's (which carries what the kernel does not: see `labelproxy.kernel`);
+`ip_bytes_total` and `ip_packets_total` are theirs alone (IP packets, headers included); the
+series only the relay can measure (payload `bytes_total`, dial errors and latency,
+connection durations) are absent. When the kernel cannot be read, a kernel route's counter
+series are left out of that scrape rather than shown without the kernel's share.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
@@ -34,6 +45,8 @@ from prometheus_client.registry import Collector
 
 from labelproxy.histogram import PlainHistogram, le_labels
 from labelproxy.spec import ListenKey, Transport
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "labelproxy_"
 Direction = Literal["in", "out"]
@@ -106,6 +119,7 @@ class RouteState:
     targets: str
     up: bool
     limit: int | None = None
+    forwarding: str = "relay"  # "kernel" when nftables forwards the route
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +134,30 @@ class StateSnapshot:
 StateProvider = Callable[[], StateSnapshot]
 
 
+class KernelCounts(Protocol):
+    """One kernel route's counters (`labelproxy.kernel.engine.RouteCounters`): flows seen
+    (`connections`) and live (`active`), IP packets and bytes each way, refusals by reason."""
+
+    @property
+    def connections(self) -> int: ...
+    @property
+    def active(self) -> int: ...
+    @property
+    def packets_in(self) -> int: ...
+    @property
+    def bytes_in(self) -> int: ...
+    @property
+    def packets_out(self) -> int: ...
+    @property
+    def bytes_out(self) -> int: ...
+    @property
+    def rejected(self) -> Mapping[str, int]: ...
+
+
+# listen keys (as text) of the kernel routes -> their counters, read now; blocking
+KernelReader = Callable[[Collection[str]], Mapping[str, KernelCounts]]
+
+
 class Metrics:
     """All of labelproxy's metrics, in a private registry."""
 
@@ -128,6 +166,7 @@ class Metrics:
         self._routes: dict[ListenKey, RouteCounters] = {}
         self._state: StateProvider = StateSnapshot
         self._pinned: StateSnapshot | None = None  # the snapshot of the render in progress
+        self._kernel_reader: KernelReader | None = None
         self._render_lock = threading.Lock()
         self.reconcile_total = Counter(
             PREFIX + "reconcile",
@@ -183,6 +222,23 @@ class Metrics:
     def set_state_provider(self, provider: StateProvider) -> None:
         self._state = provider
 
+    def set_kernel_reader(self, reader: KernelReader) -> None:
+        """Where scrapes read the counters of the routes the kernel forwards (blocking)."""
+        self._kernel_reader = reader
+
+    def read_kernel(self, listens: Collection[str]) -> Mapping[str, KernelCounts] | None:
+        """The kernel counters of the routes on `listens` ({} when there are none), or None
+        when they cannot be read now (logged)."""
+        reader = self._kernel_reader
+        if not listens or reader is None:
+            return {}
+        try:
+            return reader(listens)
+        except Exception as exc:  # a scrape must not fail for it: the series are left out
+            logger.error("cannot read the kernel's counters: %s", exc,
+                         extra={"action": "metrics"})
+            return None
+
     def state(self) -> StateSnapshot:
         return self._state()
 
@@ -218,13 +274,15 @@ class _LiveCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         state = self._metrics._render_state()
         yield from self._state_families(state)
-        yield from self._counter_families(self._metrics.all_routes())
+        kernel_routes = {r.listen for r in state.routes if r.forwarding == "kernel"}
+        kernel = self._metrics.read_kernel(kernel_routes)
+        yield from self._counter_families(self._metrics.all_routes(), kernel_routes, kernel)
 
     def _state_families(self, state: StateSnapshot) -> Iterator[Metric]:
         info = GaugeMetricFamily(
             PREFIX + "route_info",
-            "Configured routes (value 1).",
-            labels=["route", "scheme", "listen", "targets"],
+            "Configured routes (value 1); forwarding is kernel (nftables) or relay.",
+            labels=["route", "scheme", "listen", "targets", "forwarding"],
         )
         up = GaugeMetricFamily(
             PREFIX + "route_up", "1 when the route's listener is bound.", labels=ROUTE_LABELS
@@ -235,7 +293,7 @@ class _LiveCollector(Collector):
             labels=ROUTE_LABELS,
         )
         for r in state.routes:
-            info.add_metric([r.route, r.scheme, r.listen, r.targets], 1)
+            info.add_metric([r.route, r.scheme, r.listen, r.targets, r.forwarding], 1)
             up.add_metric([r.route, r.listen], 1 if r.up else 0)
             if r.limit is not None:
                 limit.add_metric([r.route, r.listen], r.limit)
@@ -256,8 +314,14 @@ class _LiveCollector(Collector):
         connected.add_metric([], 1 if state.docker_connected else 0)
         yield from (info, up, limit, errors, connected)
 
-    def _counter_families(self, routes: Iterable[RouteCounters]) -> Iterator[Metric]:
-        """The data plane's counters, each route exporting the families of its transport."""
+    def _counter_families(
+        self,
+        routes: Iterable[RouteCounters],
+        kernel_routes: Collection[str] = (),
+        kernel: Mapping[str, KernelCounts] | None = None,
+    ) -> Iterator[Metric]:
+        """The data plane's counters, each route exporting the families of its transport;
+        a kernel route (`kernel_routes`) adds the kernel's counts (see the module doc)."""
 
         def counter(name: str, doc: str, *extra: str) -> CounterMetricFamily:
             return CounterMetricFamily(PREFIX + name, doc, labels=[*ROUTE_LABELS, *extra])
@@ -276,6 +340,14 @@ class _LiveCollector(Collector):
             "bytes", "Bytes relayed; in = client to upstream, out = upstream to client.",
             "direction",
         )  # fmt: skip
+        ip_bytes = counter(
+            "ip_bytes", "IP bytes (headers included) the kernel forwarded for a kernel route; "
+            "in = client to upstream, out = upstream to client.", "direction",
+        )  # fmt: skip
+        ip_packets = counter(
+            "ip_packets", "IP packets the kernel forwarded for a kernel route, by direction.",
+            "direction",
+        )  # fmt: skip
         sessions = gauge("udp_sessions_active", "UDP sessions open now.")
         dgrams = counter("udp_datagrams", "UDP datagrams relayed.", "direction")
         dropped = counter("udp_datagrams_dropped", "UDP datagrams dropped, by reason.", "reason")
@@ -287,6 +359,26 @@ class _LiveCollector(Collector):
         )
         for c in routes:
             ids = [c.route, c.listen]
+            if c.listen in kernel_routes:
+                k = kernel.get(c.listen) if kernel is not None else None
+                if k is None:  # the kernel could not be read, or has no such route yet
+                    continue
+                for way, octets, packets in (("in", k.bytes_in, k.packets_in),
+                                             ("out", k.bytes_out, k.packets_out)):
+                    ip_bytes.add_metric([*ids, way], octets)
+                    ip_packets.add_metric([*ids, way], packets)
+                if c.transport == "udp":
+                    sessions.add_metric(ids, c.udp_sessions_active + k.active)
+                    dgrams.add_metric([*ids, "in"], c.udp_datagrams_in + k.packets_in)
+                    dgrams.add_metric([*ids, "out"], c.udp_datagrams_out + k.packets_out)
+                    for reason, n in c.udp_dropped.items():
+                        dropped.add_metric([*ids, reason], n + k.rejected.get(reason, 0))
+                    continue
+                conns.add_metric(ids, c.connections_total + k.connections)
+                active.add_metric(ids, c.connections_active + k.active)
+                for reason, n in c.rejected.items():
+                    rejected.add_metric([*ids, reason], n + k.rejected.get(reason, 0))
+                continue
             nbytes.add_metric([*ids, "in"], c.bytes_in)
             nbytes.add_metric([*ids, "out"], c.bytes_out)
             hist = c.connection_durations
@@ -307,5 +399,5 @@ class _LiveCollector(Collector):
             dial_err.add_metric(ids, c.dial_errors)
             hist = c.dial_durations
             dial.add_metric(ids, list(zip(self._DIAL_LE, hist.cumulative(), strict=True)), hist.sum)
-        yield from (conns, active, rejected, dial_err, nbytes, sessions, dgrams, dropped)
-        yield from (dial, duration)
+        yield from (conns, active, rejected, dial_err, nbytes, ip_bytes, ip_packets)
+        yield from (sessions, dgrams, dropped, dial, duration)

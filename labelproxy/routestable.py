@@ -50,7 +50,8 @@ _COUNTERS = (
 # One route as the snapshot holds it, in plain tuples (built by the thousand on the event
 # loop, so no object per route): the desired spec, the live listener's spec (None: none),
 # the addresses it is bound to, its bind problem, the values of _COUNTERS and a copy of the
-# rejections by reason.
+# rejections by reason, and the route's forwarding fields (its path and why; for a kernel
+# route the counters with the kernel's share, from the forwarding's last reading).
 _Row = tuple[
     RouteSpec,
     RouteSpec | None,
@@ -58,18 +59,19 @@ _Row = tuple[
     Problem | None,
     tuple[int, ...],
     dict[str, int],
+    dict[str, Any],
 ]
 
 
 def _route_document(row: _Row) -> dict[str, Any]:
-    spec, live_spec, bound, error, counters, rejected = row
+    spec, live_spec, bound, error, counters, rejected, forwarding = row
     if live_spec is not None and (live_spec is spec or live_spec == spec):
         state = "up"
     elif error is not None:
         state = "error"
     else:
         state = "pending"
-    return {
+    doc: dict[str, Any] = {
         "route": spec.alias,
         "listen": str(spec.key),
         "scheme": spec.scheme,
@@ -83,6 +85,8 @@ def _route_document(row: _Row) -> dict[str, Any]:
         "errors": [str(error)] if error is not None else [],
         "counters": {**dict(zip(_COUNTERS, counters, strict=True)), "rejected": rejected},
     }
+    doc.update(forwarding)
+    return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,17 +147,22 @@ class StateView:
             live = rec.live
             problems = rec.bind_problems
             counters_of = rt.metrics.counters
+            forwarding = rt.forwarding
             for key, spec in rec.desired.routes.items():
                 lv = live.get(key)
                 c = counters_of(key) or RouteCounters(spec.alias)
+                values = (c.connections_active, c.connections_total, c.bytes_in, c.bytes_out,
+                          c.udp_sessions_active, c.dial_errors)  # fmt: skip
+                rejected = c.rejected.copy()
+                shown = {**dict(zip(_COUNTERS, values, strict=True)), "rejected": rejected}
                 rows.append((
                     spec,
                     lv.spec if lv is not None else None,
                     tuple(lv.bound) if lv is not None else (),
                     problems.get(key) if problems else None,
-                    (c.connections_active, c.connections_total, c.bytes_in, c.bytes_out,
-                     c.udp_sessions_active, c.dial_errors),
-                    c.rejected.copy(),
+                    values,
+                    rejected,
+                    forwarding.route_document(key, shown),
                 ))  # fmt: skip
         return RoutesSnapshot(
             ready=rt.ready(),
@@ -181,6 +190,7 @@ class StateView:
                         targets=",".join(str(b) for b in spec.backends),
                         up=live is not None,
                         limit=limit,
+                        forwarding=rt.forwarding.path(key).forwarding,
                     )
                 )
         errors = tuple((_error_route(p), p.listen, p.kind) for p in self._problems())

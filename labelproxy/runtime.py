@@ -1,12 +1,15 @@
 """The process lifecycle: startup -> serve -> shutdown, as named phases.
 
-startup: bind the HTTP endpoints, start discovery (engine down is retried, not fatal) and the
-routes-file watcher, apply the first snapshot (then /readyz says 200).
+startup: probe nftables (`LABELPROXY_FORWARDING`, see `forwarding`), bind the HTTP endpoints,
+adopt the kernel table a previous run left, start discovery (engine down is retried, not
+fatal) and the routes-file watcher, apply the first snapshot (then /readyz says 200).
 serve: every input change (a Docker snapshot, a routes-file reload, a listener lost, a bind
-retry) wakes one reconcile loop, which builds the whole desired state and applies it; inputs
-are coalesced, the latest wins.
-shutdown: the first SIGTERM/SIGINT stops accepting everywhere and drains live connections until
-`LABELPROXY_DRAIN_TIMEOUT`, then cancels what is left and exits 0; a second signal exits at once.
+retry) wakes one reconcile loop, which builds the whole desired state and applies it to the
+listeners and then to the kernel; inputs are coalesced, the latest wins.
+shutdown: the first SIGTERM/SIGINT stops accepting everywhere (listeners closed, kernel routes
+taking no new flow) and drains live connections and forwarded flows until
+`LABELPROXY_DRAIN_TIMEOUT`, then cancels what is left, removes the kernel table and exits 0; a
+second signal exits at once (the kernel table stays, and the next start adopts it).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import anyio.to_thread
 from labelproxy import __version__
 from labelproxy.containers import ContainerView, DiscoveryContext
 from labelproxy.discovery import Discovery, docker_host_problem
+from labelproxy.forwarding import Forwarding, KernelUnavailableError
 from labelproxy.http import HttpState, serve_http
 from labelproxy.metrics import Metrics
 from labelproxy.reconciler import Reconciler
@@ -65,6 +69,8 @@ class Runtime:
         self._changed: anyio.Event | None = None
         self._stop_requested: anyio.Event | None = None
         self.reconciler: Reconciler | None = None
+        self.edge = settings.edge_policy()
+        self.forwarding = Forwarding(mode=settings.forwarding, policy=self.edge)
         self.view = StateView(self)
 
     # -- inputs --------------------------------------------------------------------------
@@ -117,17 +123,23 @@ class Runtime:
                 raise StartupError(
                     f"cannot listen on LABELPROXY_HTTP_ADDR={self.settings.http_addr!r}: {reason}"
                 ) from None
+            try:
+                await self.forwarding.start()
+            except KernelUnavailableError as exc:
+                raise StartupError(str(exc)) from None
             async with anyio.create_task_group() as listeners:
                 self.reconciler = Reconciler(
                     metrics=self.metrics,
-                    edge=self.settings.edge_policy(),
+                    edge=self.edge,
                     task_group=listeners,
                     on_listener_lost=self.wake,
                 )
                 self.metrics.set_state_provider(self.view.metrics_state)
+                self.metrics.set_kernel_reader(self.forwarding.read_counters)
                 async with anyio.create_task_group() as inputs:
                     inputs.start_soon(self._cancel_on_stop, inputs.cancel_scope)
                     inputs.start_soon(self._retry_binds)
+                    inputs.start_soon(self.forwarding.serve)
                     self.routes_file.load()
                     inputs.start_soon(self.routes_file.watch)
                     if self.settings.discovery_enabled:
@@ -148,7 +160,12 @@ class Runtime:
                     self.settings.drain_timeout,
                     extra={"action": "shutdown"},
                 )
-                await self.reconciler.close_all(drain_timeout=self.settings.drain_timeout)
+                drain = self.settings.drain_timeout
+                async with anyio.create_task_group() as draining:
+                    draining.start_soon(functools.partial(
+                        self.reconciler.close_all, drain_timeout=drain))
+                    draining.start_soon(functools.partial(
+                        self.forwarding.shutdown, drain_timeout=drain))
                 listeners.cancel_scope.cancel()
             outer.cancel_scope.cancel()
         logger.info("stopped", extra={"action": "exit"})
@@ -170,6 +187,8 @@ class Runtime:
             self._log_problem_changes(desired.problems)
             began = time.monotonic()
             await self.reconciler.apply(desired)
+            if self.docker_seen:  # before that, an adopted table keeps forwarding as it did
+                await self.forwarding.apply(desired.routes, bound=self.reconciler.live)
             logger.debug(
                 "reconciled %d routes in %.1f ms",
                 len(desired.routes),
@@ -208,7 +227,8 @@ class Runtime:
         """A route whose bind failed is planned again every few seconds until it binds."""
         while True:
             await anyio.sleep(BIND_RETRY_INTERVAL)
-            if self.reconciler is not None and self.reconciler.bind_problems:
+            binds = self.reconciler is not None and self.reconciler.bind_problems
+            if binds or self.forwarding.failed:  # failed: the kernel refused the last change
                 self.wake()
 
     async def _cancel_on_stop(self, scope: anyio.CancelScope) -> None:
@@ -265,6 +285,10 @@ def run(settings: Settings) -> int:
     logger.info("labelproxy %s starting (open files limit %d)", __version__, limit,
                 extra={"action": "start"})
     runtime = Runtime(settings)
+    try:
+        runtime.forwarding.probe()
+    except KernelUnavailableError as exc:
+        raise StartupError(str(exc)) from None
     options: dict[str, object] = {}
     try:
         import uvloop  # noqa: F401, PLC0415

@@ -23,6 +23,9 @@ from labelproxy.units import (
 )
 
 ENV_PREFIX = "LABELPROXY_"
+# LABELPROXY_FORWARDING: `auto` uses the kernel (nftables) for the routes it can carry when
+# labelproxy may program nftables here, `relay` never, `kernel` requires it at start-up
+Forwarding = Literal["auto", "relay", "kernel"]
 
 
 def _duration(value: Any) -> float:
@@ -107,11 +110,13 @@ class Settings(BaseSettings):
     allow: CidrList = ()
     deny: CidrList = ()
     resync_interval: PositiveDuration = 60.0
+    forwarding: Forwarding = "auto"
     # process-wide caps (None: `auto`, see `auto_limit`)
     max_connections: Limit = None
     udp_max_sessions_total: Limit = None
 
-    @field_validator("log_level", "log_format", "accept_proxy_protocol", mode="before")
+    @field_validator("log_level", "log_format", "accept_proxy_protocol", "forwarding",
+                     mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

@@ -24,12 +24,15 @@ Family = Literal["dual", "ipv4", "ipv6"]
 ProxyProtocolVersion = Literal["v1", "v2"]
 LoadBalance = Literal["round_robin", "least_conn", "source_hash"]
 AcceptProxyProtocol = Literal["off", "optional", "required"]
+# a route's `forwarding` field: `auto` (the kernel where it can carry the route) or `relay`
+RouteForwarding = Literal["auto", "relay"]
 ProblemKind = Literal["label", "conflict", "bind", "address", "loop"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 SCHEMES: tuple[Scheme, ...] = get_args(Scheme)
 LOAD_BALANCERS: tuple[LoadBalance, ...] = get_args(LoadBalance)
+ROUTE_FORWARDINGS: tuple[RouteForwarding, ...] = get_args(RouteForwarding)
 
 DEFAULT_UDP_MAX_SESSIONS = 10_000
 
@@ -175,6 +178,7 @@ class RouteOptions:
     idle_timeout: float | None = None
     connect_timeout: float | None = None
     load_balance: LoadBalance = "round_robin"
+    forwarding: RouteForwarding = "auto"
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,11 @@ from tests.support.dockerd import (
 )
 
 logger = logging.getLogger(__name__)
+
+# In this process (in-process Runtimes) and every labelproxy it starts without saying
+# otherwise, routes are relayed: the kernel path programs nftables, which a test may only do
+# inside a network namespace it created (tests/support/nslp.py and kernelworld.py ask for it).
+os.environ.setdefault("LABELPROXY_FORWARDING", "relay")
 DOCKER_FIXTURES = frozenset({"dockerd", "dockerd_available"})
 
 

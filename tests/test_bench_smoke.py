@@ -160,3 +160,34 @@ def test_summary_has_one_row_per_measurement_with_labelproxy_ratios() -> None:
         "| Short connections: connect, 64 B, echo, close; 50 clients (conn/s, higher is better)"
         " | 300 | 100 | 120 | **60.0** | 0.60x | 0.50x |"
     ]  # medians; the best peer is nginx; metrics labelproxy has no sample for are left out
+
+
+def test_the_kernel_target_runs_beside_the_relay_in_a_namespace_of_the_benchs_own(
+    tmp_path: Path,
+) -> None:
+    """`--netns` re-runs the bench under `unshare --net`; labelproxy-kernel forwards every
+    route with nftables there (the host's own ruleset is left alone: tests/run's host guard),
+    and the summary gives both labelproxy paths' ratios to direct."""
+    _require_peers()
+    args = [sys.executable, "-m", "bench", "--quick", "--no-install", "--out", str(tmp_path),
+            "--netns", "--targets", "direct,labelproxy,labelproxy-kernel",
+            "--only", "short_conns,udp"]  # fmt: skip
+    done = subprocess.run(
+        args, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
+    )
+    assert done.returncode == 0, f"bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "  - labelproxy-kernel: the same, with LABELPROXY_FORWARDING=kernel" in done.stdout
+    assert "| relay vs direct | kernel vs direct |" in done.stdout
+    for title, table in _tables(done.stdout).items():
+        row = re.search(r"^\| labelproxy-kernel \| (-?[\d,.]+) \|", table, re.MULTILINE)
+        assert row is not None, (title, table)
+
+
+def test_the_kernel_target_is_refused_without_netns() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--targets", "labelproxy-kernel", "--no-install"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "labelproxy-kernel programs nftables, never in the host's network namespace" \
+        in done.stderr  # fmt: skip

@@ -665,3 +665,34 @@ def test_check_predicts_the_holder_a_real_compose_up_gives(
     names = {predicted.state.routes[ListenKey("tcp", "::", b)].source.rsplit("/", 1)[-1],
              *predicted.undecided[ListenKey("tcp", "::", b)]}  # fmt: skip
     assert names == {"left", "right"}
+
+
+def test_check_shows_each_routes_forwarding_path_and_why_the_relay(tmp_path: Path) -> None:
+    compose = tmp_path / "compose.yaml"
+    compose.write_text(textwrap.dedent("""\
+        services:
+          plain:
+            image: x
+            network_mode: host
+            labels: {proxy.plain.port: "9401:1"}
+          asked:
+            image: x
+            network_mode: host
+            labels: {proxy.asked.port: "9402:2", proxy.asked.forwarding: relay}
+          header:
+            image: x
+            network_mode: host
+            labels: {proxy.header.port: "9403:3", proxy.header.proxy_protocol: v2}
+          bad:
+            image: x
+            network_mode: host
+            labels: {proxy.bad.port: "9404:4", proxy.bad.forwarding: kernel}
+    """))
+    result = check_compose(compose, label_prefix="proxy", use_cli=False)
+    rows = {line.split()[0]: line for line in render(result).splitlines()
+            if line.startswith("tcp://")}
+    assert rows["tcp://[::]:9401"].endswith("kernel")
+    assert rows["tcp://[::]:9402"].endswith("relay: forwarding: relay asked for by the route")
+    assert rows["tcp://[::]:9403"].endswith("relay: proxy_protocol v2 writes a header upstream")
+    [problem] = result.problems
+    assert (problem.label, problem.value) == ("proxy.bad.forwarding", "kernel")

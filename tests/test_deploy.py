@@ -229,6 +229,8 @@ def test_compose_demo_labels_reach_the_containers() -> None:
     services = json.loads(done.stdout)["services"]
     lp = services["labelproxy"]
     assert lp["network_mode"] == "host"
+    # the kernel fast path: CAP_NET_ADMIN, which Docker grants only to root in the container
+    assert (lp["user"], lp["cap_add"], lp["cap_drop"]) == ("0:0", ["NET_ADMIN"], ["ALL"])
     assert any(v["target"] == "/var/run/docker.sock" and v.get("read_only")
                for v in lp["volumes"])  # fmt: skip
     assert lp["environment"]["LABELPROXY_DRAIN_TIMEOUT"] == "30s"

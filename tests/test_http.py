@@ -97,7 +97,8 @@ async def test_routes_is_built_off_the_event_loop_from_a_snapshot_taken_on_it(
     route = {"scheme": "tcp4", "bind": "127.0.0.1", "port": f"{listen_port}:9", "host": "127.0.0.1"}
     write_routes(routes_file, {"web": route})
     runtime = Runtime(Settings(
-        docker_host="none", routes_file=routes_file, http_addr=f"127.0.0.1:{http_port}"
+        docker_host="none", routes_file=routes_file, http_addr=f"127.0.0.1:{http_port}",
+        forwarding="relay",
     ))  # fmt: skip
     taken_in: list[threading.Thread] = []
     built_in: list[threading.Thread] = []

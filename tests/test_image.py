@@ -12,18 +12,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
-import subprocess
-import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
 import pytest
 
-from tests.support.baseimage import BaseImageError, ensure_base_image
+from tests.support.baseimage import BaseImageError
 from tests.support.dockerd import PrivateDockerd
+from tests.support.image import build_image
 from tests.support.lp import echo_roundtrip, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,30 +42,9 @@ def image(dockerd: PrivateDockerd, tmp_path_factory: pytest.TempPathFactory) -> 
     """labelproxy's image built on the private engine with the local base and host wheels."""
     dockerd.ensure_running()
     try:
-        base = ensure_base_image(docker_host=dockerd.host)
+        build_image(dockerd, tag=IMAGE, workdir=tmp_path_factory.mktemp("image"))
     except BaseImageError as exc:
         _unavailable(str(exc))
-    ctx = tmp_path_factory.mktemp("image-ctx")
-    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "LICENSE"):
-        if (ROOT / name).exists():
-            shutil.copy2(ROOT / name, ctx / name)
-    shutil.copytree(
-        ROOT / "labelproxy", ctx / "labelproxy",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-    )  # fmt: skip
-    wheels = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(ctx / "wheels"),
-         str(ctx)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert wheels.returncode == 0, wheels.stderr
-    build = subprocess.run(
-        ["docker", "build", "--build-arg", f"BASE_IMAGE={base}", "--build-arg", "VERSION=test",
-         "-t", IMAGE, str(ctx)],
-        env={**dockerd.env, "DOCKER_BUILDKIT": "0"},
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     yield IMAGE
     with contextlib.suppress(Exception):
         dockerd.cli("image", "rm", "-f", IMAGE, check=False)
@@ -143,6 +121,15 @@ def test_image_relays_for_a_labelled_container_healthy_and_non_root(
         return str(proxy.attrs["State"]["Health"]["Status"])
 
     settled("docker inspect: healthy", lambda: health() == "healthy")
+    # the image has nft, but its non-root user has no CAP_NET_ADMIN (none was added): every
+    # route on the relay, said once in the log and per route on /routes
+    assert proxy.exec_run(["nft", "--version"]).exit_code == 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/routes", timeout=5) as resp:
+        routes = json.load(resp)["routes"]
+    assert {r["forwarding"] for r in routes} == {"relay"}, routes
+    assert all(r["forwarding_reason"].startswith("nftables unavailable: ") for r in routes)
+    full_log = proxy.logs().decode(errors="replace")
+    assert full_log.count("forwarding: every route on the relay: nftables unavailable") == 1
     uid = proxy.exec_run(["python3", "-c", "import os; print(os.getuid(), os.getgroups())"])
     assert uid.exit_code == 0
     user, groups = uid.output.decode().split(" ", 1)

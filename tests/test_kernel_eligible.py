@@ -25,7 +25,6 @@ class LaterOptions(RouteOptions):
     """RouteOptions as a later stage may grow them."""
 
     wake: bool = False
-    forwarding: str = "auto"
 
 
 def spec(scheme: str = "tcp", backends: tuple[str, ...] = ("127.0.0.1",), bind: str = "",
@@ -84,7 +83,7 @@ RELAY: list[tuple[str, RouteSpec, dict[str, Any], str]] = [
      "bind ::ffff:192.0.2.1 is an IPv4-mapped IPv6 address"),
     ("an option the kernel does not know", spec(options=LaterOptions(wake=True)), {},
      "option wake=True needs the relay"),
-    ("forwarding: relay", spec(options=LaterOptions(forwarding="relay")), {},
+    ("forwarding: relay", spec(options=RouteOptions(forwarding="relay")), {},
      "forwarding: relay asked for by the route"),
 ]
 

@@ -140,6 +140,8 @@ def test_range_maps_ports_one_to_one() -> None:
         ("load_balance", "least_conn", "load_balance", "least_conn"),
         ("load_balance", "source_hash", "load_balance", "source_hash"),
         ("load_balance", "round_robin", "load_balance", "round_robin"),
+        ("forwarding", "relay", "forwarding", "relay"),
+        ("forwarding", " Auto ", "forwarding", "auto"),
     ],
 )  # fmt: skip
 def test_good_field(field: str, value: str, attribute: str, expected: object) -> None:
@@ -193,6 +195,8 @@ def test_good_field(field: str, value: str, attribute: str, expected: object) ->
         ("port", "2222:22/tcp", "use port 2222:22 with scheme tcp"),
         ("connect_timeout", "", "duration"),
         ("load_balance", "random", "round_robin, least_conn, source_hash"),
+        ("forwarding", "nftables", "expected one of auto, relay"),
+        ("forwarding", "kernel", "LABELPROXY_FORWARDING=kernel"),
         ("timeout", "5s", "unknown field 'timeout'; expected one of: port, scheme"),
     ],
 )  # fmt: skip

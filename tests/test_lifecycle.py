@@ -62,6 +62,7 @@ def test_static_route_relays_and_counts(tmp_path: Path, echo: TcpEcho) -> None:
         assert lp.metric(
             "labelproxy_route_info", route="echo", scheme="tcp4",
             listen=f"tcp://127.0.0.1:{port}", targets=f"127.0.0.1:{echo.port}",
+            forwarding="relay",
         ) == 1
         assert lp.metric("labelproxy_docker_connected") == 0
         route = lp.route("echo")

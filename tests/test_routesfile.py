@@ -82,6 +82,7 @@ routes:
     idle_timeout: 5m
     connect_timeout: 2s
     load_balance: least_conn
+    forwarding: relay
 """,
     )
     assert problems == ()
@@ -94,6 +95,7 @@ routes:
         idle_timeout=300.0,
         connect_timeout=2.0,
         load_balance="least_conn",
+        forwarding="relay",
     )
 
 
@@ -131,6 +133,8 @@ routes:
          "use port 53 with scheme udp"),
         ("port: 22\n    host: a.lan\n    load_balance: [a]", "routes.bad.load_balance", "[a]",
          "single value"),
+        ("port: 22\n    host: a.lan\n    forwarding: fast", "routes.bad.forwarding", "fast",
+         "auto, relay"),
         ("port: 22\n    host: a.lan\n    middlewares: x", "routes.bad.middlewares", "x",
          "unknown field"),
     ],

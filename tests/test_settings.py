@@ -19,6 +19,7 @@ def test_defaults() -> None:
     assert (s.drain_timeout, s.connect_timeout, s.udp_idle_timeout) == (30.0, 5.0, 300.0)
     assert s.accept_proxy_protocol == "off"
     assert s.resync_interval == 60.0
+    assert s.forwarding == "auto"
 
 
 def test_docker_host_falls_back_to_docker_host_variable() -> None:
@@ -38,8 +39,10 @@ def test_values_parse() -> None:
             "LABELPROXY_LOG_FORMAT": "JSON",
             "LABELPROXY_ACCEPT_PROXY_PROTOCOL": "required",
             "LABELPROXY_TRUSTED_PROXIES": "127.0.0.1",
+            "LABELPROXY_FORWARDING": " Kernel",
         }
     )
+    assert s.forwarding == "kernel"
     assert s.allow == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
     assert s.drain_timeout == 90.0
     assert s.udp_idle_timeout == 90.0
@@ -70,6 +73,7 @@ def test_values_parse() -> None:
         ("LABELPROXY_RESYNC_INTERVAL", "0", "positive duration"),
         ("LABELPROXY_DRAIN_TIMEOUT", "nan", "duration"),
         ("LABELPROXY_DRAIN_TIMEOUT", "-1s", "non-negative"),
+        ("LABELPROXY_FORWARDING", "nftables", "'auto', 'relay' or 'kernel'"),
     ],
 )
 def test_bad_setting_names_the_variable(name: str, value: str, expected: str) -> None:

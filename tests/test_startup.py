@@ -15,6 +15,7 @@ STARTUP_TIMEOUT = 30
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LABELPROXY_")}
+    full_env["LABELPROXY_FORWARDING"] = "relay"  # never nftables in the host's namespace
     full_env.update(env)
     return subprocess.run(
         [sys.executable, "-m", "labelproxy", *args], env=full_env, capture_output=True,

@@ -47,6 +47,10 @@ Limits (the relay has none of these; `/routes` and the README should say so)
       routed packet: a drop there is a drop.
     - IPv6 loopback clients (::1) cannot be sent to a non-loopback IPv6 backend (IPv6 has no
       route_localnet); IPv4 ones are masqueraded to the outgoing address.
+    - Remote clients of a loopback backend and loopback clients of any other backend need
+      net.ipv4.conf.all.route_localnet=1, which the engine switches on. Where it may not (a
+      container's read-only /proc/sys), routes that need it are refused (left to the relay)
+      with the reason, unless it is already on (set on the host).
     - TCP refusals (ACL, cap, no backend) are resets: the client sees "connection refused"
       where the relay accepts and closes. UDP refusals are silent drops.
     - idle_timeout ends a TCP flow by forgetting it (as drain cuts do): the client's next

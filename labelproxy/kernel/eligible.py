@@ -19,6 +19,7 @@ listener that remote clients reach, and any option this module does not know (a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import logging
 from dataclasses import dataclass
@@ -46,6 +47,14 @@ KNOWN_OPTIONS = frozenset(
 KERNEL_BALANCERS = frozenset({"round_robin", "source_hash"})
 
 
+@functools.lru_cache(maxsize=8192)
+def ip_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address literal (a zone id dropped), parsed once: thousands of routes share a few
+    bind and backend addresses, and `ipaddress` parsing was most of a route's planning time.
+    Raises ValueError for a host name."""
+    return ipaddress.ip_address(text.split("%", 1)[0])
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """Whether the kernel forwards a route; if not, `reason` says why in one line."""
@@ -63,7 +72,7 @@ def relay(reason: str) -> Verdict:
 
 def listen_families(spec: RouteSpec) -> tuple[IPFamily, ...]:
     """The client address families a route's listener takes (as `streams.sockets` binds it)."""
-    ip = ipaddress.ip_address(spec.key.bind.split("%", 1)[0])
+    ip = ip_of(spec.key.bind)
     if ip.version == 4:
         return ("ipv4",)
     if spec.family == "dual" and ip.is_unspecified:
@@ -107,7 +116,7 @@ def eligible(spec: RouteSpec, *, policy: EdgePolicy) -> Verdict:
     if unknown is not None:
         return relay(unknown)
     try:
-        bind = ipaddress.ip_address(spec.key.bind.split("%", 1)[0])
+        bind = ip_of(spec.key.bind)
     except ValueError:
         return relay(f"bind {spec.key.bind!r} is not an IP address")
     if isinstance(bind, ipaddress.IPv6Address) and bind.ipv4_mapped is not None:
@@ -115,7 +124,7 @@ def eligible(spec: RouteSpec, *, policy: EdgePolicy) -> Verdict:
     by_family: dict[IPFamily, int] = {"ipv4": 0, "ipv6": 0}
     for backend in spec.backends:
         try:
-            ip = ipaddress.ip_address(backend.host)
+            ip = ip_of(backend.host)
         except ValueError:
             return relay(f"backend {backend.host} is a host name; the kernel needs an address")
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

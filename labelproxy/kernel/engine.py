@@ -52,7 +52,7 @@ from labelproxy.kernel.model import (
     route_identity,
 )
 from labelproxy.kernel.nft import Nft
-from labelproxy.kernel.routerules import Fragment, chain_digest
+from labelproxy.kernel.routerules import COUNTED_SETS, Fragment, chain_digest
 from labelproxy.kernel.ruleset import build
 from labelproxy.kernel.transaction import delete_table, transaction
 from labelproxy.spec import EdgePolicy, ListenKey, RouteSpec
@@ -211,6 +211,7 @@ class KernelEngine:
                     wanted[route_identity(spec)] = (spec, verdict)
                 else:
                     refused[spec.key] = verdict.reason
+            self._localnet(wanted, refused)
             slots = {i: slot for i, slot in self._slots.items() if i in wanted}
             draining = dict(self._draining)
             deadline = self.clock() + self.policy.drain_timeout
@@ -228,21 +229,41 @@ class KernelEngine:
                 routes[identity] = self._plan(spec, verdict, slots[identity], paths)
             self._commit(routes)
             for identity in set(self._slots) - set(wanted):
-                logger.info("kernel route %s removed: draining until its deadline", identity,
+                logger.debug("kernel route %s removed: draining until its deadline", identity,
                             extra={"action": "kernel drain"})
             for identity in set(routes) - set(self._routes):
-                logger.info("kernel route %s up", identity, extra={"action": "kernel up"})
+                logger.debug("kernel route %s up", identity, extra={"action": "kernel up"})
             self._eligible, self._slots, self._draining, self._routes = (
                 pure, slots, draining, routes)
             self._verdicts = {identity: verdict for identity, (_, verdict) in wanted.items()}
             return ApplyResult(routes=self._states(), refused=refused)
 
+    def _localnet(self, wanted: dict[str, tuple[RouteSpec, Verdict]],
+                  refused: dict[ListenKey, str]) -> None:
+        """IPv4 routes need route_localnet on (remote clients of a loopback backend, loopback
+        clients of another one): switch it on; where that is not allowed (a container's
+        read-only /proc/sys), such routes are refused with the reason."""
+        ipv4 = [identity for identity, (_, v) in wanted.items() if "ipv4" in v.families]
+        if not ipv4 or host.route_localnet():
+            return
+        try:
+            host.set_route_localnet(True)
+        except OSError as exc:
+            missing = exc.strerror or str(exc)
+        else:
+            self._localnet_owned = True
+            return
+        for identity in ipv4:
+            spec = wanted[identity][0]
+            who = host.localnet_clients(spec)
+            if who is not None:
+                del wanted[identity]
+                refused[spec.key] = (f"{who} need net.ipv4.conf.all.route_localnet=1, which "
+                                     f"labelproxy cannot set here ({missing})")
+
     def _commit(self, routes: dict[str, KernelRoute]) -> None:
         """Program the table for `routes` in one transaction (see `apply`)."""
         guard = any("ipv4" in route.families for route in routes.values())
-        if guard and not host.route_localnet():
-            host.set_route_localnet(True)
-            self._localnet_owned = True
         table = build(routes.values(), policy=self.policy, localnet_guard=guard,
                       localnet_owned=self._localnet_owned, fragments=self._fragments)
         if self._rebuild:
@@ -278,7 +299,7 @@ class KernelEngine:
         `connections` and the rejections count flows (their first packet)."""
         with self._lock:
             routes = list(self._routes.values())
-        counted = self.nft.counted()
+        counted = self.nft.counted(COUNTED_SETS)
         active = conntrack.active_by_slot()
         traffic, zero = counted.get("traffic", {}), (0, 0)
 
@@ -318,7 +339,7 @@ class KernelEngine:
             for draining in due:
                 conntrack.cut(draining.slot)
                 del self._draining[draining.slot]
-                logger.info("kernel route %s: drain deadline, flows cut", draining.identity,
+                logger.debug("kernel route %s: drain deadline, flows cut", draining.identity,
                             extra={"action": "kernel cut"})
             return [d.identity for d in due]
 

@@ -9,10 +9,13 @@ backend reached through a gateway, or on a plain LAN segment, might answer the c
 so it is masqueraded. The route lookup uses pyroute2 (`RTM_GETROUTE`, as `ip route get` does).
 
 `route_localnet()` / `set_route_localnet()` read and set `net.ipv4.conf.all.route_localnet`:
-remote clients DNAT'ed to 127.0.0.1 (host-network containers) are routed only with it on. The
-ruleset then installs kube-proxy's guard (packets from outside addressed to 127.0.0.0/8 are
-dropped), so the sysctl opens nothing else. `ip_forward()` says whether the namespace routes
-between interfaces, which backends that are not local addresses need.
+remote clients DNAT'ed to 127.0.0.1 (host-network containers) are routed only with it on, and
+so are loopback clients DNAT'ed to an address elsewhere (`localnet_clients` says which clients
+of a route need it). The ruleset then installs kube-proxy's guard (packets from outside
+addressed to 127.0.0.0/8 are dropped), so the sysctl opens nothing else. Where it cannot be
+switched on (a container's read-only /proc/sys), the engine leaves the routes that need it to
+the relay. `ip_forward()` says whether the namespace routes between interfaces, which backends
+that are not local addresses need.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
+
+from labelproxy.spec import RouteSpec
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,25 @@ def route_localnet() -> bool:
 def set_route_localnet(on: bool) -> None:
     """Switch `net.ipv4.conf.all.route_localnet` (this namespace only)."""
     write_sysctl(ROUTE_LOCALNET, "1" if on else "0")
+
+
+def localnet_clients(spec: RouteSpec) -> str | None:
+    """Which IPv4 clients of `spec` the kernel can forward only with route_localnet on, in
+    words (None: none): remote clients of a loopback backend (unless the route listens on
+    loopback only), loopback clients of any other backend (when the route listens on
+    loopback)."""
+    bind = ipaddress.ip_address(spec.key.bind.split("%", 1)[0])
+    loopback_only = bind.version == 4 and bind.is_loopback
+    takes_loopback = bind.is_unspecified or loopback_only
+    for backend in spec.backends:
+        ip = ipaddress.ip_address(backend.host)
+        if ip.version != 4:
+            continue
+        if ip.is_loopback and not loopback_only:
+            return f"remote clients of the loopback backend {backend}"
+        if not ip.is_loopback and takes_loopback:
+            return f"loopback clients of the backend {backend}"
+    return None
 
 
 def ip_forward(version: int) -> bool:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from labelproxy.kernel import exprs as x
-from labelproxy.kernel.eligible import IPFamily
+from labelproxy.kernel.eligible import IPFamily, ip_of
 from labelproxy.kernel.model import (
     ROUTES_SET,
     Chain,
@@ -111,7 +111,7 @@ def acl_rules(
 def _dnat(route: KernelRoute, family: IPFamily) -> list[Json] | None:
     version = 4 if family == "ipv4" else 6
     backends = [
-        b for b in route.spec.backends if ipaddress.ip_address(b.host).version == version
+        b for b in route.spec.backends if ip_of(b.host).version == version
     ]
     if not backends:
         return None
@@ -132,7 +132,7 @@ def _dnat(route: KernelRoute, family: IPFamily) -> list[Json] | None:
 def _listen_element(route: KernelRoute, family: IPFamily) -> tuple[str, Json]:
     key = route.key
     verdict = {"jump": {"target": f"r_{route.slot}"}}
-    bind = ipaddress.ip_address(key.bind.split("%", 1)[0])
+    bind = ip_of(key.bind)
     digit = family[-1]
     if bind.is_unspecified:
         return f"wild{digit}", [{"concat": [key.transport, key.port]}, verdict]

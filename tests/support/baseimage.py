@@ -1,11 +1,12 @@
 """Make a local Python base image without a registry: debootstrap + `docker import`.
 
-`ensure_base_tarball` runs `debootstrap --variant=minbase --include=python3-venv bookworm` once
-and caches the root filesystem as a tarball under a persistent cache dir (default
+`ensure_base_tarball` runs `debootstrap --variant=minbase --include=python3-venv,nftables
+bookworm` once and caches the root filesystem as a tarball under a persistent cache dir (default
 `/var/cache/labelproxy-test`, or `LABELPROXY_TEST_CACHE`), so later runs take seconds.
 `ensure_base_image` imports that tarball into a Docker engine as an image (default tag
-`labelproxy-test/python-base:bookworm`) unless the engine already has it. The image has Python at
-`/usr/bin/python3` with the `venv` module and no pip in the system, which the Dockerfile handles.
+`labelproxy-test/python-base:bookworm-nft`) unless the engine already has it. The image has Python
+at `/usr/bin/python3` with the `venv` module and no pip in the system, which the Dockerfile
+handles, and the `nft` program the Dockerfile would otherwise install with apt (offline here).
 
 Command line (warms the cache ahead of a test run):
     python tests/support/baseimage.py [--docker-host unix:///path] [--tag NAME]
@@ -25,8 +26,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path("/var/cache/labelproxy-test")
-DEFAULT_TAG = "labelproxy-test/python-base:bookworm"
-TARBALL_NAME = "bookworm-minbase-python3.tar"
+DEFAULT_TAG = "labelproxy-test/python-base:bookworm-nft"
+TARBALL_NAME = "bookworm-minbase-python3-nftables.tar"
 SUITE = "bookworm"
 APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 DEBOOTSTRAP_TIMEOUT = 900.0
@@ -82,7 +83,7 @@ def ensure_base_tarball(*, cache: Path | None = None) -> Path:
             cmd = [
                 "debootstrap",
                 "--variant=minbase",
-                "--include=python3-venv",
+                "--include=python3-venv,nftables",
                 SUITE,
                 str(root),
                 debian_mirror(),

@@ -2,6 +2,10 @@
 
 `LabelproxyProcess` starts `python -m labelproxy` with the given environment, waits for its
 HTTP endpoints, reads /routes and /metrics, and stops it by PID. Every wait has a deadline.
+`prefix` goes before the command (`ip netns exec NS`, `setpriv ...`: each execs the next).
+It runs in the test's own network namespace (the host's, unless the test runs in one of its
+own), so it relays: `LABELPROXY_FORWARDING=relay` unless the test says otherwise, and only
+tests that start it inside a namespace they created (`tests/support/netns.py`) may.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -126,6 +130,7 @@ class LabelproxyProcess:
         *,
         log_path: Path | None = None,
         max_open_files: int | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.http_port = free_port()
         self.base = f"http://127.0.0.1:{self.http_port}"
@@ -135,6 +140,8 @@ class LabelproxyProcess:
                 "LABELPROXY_HTTP_ADDR": f"127.0.0.1:{self.http_port}",
                 "LABELPROXY_LOG_LEVEL": "debug",
                 "LABELPROXY_DRAIN_TIMEOUT": "5s",
+                # never nftables in the host's namespace (tests/support/hostguard.py)
+                "LABELPROXY_FORWARDING": "relay",
             }
         )
         full_env.update(env)
@@ -145,7 +152,7 @@ class LabelproxyProcess:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "labelproxy"],
+            [*prefix, sys.executable, "-m", "labelproxy"],
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -21,6 +21,8 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +187,33 @@ class Agent:
 
     def op_close(self, conn: int) -> None:
         self.objects.pop(conn).close()
+
+    def op_hold(self, conn: int, size: int = 1000, timeout: float = 3.0) -> dict[str, Any]:
+        """Send `size` bytes and read back as many as arrive within `timeout` (a transfer in
+        flight: how much came back, and how it ended)."""
+        sock: socket.socket = self.objects[conn]
+        sock.settimeout(timeout)
+        got = 0
+        try:
+            sock.sendall(os.urandom(size))
+            while got < size:
+                chunk = sock.recv(BUFFER)
+                if not chunk:
+                    return {"got": got, "error": "eof"}
+                got += len(chunk)
+        except OSError as exc:
+            return {"got": got, "error": _error_name(exc)}
+        return {"got": got}
+
+    def op_http_get(self, url: str, timeout: float = 10.0) -> dict[str, Any]:
+        """GET `url` from inside this namespace: {"status", "body"} (status 0: no answer)."""
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                return {"status": int(resp.status), "body": resp.read().decode()}
+        except urllib.error.HTTPError as exc:
+            return {"status": int(exc.code), "body": exc.read().decode(errors="replace")}
+        except (OSError, ValueError) as exc:
+            return {"status": 0, "body": str(exc)}
 
     def op_udp_open(self, host: str, port: int) -> int:
         sock = socket.socket(_family(host), socket.SOCK_DGRAM)
