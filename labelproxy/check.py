@@ -40,9 +40,9 @@ from typing import TextIO
 
 from labelproxy.compose import ComposeError, ComposeProject, load_compose, views_of
 from labelproxy.composeorder import settle
-from labelproxy.containers import ContainerView, DiscoveryContext
-from labelproxy.labels import declare_container
-from labelproxy.snapshot import build_desired
+from labelproxy.sources.containers import ContainerView, DiscoveryContext
+from labelproxy.sources.desired import build_desired
+from labelproxy.sources.labels import declare_container
 from labelproxy.spec import DesiredState, ListenKey, Problem
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def check_running(*, docker_host: str, label_prefix: str) -> CheckResult:
     """Lint the running containers of the engine at `docker_host`."""
     if docker_host == "none":
         raise CheckError("discovery is off (LABELPROXY_DOCKER_HOST=none): use --compose FILE")
-    from labelproxy.discovery import DiscoveryError, list_once  # noqa: PLC0415
+    from labelproxy.sources.discovery import DiscoveryError, list_once  # noqa: PLC0415
 
     try:
         views, ctx = list_once(docker_host=docker_host, label_prefix=label_prefix)

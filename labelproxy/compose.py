@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from labelproxy.composeread import ComposeError, read_compose
-from labelproxy.containers import ContainerView, PortBinding
+from labelproxy.sources.containers import ContainerView, PortBinding
 from labelproxy.spec import Transport
 
 __all__ = ["ComposeError", "ComposeProject", "ComposeService", "load_compose", "views_of"]

@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from labelproxy.compose import ComposeProject
-from labelproxy.containers import ContainerView, DiscoveryContext
-from labelproxy.labels import declare_container
-from labelproxy.snapshot import build_desired
+from labelproxy.sources.containers import ContainerView, DiscoveryContext
+from labelproxy.sources.desired import build_desired
+from labelproxy.sources.labels import declare_container
 from labelproxy.spec import DesiredState, ListenKey, Problem
 
 logger = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from labelproxy.fields import MAX_ALIAS_CHARS
 from labelproxy.metrics import RouteCounters, RouteState, StateSnapshot
+from labelproxy.sources.fields import MAX_ALIAS_CHARS
 from labelproxy.spec import ListenKey, Problem, RouteSpec
 
 if TYPE_CHECKING:

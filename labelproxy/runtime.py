@@ -24,16 +24,16 @@ import anyio.abc
 import anyio.to_thread
 
 from labelproxy import __version__
-from labelproxy.containers import ContainerView, DiscoveryContext
-from labelproxy.discovery import Discovery, docker_host_problem
 from labelproxy.http import HttpState, serve_http
 from labelproxy.metrics import Metrics
 from labelproxy.reconciler import Reconciler
 from labelproxy.routestable import StateView
 from labelproxy.settings import Settings, split_host_port
-from labelproxy.snapshot import build_desired
+from labelproxy.sources.containers import ContainerView, DiscoveryContext
+from labelproxy.sources.desired import build_desired
+from labelproxy.sources.discovery import Discovery, docker_host_problem
+from labelproxy.sources.staticroutes import RoutesFileInput
 from labelproxy.spec import Problem
-from labelproxy.staticroutes import RoutesFileInput
 
 logger = logging.getLogger(__name__)
 

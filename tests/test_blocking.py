@@ -9,7 +9,7 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from labelproxy.blocking import run_blocking
+from labelproxy.sources.blocking import run_blocking
 
 pytestmark = pytest.mark.anyio
 

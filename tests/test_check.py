@@ -27,8 +27,8 @@ from labelproxy.check import check_compose, check_running, render, run_check
 from labelproxy.compose import ComposeError, load_compose, project_from_config, views_of
 from labelproxy.composeorder import settle
 from labelproxy.composeread import load_yaml
-from labelproxy.containers import DiscoveryContext, PortBinding
-from labelproxy.snapshot import build_desired
+from labelproxy.sources.containers import DiscoveryContext, PortBinding
+from labelproxy.sources.desired import build_desired
 from labelproxy.spec import ListenKey
 from tests.support.dockerd import PrivateDockerd, run_container
 from tests.support.lp import free_port

@@ -21,9 +21,9 @@ import anyio
 import docker
 import pytest
 
-from labelproxy.containers import ContainerView, DiscoveryContext, PortBinding
-from labelproxy.discovery import Discovery
-from labelproxy.dockerviews import (
+from labelproxy.sources.containers import ContainerView, DiscoveryContext, PortBinding
+from labelproxy.sources.discovery import Discovery
+from labelproxy.sources.dockerviews import (
     daemon_host_of,
     own_container_hints,
     own_networks,

@@ -18,10 +18,10 @@ from typing import Any
 import docker
 import pytest
 
-from labelproxy.containers import ContainerView, DiscoveryContext, PortBinding
-from labelproxy.discovery import ListMemo, list_running
-from labelproxy.dockerviews import needing_details, view_from_attrs, view_from_summary
-from labelproxy.snapshot import build_desired
+from labelproxy.sources.containers import ContainerView, DiscoveryContext, PortBinding
+from labelproxy.sources.desired import build_desired
+from labelproxy.sources.discovery import ListMemo, list_running
+from labelproxy.sources.dockerviews import needing_details, view_from_attrs, view_from_summary
 from tests.support.dockerd import free_port, wait_for
 
 SLEEP = ["sh", "-c", "sleep 600"]

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 
 import pytest
 
-from labelproxy.containers import ContainerView, DiscoveryContext, PortBinding
-from labelproxy.labels import LabelFacts, label_facts, parse_container
+from labelproxy.sources.containers import ContainerView, DiscoveryContext, PortBinding
+from labelproxy.sources.labels import LabelFacts, label_facts, parse_container
 from labelproxy.spec import Backend, ListenKey, Problem, RouteOptions, RouteSpec
 
 CTX = DiscoveryContext()

@@ -16,7 +16,7 @@ from typing import Any
 import docker
 import pytest
 
-from labelproxy.discovery import PING_DEADLINE, PING_INTERVAL
+from labelproxy.sources.discovery import PING_DEADLINE, PING_INTERVAL
 from tests.support.dockerd import PrivateDockerd, run_container
 from tests.support.lp import (
     LabelproxyProcess,

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 
 import pytest
 
-from labelproxy.containers import ContainerView, DiscoveryContext, PortBinding
-from labelproxy.labels import parse_container
-from labelproxy.resolve import AddressError, Target, resolve_target
+from labelproxy.sources.containers import ContainerView, DiscoveryContext, PortBinding
+from labelproxy.sources.labels import parse_container
+from labelproxy.sources.resolve import AddressError, Target, resolve_target
 from labelproxy.spec import Transport
 
 NETS = {"zeta": "10.0.9.9", "backend": "10.0.2.2", "alpha": "10.0.1.1"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from labelproxy.routesfile import RoutesFileError, keep_last_good, load_routes_file
+from labelproxy.sources.routesfile import RoutesFileError, keep_last_good, load_routes_file
 from labelproxy.spec import Backend, ListenKey, Problem, RouteOptions, RouteSpec
 
 

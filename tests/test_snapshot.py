@@ -8,8 +8,8 @@ from collections.abc import Mapping
 
 import pytest
 
-from labelproxy.containers import ContainerView, DiscoveryContext, Health
-from labelproxy.snapshot import build_desired
+from labelproxy.sources.containers import ContainerView, DiscoveryContext, Health
+from labelproxy.sources.desired import build_desired
 from labelproxy.spec import (
     Backend,
     DesiredState,

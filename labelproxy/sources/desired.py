@@ -37,8 +37,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from labelproxy.containers import ContainerView, DiscoveryContext
-from labelproxy.labels import declare_container
+from labelproxy.sources.containers import ContainerView, DiscoveryContext
+from labelproxy.sources.labels import declare_container
 from labelproxy.spec import (
     Backend,
     DesiredState,

@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from labelproxy.blocking import run_blocking
+from labelproxy.sources.blocking import run_blocking
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,12 @@ from pathlib import Path
 import anyio
 
 from labelproxy.metrics import Metrics
-from labelproxy.routesfile import RoutesFileError, StaticRoutes, keep_last_good, load_routes_file
+from labelproxy.sources.routesfile import (
+    RoutesFileError,
+    StaticRoutes,
+    keep_last_good,
+    load_routes_file,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -35,10 +35,10 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from labelproxy import liveness
-from labelproxy.blocking import run_blocking
-from labelproxy.containers import ContainerView, DiscoveryContext
-from labelproxy.dockerviews import (
+from labelproxy.sources import liveness
+from labelproxy.sources.blocking import run_blocking
+from labelproxy.sources.containers import ContainerView, DiscoveryContext
+from labelproxy.sources.dockerviews import (
     InspectDetails,
     daemon_host_of,
     details_from_attrs,
@@ -47,7 +47,7 @@ from labelproxy.dockerviews import (
     read_own_hints,
     view_from_summary,
 )
-from labelproxy.labels import LabelFacts
+from labelproxy.sources.labels import LabelFacts
 
 logger = logging.getLogger(__name__)
 

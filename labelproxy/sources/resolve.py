@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from labelproxy.containers import ContainerView, DiscoveryContext, PortBinding
+from labelproxy.sources.containers import ContainerView, DiscoveryContext, PortBinding
 from labelproxy.spec import Transport
 
 logger = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from labelproxy.containers import ContainerView, Health, PortBinding
-from labelproxy.labels import LabelFacts, label_facts
+from labelproxy.sources.containers import ContainerView, Health, PortBinding
+from labelproxy.sources.labels import LabelFacts, label_facts
 from labelproxy.spec import Transport
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from labelproxy.fields import alias_problem, parse_host_port, parse_route_fields
+from labelproxy.sources.fields import alias_problem, parse_host_port, parse_route_fields
 from labelproxy.spec import (
     Backend,
     ListenKey,

@@ -27,8 +27,8 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from labelproxy.containers import ContainerView, DiscoveryContext
-from labelproxy.fields import (
+from labelproxy.sources.containers import ContainerView, DiscoveryContext
+from labelproxy.sources.fields import (
     FIELDS,
     HTTP_SCHEMES,
     PortMap,
@@ -39,7 +39,7 @@ from labelproxy.fields import (
     parse_route_fields,
     scheme_problem,
 )
-from labelproxy.resolve import AddressError, resolve_target
+from labelproxy.sources.resolve import AddressError, resolve_target
 from labelproxy.spec import Backend, ListenKey, Problem, RouteSpec, Scheme, default_bind
 from labelproxy.spec import transport_of as transport_of_scheme
 
