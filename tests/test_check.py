@@ -23,10 +23,10 @@ from pathlib import Path
 import docker
 import pytest
 
-from labelproxy.check import check_compose, check_running, render, run_check
-from labelproxy.compose import ComposeError, load_compose, project_from_config, views_of
-from labelproxy.composeorder import settle
-from labelproxy.composeread import load_yaml
+from labelproxy.lint.check import check_compose, check_running, render, run_check
+from labelproxy.lint.compose import ComposeError, load_compose, project_from_config, views_of
+from labelproxy.lint.composeorder import settle
+from labelproxy.lint.composeread import load_yaml
 from labelproxy.sources.containers import DiscoveryContext, PortBinding
 from labelproxy.sources.desired import build_desired
 from labelproxy.spec import ListenKey

@@ -24,7 +24,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from labelproxy.compose import ComposeProject
+from labelproxy.lint.compose import ComposeProject
 from labelproxy.sources.containers import ContainerView, DiscoveryContext
 from labelproxy.sources.desired import build_desired
 from labelproxy.sources.labels import declare_container

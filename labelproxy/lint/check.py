@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from labelproxy.compose import ComposeError, ComposeProject, load_compose, views_of
-from labelproxy.composeorder import settle
+from labelproxy.lint.compose import ComposeError, ComposeProject, load_compose, views_of
+from labelproxy.lint.composeorder import settle
 from labelproxy.sources.containers import ContainerView, DiscoveryContext
 from labelproxy.sources.desired import build_desired
 from labelproxy.sources.labels import declare_container

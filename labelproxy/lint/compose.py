@@ -27,7 +27,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from labelproxy.composeread import ComposeError, read_compose
+from labelproxy.lint.composeread import ComposeError, read_compose
 from labelproxy.sources.containers import ContainerView, PortBinding
 from labelproxy.spec import Transport
 
