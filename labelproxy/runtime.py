@@ -27,13 +27,13 @@ from labelproxy import __version__
 from labelproxy.http import HttpState, serve_http
 from labelproxy.metrics import Metrics
 from labelproxy.reconciler import Reconciler
-from labelproxy.routestable import StateView
 from labelproxy.settings import Settings, split_host_port
 from labelproxy.sources.containers import ContainerView, DiscoveryContext
 from labelproxy.sources.desired import build_desired
 from labelproxy.sources.discovery import Discovery, docker_host_problem
 from labelproxy.sources.staticroutes import RoutesFileInput
 from labelproxy.spec import Problem
+from labelproxy.status import StateView
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from prometheus_client.registry import Collector
 
 from labelproxy.http import HttpState, serve_http
 from labelproxy.metrics import Metrics, RouteState, StateSnapshot
-from labelproxy.routestable import RoutesSnapshot
 from labelproxy.runtime import Runtime
 from labelproxy.settings import Settings
 from labelproxy.spec import ListenKey
+from labelproxy.status import RoutesSnapshot
 from tests.support.http import StaticDocument, get
 from tests.support.lp import free_port, write_routes
 
