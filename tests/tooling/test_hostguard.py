@@ -23,7 +23,7 @@ import pytest
 from tests.support.hostguard import Snapshot, compare, without_volatile
 from tests.support.hostnet import Netns
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _link(kind: str, *addresses: str, master: str | None = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from labelproxy.streams.dataloop import DataLoop
-from tests.test_tcp_support import (
+from tests.support.tcp import (
     DEADLINE,
     connect,
     ping,

@@ -21,7 +21,7 @@ from labelproxy.metrics import Metrics
 from labelproxy.spec import EdgePolicy
 from labelproxy.streams.route import LiveRoute
 from labelproxy.streams.tcp import serve_tcp
-from tests.test_tcp_support import (
+from tests.support.tcp import (
     DEADLINE,
     connect,
     free_port,

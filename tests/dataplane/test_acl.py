@@ -10,7 +10,7 @@ import pytest
 
 from labelproxy.spec import EdgePolicy
 from labelproxy.streams.acl import Acl, LayeredAcl
-from tests.test_tcp_support import (
+from tests.support.tcp import (
     connect,
     ping,
     recv_until_eof,

@@ -29,7 +29,7 @@ from labelproxy.streams.proxyproto import (
     build_header,
     parse_dgram,
 )
-from tests.test_tcp_support import (
+from tests.support.tcp import (
     DEADLINE,
     connect,
     free_port,

@@ -27,7 +27,7 @@ from tests.support.dockerd import missing_requirements
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 240
 
 

@@ -26,7 +26,7 @@ from tests.support.baseimage import BaseImageError, ensure_base_image
 from tests.support.dockerd import PrivateDockerd
 from tests.support.lp import echo_roundtrip, free_port, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "labelproxy-test/labelproxy:image-test"
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]

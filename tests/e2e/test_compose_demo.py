@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.dockerd import PrivateDockerd
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _compose_v2(dockerd: PrivateDockerd) -> None:

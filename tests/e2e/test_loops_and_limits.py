@@ -17,7 +17,7 @@ import pytest
 
 from labelproxy.settings import auto_limit
 from labelproxy.streams.shared import SharedState
-from tests import test_udp_support as udp
+from tests.support import udp
 from tests.support.lp import (
     LabelproxyProcess,
     TcpEcho,

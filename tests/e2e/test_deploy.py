@@ -19,7 +19,7 @@ from labelproxy.metrics import Metrics, RouteState, StateSnapshot
 from labelproxy.spec import ListenKey
 from tests.support.lp import TcpEcho, echo_roundtrip, free_port, labelproxy, wait_for, write_routes
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 METRIC_NAME = re.compile(r"\blabelproxy_[a-z0-9_]+\b")
 

@@ -13,8 +13,7 @@ import pytest
 
 from labelproxy.settings import SettingsError, auto_limit, load_settings
 from labelproxy.streams.shared import SharedState
-from tests import test_tcp_support as tcp
-from tests import test_udp_support as udp
+from tests.support import tcp, udp
 
 pytestmark = pytest.mark.anyio
 

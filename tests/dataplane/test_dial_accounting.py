@@ -18,7 +18,7 @@ import pytest
 
 from labelproxy.streams import dataloop
 from labelproxy.streams.hooks import BaseHook, ConnInfo
-from tests.test_tcp_support import (
+from tests.support.tcp import (
     DEADLINE,
     connect,
     recv_until_eof,

@@ -17,7 +17,7 @@ from proxyprotocol.v2 import ProxyProtocolV2
 from labelproxy.metrics import Direction
 from labelproxy.spec import EdgePolicy
 from labelproxy.streams.hooks import BaseHook, ConnInfo
-from tests.test_udp_support import (  # anyio_backend, relay_path: fixtures for every test
+from tests.support.udp import (  # anyio_backend, relay_path: fixtures for every test
     anyio_backend,  # noqa: F401
     ask,
     client_of,

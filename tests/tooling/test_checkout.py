@@ -18,7 +18,7 @@ import pytest
 
 import labelproxy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _readme_command(label: str) -> str:

@@ -33,7 +33,7 @@ from labelproxy.spec import ListenKey
 from tests.support.dockerd import PrivateDockerd, run_container
 from tests.support.lp import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 BROKEN = """\
 name: broken

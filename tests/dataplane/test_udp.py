@@ -15,7 +15,7 @@ from labelproxy.metrics import Metrics
 from labelproxy.spec import EdgePolicy
 from labelproxy.streams.route import LiveRoute
 from labelproxy.streams.udp import serve_udp
-from tests.test_udp_support import (  # anyio_backend, relay_path: fixtures for every test
+from tests.support.udp import (  # anyio_backend, relay_path: fixtures for every test
     access_log,
     anyio_backend,  # noqa: F401
     ask,

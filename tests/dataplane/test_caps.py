@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_tcp_support import (
+from tests.support.tcp import (
     connect,
     ping,
     recv_until_eof,

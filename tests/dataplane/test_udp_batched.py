@@ -15,7 +15,7 @@ import pytest
 from labelproxy.streams import udp_mmsg
 from labelproxy.streams.udp_session import RawRefs
 from labelproxy.streams.udp_sockets import unmapped_host
-from tests.test_udp_support import (  # anyio_backend, relay_path: fixtures for every test
+from tests.support.udp import (  # anyio_backend, relay_path: fixtures for every test
     anyio_backend,  # noqa: F401
     client_of,
     relay_path,  # noqa: F401
