@@ -23,9 +23,9 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from labelproxy import __version__
+from labelproxy import __version__, status
 from labelproxy.http import HttpState, serve_http
-from labelproxy.metrics import Metrics
+from labelproxy.metrics import Metrics, MetricsDocument
 from labelproxy.reconciler import Reconciler
 from labelproxy.settings import Settings, split_host_port
 from labelproxy.sources.containers import ContainerView, DiscoveryContext
@@ -33,7 +33,6 @@ from labelproxy.sources.desired import build_desired
 from labelproxy.sources.discovery import Discovery, docker_host_problem
 from labelproxy.sources.staticroutes import RoutesFileInput
 from labelproxy.spec import Problem
-from labelproxy.status import StateView
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +64,6 @@ class Runtime:
         self._changed: anyio.Event | None = None
         self._stop_requested: anyio.Event | None = None
         self.reconciler: Reconciler | None = None
-        self.view = StateView(self)
 
     # -- inputs --------------------------------------------------------------------------
     def wake(self) -> None:
@@ -97,6 +95,22 @@ class Runtime:
             return "off"
         return "connected" if self.docker_connected else "disconnected"
 
+    # -- what the endpoints show (snapshots taken on the event loop) ---------------------
+    def inputs(self) -> status.Inputs:
+        return status.Inputs(
+            ready=self.ready(),
+            docker_enabled=self.settings.discovery_enabled,
+            docker_connected=self.docker_connected,
+            containers=len(self.views),
+            udp_max_sessions=self.settings.udp_max_sessions,
+        )
+
+    def routes_snapshot(self) -> status.RoutesSnapshot:
+        return status.routes_snapshot(self.reconciler, self.inputs(), metrics=self.metrics)
+
+    def metrics_snapshot(self) -> MetricsDocument:
+        return MetricsDocument(self.metrics, status.metrics_state(self.reconciler, self.inputs()))
+
     async def serve(self) -> int:
         """Run until a signal; returns the process exit status."""
         host, port = split_host_port(self.settings.http_addr)
@@ -105,7 +119,7 @@ class Runtime:
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._watch_signals)
             state = HttpState(
-                ready=self.ready, routes=self.view.routes_document, metrics=self.metrics,
+                ready=self.ready, routes=self.routes_snapshot, metrics=self.metrics_snapshot,
                 engine=self.engine_state,
             )  # fmt: skip
             try:
@@ -124,7 +138,6 @@ class Runtime:
                     task_group=listeners,
                     on_listener_lost=self.wake,
                 )
-                self.metrics.set_state_provider(self.view.metrics_state)
                 async with anyio.create_task_group() as inputs:
                     inputs.start_soon(self._cancel_on_stop, inputs.cancel_scope)
                     inputs.start_soon(self._retry_binds)

@@ -1,23 +1,23 @@
-"""Read-only views of the runtime's state: the /routes JSON document and the metrics snapshot.
+"""What the process shows of its state: the /routes document and the state gauges of /metrics.
 
-Both are taken on demand from live state (desired routes, live listeners, problems, counters),
-so what /routes and /metrics say cannot drift from what the process does. Both are snapshots
-of plain, immutable values taken on the event loop; the expensive part (the JSON document, the
-Prometheus text) is written from them on a worker thread.
+Both are taken on demand from the reconciler (desired routes, live listeners, bind problems)
+and the runtime's `Inputs` (readiness, the engine), with the route counters, so what /routes
+and /metrics say cannot drift from what the process does. Both are snapshots of plain,
+immutable values taken on the event loop; the expensive part (the JSON document, the
+Prometheus text) is written from them on a worker thread. This module reads the reconciler and
+its inputs, never the runtime that holds them.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from labelproxy.metrics import RouteCounters, RouteState, StateSnapshot
+from labelproxy.metrics import Metrics, RouteCounters, RouteState, StateSnapshot
+from labelproxy.reconciler import Reconciler
 from labelproxy.sources.fields import MAX_ALIAS_CHARS
 from labelproxy.spec import ListenKey, Problem, RouteSpec
-
-if TYPE_CHECKING:
-    from labelproxy.runtime import Runtime
 
 
 def _options(spec: RouteSpec) -> dict[str, Any]:
@@ -118,75 +118,81 @@ def _row_key(row: _Row) -> ListenKey:
     return row[0].key
 
 
-class StateView:
-    """Renders the runtime's state for the HTTP endpoints and the metrics collector."""
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """What the runtime knows of its inputs (and the one setting shown) at one moment."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._rt = runtime
+    ready: bool
+    docker_enabled: bool
+    docker_connected: bool
+    containers: int
+    udp_max_sessions: int  # the session cap of a UDP route that sets none
 
-    def _problems(self) -> list[Problem]:
-        rec = self._rt.reconciler
-        problems = list(rec.desired.problems) if rec else []
-        if rec:
-            problems.extend(rec.bind_problems[k] for k in sorted(rec.bind_problems))
-        return problems
 
-    def routes_document(self) -> RoutesSnapshot:
-        """The /routes document as a snapshot, cheap enough to take on the event loop: the
-        frozen specs, each route's live state and a copy of its counters. Building the JSON
-        (`RoutesSnapshot.encode`, hundreds of ms for thousands of routes) is left to the
-        caller's worker thread, so that it does not stall the relays."""
-        rt = self._rt
-        rec = rt.reconciler
-        rows: list[_Row] = []
-        if rec:
-            live = rec.live
-            problems = rec.bind_problems
-            counters_of = rt.metrics.counters
-            for key, spec in rec.desired.routes.items():
-                lv = live.get(key)
-                c = counters_of(key) or RouteCounters(spec.alias)
-                rows.append((
-                    spec,
-                    lv.spec if lv is not None else None,
-                    tuple(lv.bound) if lv is not None else (),
-                    problems.get(key) if problems else None,
-                    (c.connections_active, c.connections_total, c.bytes_in, c.bytes_out,
-                     c.udp_sessions_active, c.dial_errors),
-                    c.rejected.copy(),
-                ))  # fmt: skip
-        return RoutesSnapshot(
-            ready=rt.ready(),
-            docker_enabled=rt.settings.discovery_enabled,
-            docker_connected=rt.docker_connected,
-            containers=len(rt.views),
-            routes=tuple(rows),
-            problems=tuple(self._problems()),
-        )
+def problems(reconciler: Reconciler | None) -> list[Problem]:
+    """Every problem now: the desired state's (labels, conflicts, addresses) and the binds'."""
+    if reconciler is None:
+        return []
+    found = list(reconciler.desired.problems)
+    found.extend(reconciler.bind_problems[k] for k in sorted(reconciler.bind_problems))
+    return found
 
-    def metrics_state(self) -> StateSnapshot:
-        rt = self._rt
-        rec = rt.reconciler
-        states: list[RouteState] = []
-        if rec:
-            for key in sorted(rec.desired.routes):
-                spec = rec.desired.routes[key]
-                live = rec.live.get(key)
-                limit = spec.connection_limit(udp_default=rt.settings.udp_max_sessions)
-                states.append(
-                    RouteState(
-                        route=spec.alias,
-                        scheme=spec.scheme,
-                        listen=str(key),
-                        targets=",".join(str(b) for b in spec.backends),
-                        up=live is not None,
-                        limit=limit,
-                    )
+
+def routes_snapshot(
+    reconciler: Reconciler | None, inputs: Inputs, *, metrics: Metrics
+) -> RoutesSnapshot:
+    """The /routes document as a snapshot, cheap enough to take on the event loop: the frozen
+    specs, each route's live state and a copy of its counters. Building the JSON
+    (`RoutesSnapshot.encode`, hundreds of ms for thousands of routes) is left to the caller's
+    worker thread, so that it does not stall the relays."""
+    rows: list[_Row] = []
+    if reconciler is not None:
+        live = reconciler.live
+        bind_problems = reconciler.bind_problems
+        counters_of = metrics.counters
+        for key, spec in reconciler.desired.routes.items():
+            lv = live.get(key)
+            c = counters_of(key) or RouteCounters(spec.alias)
+            rows.append((
+                spec,
+                lv.spec if lv is not None else None,
+                tuple(lv.bound) if lv is not None else (),
+                bind_problems.get(key) if bind_problems else None,
+                (c.connections_active, c.connections_total, c.bytes_in, c.bytes_out,
+                 c.udp_sessions_active, c.dial_errors),
+                c.rejected.copy(),
+            ))  # fmt: skip
+    return RoutesSnapshot(
+        ready=inputs.ready,
+        docker_enabled=inputs.docker_enabled,
+        docker_connected=inputs.docker_connected,
+        containers=inputs.containers,
+        routes=tuple(rows),
+        problems=tuple(problems(reconciler)),
+    )
+
+
+def metrics_state(reconciler: Reconciler | None, inputs: Inputs) -> StateSnapshot:
+    """The state gauges of /metrics (route_info, route_up, limits, errors, the engine)."""
+    states: list[RouteState] = []
+    if reconciler is not None:
+        desired = reconciler.desired.routes
+        for key in sorted(desired):
+            spec = desired[key]
+            states.append(
+                RouteState(
+                    route=spec.alias,
+                    scheme=spec.scheme,
+                    listen=str(key),
+                    targets=",".join(str(b) for b in spec.backends),
+                    up=reconciler.live.get(key) is not None,
+                    limit=spec.connection_limit(udp_default=inputs.udp_max_sessions),
                 )
-        errors = tuple((_error_route(p), p.listen, p.kind) for p in self._problems())
-        return StateSnapshot(
-            routes=tuple(states), errors=errors, docker_connected=rt.docker_connected
-        )
+            )
+    errors = tuple((_error_route(p), p.listen, p.kind) for p in problems(reconciler))
+    return StateSnapshot(
+        routes=tuple(states), errors=errors, docker_connected=inputs.docker_connected
+    )
 
 
 def _error_route(problem: Problem) -> str:

@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from labelproxy.http import HttpState, serve_http
-from labelproxy.metrics import Metrics, RouteState, StateSnapshot
+from labelproxy.metrics import Metrics, MetricsDocument, RouteState, StateSnapshot
 from labelproxy.runtime import Runtime
 from labelproxy.settings import Settings
 from labelproxy.spec import ListenKey
@@ -63,16 +63,15 @@ async def test_a_scrape_is_written_off_the_event_loop_from_a_snapshot_taken_on_i
         route="ssh", scheme="tcp", listen="tcp://0.0.0.0:2222", targets="a:22", up=True
     )
 
-    def snapshot() -> StateSnapshot:
+    def snapshot() -> MetricsDocument:
         snapshot_threads.append(threading.current_thread())
-        return StateSnapshot(routes=(route,), docker_connected=True)
+        return MetricsDocument(metrics, StateSnapshot(routes=(route,), docker_connected=True))
 
-    metrics.set_state_provider(snapshot)
     probe = _ThreadProbe()
     metrics.registry.register(probe)
     probe.threads.clear()  # registering collected once, to describe it
     metrics.route("ssh", ListenKey("tcp", "0.0.0.0", 2222)).connections_total = 7
-    state = HttpState(ready=lambda: True, routes=lambda: StaticDocument(b"{}"), metrics=metrics)
+    state = HttpState(ready=lambda: True, routes=lambda: StaticDocument(b"{}"), metrics=snapshot)
     port = free_port()
     async with anyio.create_task_group() as tg:
         await tg.start(lambda task_status: serve_http(
@@ -101,7 +100,7 @@ async def test_routes_is_built_off_the_event_loop_from_a_snapshot_taken_on_it(
     ))  # fmt: skip
     taken_in: list[threading.Thread] = []
     built_in: list[threading.Thread] = []
-    take, build = runtime.view.routes_document, RoutesSnapshot.document
+    take, build = runtime.routes_snapshot, RoutesSnapshot.document
 
     def taking() -> RoutesSnapshot:
         taken_in.append(threading.current_thread())
@@ -111,7 +110,7 @@ async def test_routes_is_built_off_the_event_loop_from_a_snapshot_taken_on_it(
         built_in.append(threading.current_thread())
         return build(snapshot)
 
-    monkeypatch.setattr(runtime.view, "routes_document", taking)
+    monkeypatch.setattr(runtime, "routes_snapshot", taking)
     monkeypatch.setattr(RoutesSnapshot, "document", building)
     async with anyio.create_task_group() as tg:
         tg.start_soon(runtime.serve)
@@ -122,7 +121,7 @@ async def test_routes_is_built_off_the_event_loop_from_a_snapshot_taken_on_it(
         runtime.metrics.route("web", web_key).connections_total = 3
         status, body = await get(http_port, "/routes")
         # a snapshot shows the state it was taken in, whatever changes afterwards
-        snapshot = runtime.view.routes_document()
+        snapshot = runtime.routes_snapshot()
         runtime.metrics.route("web", web_key).connections_total = 4
         later = json.loads(snapshot.encode())
         tg.cancel_scope.cancel()

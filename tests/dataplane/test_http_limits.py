@@ -17,7 +17,7 @@ import anyio.abc
 import pytest
 
 from labelproxy.http import HttpLimits, HttpState
-from labelproxy.metrics import Metrics, StateSnapshot
+from labelproxy.metrics import Metrics, MetricsDocument, StateSnapshot
 from tests.support.http import (
     Gate,
     GatedCollector,
@@ -96,16 +96,15 @@ def _gated_state(gate: Gate, taken: list[str]) -> HttpState:
     metrics = Metrics()
     metrics.registry.register(GatedCollector(gate))
 
-    def metrics_snapshot() -> StateSnapshot:
+    def metrics_snapshot() -> MetricsDocument:
         taken.append("/metrics")
-        return StateSnapshot()
+        return MetricsDocument(metrics, StateSnapshot())
 
     def routes_snapshot() -> GatedDocument:
         taken.append("/routes")
         return GatedDocument(gate)
 
-    metrics.set_state_provider(metrics_snapshot)
-    return HttpState(ready=lambda: True, routes=routes_snapshot, metrics=metrics)
+    return HttpState(ready=lambda: True, routes=routes_snapshot, metrics=metrics_snapshot)
 
 
 @pytest.mark.anyio
@@ -163,7 +162,8 @@ async def test_a_failed_rendering_answers_500_and_the_next_scrape_renders_again(
                 raise RuntimeError("the first rendering fails")
             return b"{}\n"
 
-    state = HttpState(ready=lambda: True, routes=Flaky, metrics=Metrics())
+    metrics = MetricsDocument(Metrics(), StateSnapshot())
+    state = HttpState(ready=lambda: True, routes=Flaky, metrics=lambda: metrics)
     async with serving(state) as port:
         assert (await get(port, "/routes"))[0] == 500
         assert await get(port, "/routes") == (200, b"{}\n")

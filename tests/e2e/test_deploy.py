@@ -88,17 +88,15 @@ def _metrics_with_one_route_each() -> set[str]:
     metrics.docker_events_total.labels("start").inc()
     metrics.reloads_total.labels("ok").inc()
     metrics.reconcile_duration.observe(0.01)
-    metrics.set_state_provider(
-        lambda: StateSnapshot(
-            routes=(
-                RouteState("web", "tcp", "tcp://127.0.0.1:8080", "127.0.0.1:8081", True, 100),
-                RouteState("dns", "udp", "udp://127.0.0.1:5353", "127.0.0.1:53", True, 10_000),
-            ),
-            errors=(("web", "tcp://127.0.0.1:8080", "conflict"),),
-            docker_connected=True,
-        )
+    state = StateSnapshot(
+        routes=(
+            RouteState("web", "tcp", "tcp://127.0.0.1:8080", "127.0.0.1:8081", True, 100),
+            RouteState("dns", "udp", "udp://127.0.0.1:5353", "127.0.0.1:53", True, 10_000),
+        ),
+        errors=(("web", "tcp://127.0.0.1:8080", "conflict"),),
+        docker_connected=True,
     )
-    return _exposed_names(metrics.render().decode())
+    return _exposed_names(metrics.render(state).decode())
 
 
 def test_promtool_accepts_alert_rules_and_their_unit_tests() -> None:

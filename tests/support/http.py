@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from labelproxy.http import HttpLimits, HttpState, serve_http
-from labelproxy.metrics import Metrics
+from labelproxy.metrics import Metrics, MetricsDocument, StateSnapshot
 from tests.support.lp import free_port
 
 GATE_TIMEOUT = 10.0
@@ -126,6 +126,9 @@ class GatedDocument:
 
 
 def state_of(metrics: Metrics | None = None, *, routes: bytes = b"{}\n") -> HttpState:
+    shown = metrics or Metrics()
     return HttpState(
-        ready=lambda: True, routes=lambda: StaticDocument(routes), metrics=metrics or Metrics()
+        ready=lambda: True,
+        routes=lambda: StaticDocument(routes),
+        metrics=lambda: MetricsDocument(shown, StateSnapshot()),
     )

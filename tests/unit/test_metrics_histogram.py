@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from labelproxy.histogram import PlainHistogram
-from labelproxy.metrics import DIAL_BUCKETS, DURATION_BUCKETS, Metrics
+from labelproxy.metrics import DIAL_BUCKETS, DURATION_BUCKETS, Metrics, StateSnapshot
 from labelproxy.spec import ListenKey
 
 BOUNDS = (0.5, 1.0, 5.0)
@@ -97,7 +97,7 @@ def test_render_has_cumulative_buckets_count_and_sum_per_route() -> None:
     for value in (0.0005, 0.003, 0.003, 0.7, 9.0):
         web.observe_dial(value)
     db.observe_dial(0.02)
-    text = metrics.render().decode()
+    text = metrics.render(StateSnapshot()).decode()
 
     dial = "labelproxy_upstream_dial_duration_seconds"
     assert f"# TYPE {dial} histogram" in text
@@ -169,4 +169,4 @@ def test_exposition_matches_prometheus_client_histogram(
 
     want = ours(generate_latest(registry).decode())
     assert len(want) == 2 + 3 * (len(buckets) + 3)  # HELP, TYPE; per route buckets+Inf, count, sum
-    assert ours(metrics.render().decode()) == want
+    assert ours(metrics.render(StateSnapshot()).decode()) == want

@@ -26,7 +26,7 @@ BOTH = ("labelproxy_bytes_total", "labelproxy_connection_duration_seconds_bucket
 def samples(metrics: Metrics) -> dict[str, set[str]]:
     """Sample name -> the `listen` values it has a sample for."""
     out: dict[str, set[str]] = {}
-    for line in metrics.render().decode().splitlines():
+    for line in metrics.render(StateSnapshot()).decode().splitlines():
         if line.startswith("#"):
             continue
         name = re.split(r"[{ ]", line, maxsplit=1)[0]
@@ -35,9 +35,11 @@ def samples(metrics: Metrics) -> dict[str, set[str]]:
     return out
 
 
-def value(metrics: Metrics, name: str, **labels: str) -> float | None:
+def value(
+    metrics: Metrics, name: str, state: StateSnapshot | None = None, **labels: str
+) -> float | None:
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in metrics.render().decode().splitlines():
+    for line in metrics.render(state or StateSnapshot()).decode().splitlines():
         head, _, number = line.rpartition(" ")
         if head == f"{name}{{{want}}}":
             return float(number)
@@ -53,10 +55,10 @@ def test_one_alias_on_two_ports_is_two_routes_with_their_own_series() -> None:
     a.connections_total = 3
     b.connections_total = 5
     b.dial_errors = 1
-    metrics.set_state_provider(lambda: StateSnapshot(routes=(
+    state = StateSnapshot(routes=(
         RouteState("ssh", "tcp", str(SSH_A), "10.0.0.1:22", up=True),
         RouteState("ssh", "tcp", str(SSH_B), "10.0.0.2:22", up=False),
-    )))  # fmt: skip
+    ))  # fmt: skip
     total = "labelproxy_connections_total"
     assert value(metrics, total, route="ssh", listen="tcp://[::]:2222") == 3
     assert value(metrics, total, route="ssh", listen="tcp://[::]:2223") == 5
@@ -64,22 +66,22 @@ def test_one_alias_on_two_ports_is_two_routes_with_their_own_series() -> None:
     assert value(metrics, errors, route="ssh", listen="tcp://[::]:2222") == 0
     assert value(metrics, errors, route="ssh", listen="tcp://[::]:2223") == 1
     up = "labelproxy_route_up"
-    assert value(metrics, up, route="ssh", listen="tcp://[::]:2222") == 1
-    assert value(metrics, up, route="ssh", listen="tcp://[::]:2223") == 0
+    assert value(metrics, up, state, route="ssh", listen="tcp://[::]:2222") == 1
+    assert value(metrics, up, state, route="ssh", listen="tcp://[::]:2223") == 0
 
 
 def test_route_errors_name_the_listen_key_they_are_about() -> None:
     """A label error of a broken container (no listen key: "") is not an error of the healthy
     route with the same alias, and a conflict names the key it lost."""
     metrics = Metrics()
-    metrics.set_state_provider(lambda: StateSnapshot(
+    state = StateSnapshot(
         routes=(RouteState("ssh", "tcp", str(SSH_A), "10.0.0.1:22", up=True),),
         errors=(("ssh", "", "label"), ("ssh", str(SSH_A), "conflict"), ("ssh", "", "label")),
-    ))  # fmt: skip
+    )
     name = "labelproxy_route_errors"
-    assert value(metrics, name, route="ssh", listen="", reason="label") == 2
-    assert value(metrics, name, route="ssh", listen=str(SSH_A), reason="conflict") == 1
-    assert value(metrics, name, route="ssh", listen=str(SSH_A), reason="label") is None
+    assert value(metrics, name, state, route="ssh", listen="", reason="label") == 2
+    assert value(metrics, name, state, route="ssh", listen=str(SSH_A), reason="conflict") == 1
+    assert value(metrics, name, state, route="ssh", listen=str(SSH_A), reason="label") is None
 
 
 def test_each_route_exports_only_the_families_of_its_transport() -> None:
@@ -99,13 +101,13 @@ def test_forget_drops_every_series_of_the_route_and_a_return_starts_from_zero() 
     metrics = Metrics()
     keep = metrics.route("ssh", SSH_A)
     keep.bytes_in = 10
-    baseline = metrics.render()
+    baseline = metrics.render(StateSnapshot())
     gone = metrics.route("ssh", SSH_B)
     gone.bytes_in = 99
     gone.observe_dial(0.01)
-    assert str(SSH_B) in metrics.render().decode()
+    assert str(SSH_B) in metrics.render(StateSnapshot()).decode()
     metrics.forget(SSH_B)
-    assert metrics.render() == baseline
+    assert metrics.render(StateSnapshot()) == baseline
     assert metrics.counters(SSH_B) is None
     assert metrics.route("ssh", SSH_B).bytes_in == 0
     assert metrics.route("ssh", SSH_A) is keep
