@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping
 
 import pytest
 
@@ -97,3 +99,52 @@ def test_bad_setting_stops_startup_with_one_line() -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "LABELPROXY_CONNECT_TIMEOUT" in lines[0] and "'fast'" in lines[0]
+
+
+class _WatchedEnv(Mapping[str, str]):
+    """A settings environment that records, whenever one of its values is read, what the
+    process environment held then (another thread reading it at that moment sees the same)."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self._values = values
+        self.process_env_seen: list[dict[str, str]] = []
+
+    def __getitem__(self, key: str) -> str:
+        self.process_env_seen.append(dict(os.environ))
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+def test_loading_from_a_mapping_leaves_the_process_environment_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, load_settings(env) cleared os.environ and filled it with `env` while it
+    validated: every thread of the process saw that environment meanwhile."""
+    monkeypatch.setenv("LABELPROXY_LOG_LEVEL", "debug")
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:2375")
+    before = dict(os.environ)
+    env = _WatchedEnv({"LABELPROXY_DRAIN_TIMEOUT": "7s"})
+    settings = load_settings(env)
+    assert settings.drain_timeout == 7.0
+    # the process's variables do not leak into settings built from another mapping
+    assert settings.log_level == "info"
+    assert settings.docker_host == "unix:///var/run/docker.sock"
+    assert env.process_env_seen and all(seen == before for seen in env.process_env_seen)
+    assert dict(os.environ) == before
+
+
+def test_loading_the_process_environment_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LABELPROXY_LOG_LEVEL", "warning")
+    monkeypatch.setenv("labelproxy_drain_timeout", "2s")  # names in any case, as before
+    monkeypatch.delenv("LABELPROXY_DOCKER_HOST", raising=False)
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:2375")
+    before = dict(os.environ)
+    settings = load_settings()
+    assert (settings.log_level, settings.drain_timeout) == ("warning", 2.0)
+    assert settings.docker_host == "tcp://127.0.0.1:2375"
+    assert dict(os.environ) == before
