@@ -111,8 +111,16 @@ class Runtime:
     def metrics_snapshot(self) -> MetricsDocument:
         return MetricsDocument(self.metrics, status.metrics_state(self.reconciler, self.inputs()))
 
-    async def serve(self) -> int:
-        """Run until a signal; returns the process exit status."""
+    def stop(self) -> None:
+        """Begin the shutdown phase, as the first SIGTERM does (stop accepting, drain)."""
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> int:
+        """Run until a signal (or `stop`); returns the process exit status. Reports started
+        once ready (the first snapshot applied), for `task_group.start`."""
         host, port = split_host_port(self.settings.http_addr)
         self._changed = anyio.Event()
         self._stop_requested = anyio.Event()
@@ -154,7 +162,7 @@ class Runtime:
                         )
                         await inputs.start(discovery.serve)
                     self.wake()
-                    await self._reconcile_loop()
+                    await self._reconcile_loop(task_status)
                 # inputs cancelled: shutdown phase
                 logger.info(
                     "shutting down: listeners closed, draining connections for up to %.0fs",
@@ -167,7 +175,7 @@ class Runtime:
         logger.info("stopped", extra={"action": "exit"})
         return 0
 
-    async def _reconcile_loop(self) -> None:
+    async def _reconcile_loop(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         assert self.reconciler is not None
         while True:
             assert self._changed is not None
@@ -199,6 +207,7 @@ class Runtime:
                     len(desired.routes),
                     extra={"action": "ready"},
                 )
+                task_status.started()
 
     def _log_problem_changes(self, problems: tuple[Problem, ...]) -> None:
         """Log each problem once when it appears and once when it is gone (not every pass)."""
@@ -243,8 +252,7 @@ class Runtime:
                         signal.Signals(signum).name,
                         extra={"action": "shutdown"},
                     )
-                    if self._stop_requested is not None:
-                        self._stop_requested.set()
+                    self.stop()
                 else:
                     logger.warning("second signal: exiting now", extra={"action": "exit"})
                     logging.shutdown()
