@@ -113,10 +113,8 @@ async def test_routes_is_built_off_the_event_loop_from_a_snapshot_taken_on_it(
     monkeypatch.setattr(runtime, "routes_snapshot", taking)
     monkeypatch.setattr(RoutesSnapshot, "document", building)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(runtime.serve)
         with anyio.fail_after(10):
-            while not runtime.ready():  # the HTTP server is bound before the routes apply
-                await anyio.sleep(0.05)
+            await tg.start(runtime.serve)  # started once ready: the routes are applied
         web_key = ListenKey("tcp", "127.0.0.1", listen_port)
         runtime.metrics.route("web", web_key).connections_total = 3
         status, body = await get(http_port, "/routes")
