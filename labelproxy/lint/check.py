@@ -2,7 +2,7 @@
 
 Two subjects: the running containers of a Docker engine (listed with docker-py and turned into
 views by `discovery.list_once`), or a compose file (`compose.load_compose`, read as Compose
-reads it). Either way the views go through the same `snapshot.build_desired` the proxy uses, so
+reads it). Either way the views go through the same `desired.build_desired` the proxy uses, so
 what `check` prints is what labelproxy would serve: the routes table (listen, scheme, alias,
 targets, source) and every problem (container or service, label, value, what was expected).
 

@@ -1,7 +1,7 @@
 """Which service of a compose file holds a port that two of them claim: creation order.
 
 At run time the oldest container holds a contested listen key and every later claimant gets a
-`conflict` problem (`snapshot.build_desired`). Before `up` there are no creation times, but
+`conflict` problem (`desired.build_desired`). Before `up` there are no creation times, but
 Compose creates a service's containers after those of the services it depends on (`depends_on`,
 `links`, `network_mode: service:X`, `volumes_from`, directly or not) and all others in parallel.
 `compose.views_of` orders the views that way, so for two services whose routes conflict:

@@ -1,7 +1,7 @@
 """What discovery hands to the pure label code: a plain, frozen view of one running container.
 
 Discovery (the only module that imports `docker`) turns each container it lists into a
-`ContainerView`; `labels`, `resolve` and `snapshot` work on these views only, so they can be
+`ContainerView`; `labels`, `resolve` and `desired` work on these views only, so they can be
 tested with plain values. `DiscoveryContext` carries the few facts about labelproxy's own
 situation that target resolution needs (label prefix, own networks, remote daemon host).
 """

@@ -1,6 +1,6 @@
 """A bad deadline cannot stop the data plane's timers.
 
-Validation keeps NaN and infinite durations out of every spec (tests/test_units.py and the
+Validation keeps NaN and infinite durations out of every spec (tests/unit/test_units.py and the
 label and routes-file tables); these tests go one level below it, to a `RouteSpec` built
 directly, and show that one route's NaN idle timeout does not stop the idle timeouts of
 another route sharing the TCP data-plane loop.

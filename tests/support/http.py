@@ -1,7 +1,7 @@
 """Helpers for the HTTP endpoint tests: an in-process `serve_http` on a loopback port, a raw
 HTTP/1.1 client on real sockets, and a gate that holds a document's rendering until released.
 
-No tests live here; `tests/test_http.py` and `tests/test_http_limits.py` import it.
+No tests live here; `tests/dataplane/test_http.py` and `test_http_limits.py` import it.
 """
 
 from __future__ import annotations

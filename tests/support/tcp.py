@@ -1,6 +1,6 @@
 """Helpers for the TCP data-plane tests: test-owned upstreams, a running route, clients.
 
-No tests live here; `tests/test_tcp*.py`, `test_proxyproto.py`, `test_acl.py` and
+No tests live here; `tests/dataplane/test_tcp.py`, `test_proxyproto.py`, `test_acl.py` and
 `test_caps.py` import it. Everything is real loopback sockets.
 """
 

@@ -1,4 +1,5 @@
-"""Table tests for merging containers and static routes into one DesiredState (snapshot.py)."""
+"""Table tests for merging containers and static routes into one DesiredState
+(sources/desired.py)."""
 
 from __future__ import annotations
 
