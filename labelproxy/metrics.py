@@ -16,6 +16,10 @@ it from live state on its event loop, see `status`), so they cannot drift; metri
 back into the runtime.
 Label values are route aliases (at most 64 characters of `[A-Za-z0-9_.-]`, see `sources.fields`),
 listen keys and fixed reason words, never client addresses.
+
+About 320 lines: most of it is the exposition (`_LiveCollector`, one family per metric with its
+help text), kept beside the counters it reads so that a new counter and its series change
+together.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ docker-py is blocking: its calls run on daemon threads (`blocking.run_blocking`)
 the event loop only through `anyio.from_thread`; a call stuck on a frozen engine is abandoned,
 never awaited, and cannot hold up shutdown. Cancelling `serve` closes the event stream, which
 ends that thread. The JSON -> view conversion (`dockerviews`) is pure and usable without an engine.
+
+About 370 lines, on purpose: every docker-py call of the process is here (the one module that
+imports `docker`, an import-linter contract), the long-lived watch and the one-shot
+`list_once` of `labelproxy check` alike; what needs no engine is already out (`dockerviews`,
+`liveness`, `blocking`).
 """
 
 from __future__ import annotations

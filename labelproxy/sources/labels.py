@@ -19,6 +19,10 @@ including any dotted sub-field of them) and its container-level idle-watcher lab
 ignored silently (logged at DEBUG); an alias whose `scheme` is an HTTP one (`http`, `https`,
 `h2c`, `fileserver`) is GoDoxy's business and is skipped the same way. Any other unknown
 field is a problem naming the valid ones.
+
+About 320 lines: the grouping of one container's labels by alias, with the precedence and
+GoDoxy rules above, reads best in one place; the field syntax (`fields`) and the target
+(`resolve`) are modules of their own.
 """
 
 from __future__ import annotations
