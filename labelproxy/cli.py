@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings is None:
         return EXIT_SETTINGS
     if args.command == "check":
-        from labelproxy.check import run_check  # noqa: PLC0415 - only this command needs it
+        from labelproxy.lint.check import run_check  # noqa: PLC0415 - only this command needs it
 
         return run_check(
             compose_file=args.compose,

@@ -40,8 +40,7 @@ import anyio.to_thread
 from labelproxy.kernel.engine import ApplyResult, KernelEngine, RouteCounters
 from labelproxy.routelog import log_runs
 from labelproxy.routepath import NOT_BOUND, RoutePath, kernel_path, with_kernel_counters
-from labelproxy.settings import Forwarding as ForwardingMode
-from labelproxy.spec import EdgePolicy, ListenKey, RouteSpec
+from labelproxy.spec import EdgePolicy, ForwardingMode, ListenKey, RouteSpec
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +200,10 @@ class Forwarding:
         if found is not None:
             return found
         return RoutePath("relay", self.unavailable or "not applied to the kernel yet")
+
+    def path_of(self, key: ListenKey) -> str:
+        """`kernel` or `relay`: the path of the route on `key` (as `status` reads it)."""
+        return self.path(key).forwarding
 
     def kernel_keys(self) -> frozenset[ListenKey]:
         return frozenset(k for k, p in self._paths.items() if p.forwarding == "kernel")

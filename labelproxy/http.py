@@ -1,7 +1,7 @@
 """The small HTTP server on `LABELPROXY_HTTP_ADDR`: /metrics, /healthz, /readyz, /routes.
 
-HTTP/1.1 with `Connection: close`, GET and HEAD only. It knows nothing of Docker or listeners:
-the runtime passes in callables that snapshot the current state.
+HTTP/1.1 with `Connection: close`, GET and HEAD only. It knows nothing of Docker, listeners or
+metrics: the runtime passes in callables that snapshot the current state.
 
 Whoever can reach the port must not be able to get the process marked unhealthy, or make it
 grow, so:
@@ -27,7 +27,6 @@ from typing import Protocol
 import anyio
 import anyio.abc
 
-from labelproxy.metrics import Metrics
 from labelproxy.streams.sockets import RESOURCE_ERRNOS, accept_backoff
 
 logger = logging.getLogger(__name__)
@@ -47,11 +46,12 @@ class Document(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class HttpState:
-    """What the endpoints read: readiness, a /routes snapshot, and the metrics."""
+    """What the endpoints read: readiness, and a snapshot of /routes and of /metrics (each
+    taken on the event loop, encoded on a worker thread)."""
 
     ready: Callable[[], bool]
     routes: Callable[[], Document]
-    metrics: Metrics
+    metrics: Callable[[], Document]
     engine: Callable[[], str] | None = None  # the /readyz detail: connected, disconnected, off
 
 
@@ -154,12 +154,9 @@ class _Waiting:
         self._scopes.pop(scope, None)
 
 
-def _metrics_snapshot(metrics: Metrics) -> Callable[[], bytes]:
-    return partial(metrics.render, metrics.state())
-
-
-def _routes_snapshot(state: HttpState) -> Callable[[], bytes]:
-    return state.routes().encode
+def _encoder(take: Callable[[], Document]) -> Callable[[], bytes]:
+    """Take a snapshot now (on the event loop); the returned function writes its body."""
+    return take().encode
 
 
 class _Server:
@@ -171,8 +168,8 @@ class _Server:
         self.state = state
         self.limits = limits
         self.waiting = _Waiting(limits.max_waiting)
-        metrics = _SharedRender(partial(_metrics_snapshot, state.metrics), task_group=task_group)
-        routes = _SharedRender(partial(_routes_snapshot, state), task_group=task_group)
+        metrics = _SharedRender(partial(_encoder, state.metrics), task_group=task_group)
+        routes = _SharedRender(partial(_encoder, state.routes), task_group=task_group)
         self.documents: dict[str, tuple[_SharedRender, str]] = {
             "/metrics": (metrics, PROMETHEUS_TEXT),
             "/routes": (routes, JSON),

@@ -10,9 +10,11 @@ into `PlainHistogram`s of the same kind: plain lists and numbers, no locks (each
 one writer thread). A custom collector reads both at scrape time, so the hot path pays an
 attribute increment or a bisect, not a lock. A route exports only the families of its
 transport: TCP routes no `udp_*` series, UDP routes no connection, rejection or dial series.
-Current-state gauges (route_info, route_up, route_errors, active connections and sessions)
-come from a `StateProvider` the runtime installs: read from live state, they cannot drift.
-Label values are route aliases (at most 64 characters of `[A-Za-z0-9_.-]`, see `fields`),
+Current-state gauges (route_info, route_up, route_connection_limit, route_errors,
+docker_connected) come from the `StateSnapshot` the caller of `render` passes (the runtime takes
+it from live state on its event loop, see `status`), so they cannot drift; metrics never calls
+back into the runtime.
+Label values are route aliases (at most 64 characters of `[A-Za-z0-9_.-]`, see `sources.fields`),
 listen keys and fixed reason words, never client addresses.
 
 Routes the kernel forwards (`RouteState.forwarding == "kernel"`) are counted by nftables and
@@ -24,6 +26,10 @@ counts to the relay's (which carries what the kernel does not: see `labelproxy.k
 series only the relay can measure (payload `bytes_total`, dial errors and latency,
 connection durations) are absent. When the kernel cannot be read, a kernel route's counter
 series are left out of that scrape rather than shown without the kernel's share.
+
+About 320 lines: most of it is the exposition (`_LiveCollector`, one family per metric with its
+help text), kept beside the counters it reads so that a new counter and its series change
+together.
 """
 
 from __future__ import annotations
@@ -131,7 +137,6 @@ class StateSnapshot:
     docker_connected: bool = False
 
 
-StateProvider = Callable[[], StateSnapshot]
 
 
 class KernelCounts(Protocol):
@@ -164,8 +169,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._routes: dict[ListenKey, RouteCounters] = {}
-        self._state: StateProvider = StateSnapshot
-        self._pinned: StateSnapshot | None = None  # the snapshot of the render in progress
+        self._pinned = StateSnapshot()  # the snapshot of the render in progress
         self._kernel_reader: KernelReader | None = None
         self._render_lock = threading.Lock()
         self.reconcile_total = Counter(
@@ -219,9 +223,6 @@ class Metrics:
     def all_routes(self) -> Iterable[RouteCounters]:
         return tuple(self._routes.values())
 
-    def set_state_provider(self, provider: StateProvider) -> None:
-        self._state = provider
-
     def set_kernel_reader(self, reader: KernelReader) -> None:
         """Where scrapes read the counters of the routes the kernel forwards (blocking)."""
         self._kernel_reader = reader
@@ -239,24 +240,34 @@ class Metrics:
                          extra={"action": "metrics"})
             return None
 
-    def state(self) -> StateSnapshot:
-        return self._state()
-
     def _render_state(self) -> StateSnapshot:
-        """What the exposition shows: the snapshot `render` was given, else a fresh one."""
-        pinned = self._pinned
-        return pinned if pinned is not None else self._state()
+        """What the exposition shows: the snapshot `render` was given (an empty one when the
+        registry is collected some other way)."""
+        return self._pinned
 
-    def render(self, state: StateSnapshot | None = None) -> bytes:
-        """The Prometheus text exposition of every metric. `state`: a snapshot the caller
-        took, so that the text can be written on another thread (a thousand routes take a
-        few hundred ms) while the runtime's own structures are only read on theirs."""
+    def render(self, state: StateSnapshot) -> bytes:
+        """The Prometheus text exposition of every metric, the current-state gauges from
+        `state`: a snapshot the caller took, so that the text can be written on another thread
+        (a thousand routes take a few hundred ms) while the runtime's own structures are only
+        read on theirs."""
         with self._render_lock:
             self._pinned = state
             try:
                 return generate_latest(self.registry)
             finally:
-                self._pinned = None
+                self._pinned = StateSnapshot()
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsDocument:
+    """A /metrics response as taken on the event loop: the state gauges' snapshot. `encode`
+    writes the exposition (the counters as they are then) and may run on any thread."""
+
+    metrics: Metrics
+    state: StateSnapshot
+
+    def encode(self) -> bytes:
+        return self.metrics.render(self.state)
 
 
 class _LiveCollector(Collector):

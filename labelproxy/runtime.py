@@ -26,18 +26,17 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from labelproxy import __version__
-from labelproxy.containers import ContainerView, DiscoveryContext
-from labelproxy.discovery import Discovery, docker_host_problem
+from labelproxy import __version__, status
 from labelproxy.forwarding import Forwarding, KernelUnavailableError
 from labelproxy.http import HttpState, serve_http
-from labelproxy.metrics import Metrics
+from labelproxy.metrics import Metrics, MetricsDocument
 from labelproxy.reconciler import Reconciler
-from labelproxy.routestable import StateView
 from labelproxy.settings import Settings, split_host_port
-from labelproxy.snapshot import build_desired
+from labelproxy.sources.containers import ContainerView, DiscoveryContext
+from labelproxy.sources.desired import build_desired
+from labelproxy.sources.discovery import Discovery, docker_host_problem
+from labelproxy.sources.staticroutes import RoutesFileInput
 from labelproxy.spec import Problem
-from labelproxy.staticroutes import RoutesFileInput
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +70,6 @@ class Runtime:
         self.reconciler: Reconciler | None = None
         self.edge = settings.edge_policy()
         self.forwarding = Forwarding(mode=settings.forwarding, policy=self.edge)
-        self.view = StateView(self)
 
     # -- inputs --------------------------------------------------------------------------
     def wake(self) -> None:
@@ -103,15 +101,42 @@ class Runtime:
             return "off"
         return "connected" if self.docker_connected else "disconnected"
 
-    async def serve(self) -> int:
-        """Run until a signal; returns the process exit status."""
+    # -- what the endpoints show (snapshots taken on the event loop) ---------------------
+    def inputs(self) -> status.Inputs:
+        return status.Inputs(
+            ready=self.ready(),
+            docker_enabled=self.settings.discovery_enabled,
+            docker_connected=self.docker_connected,
+            containers=len(self.views),
+            udp_max_sessions=self.settings.udp_max_sessions,
+        )
+
+    def routes_snapshot(self) -> status.RoutesSnapshot:
+        return status.routes_snapshot(
+            self.reconciler, self.inputs(), metrics=self.metrics, paths=self.forwarding
+        )
+
+    def metrics_snapshot(self) -> MetricsDocument:
+        state = status.metrics_state(self.reconciler, self.inputs(), paths=self.forwarding)
+        return MetricsDocument(self.metrics, state)
+
+    def stop(self) -> None:
+        """Begin the shutdown phase, as the first SIGTERM does (stop accepting, drain)."""
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> int:
+        """Run until a signal (or `stop`); returns the process exit status. Reports started
+        once ready (the first snapshot applied), for `task_group.start`."""
         host, port = split_host_port(self.settings.http_addr)
         self._changed = anyio.Event()
         self._stop_requested = anyio.Event()
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._watch_signals)
             state = HttpState(
-                ready=self.ready, routes=self.view.routes_document, metrics=self.metrics,
+                ready=self.ready, routes=self.routes_snapshot, metrics=self.metrics_snapshot,
                 engine=self.engine_state,
             )  # fmt: skip
             try:
@@ -134,7 +159,6 @@ class Runtime:
                     task_group=listeners,
                     on_listener_lost=self.wake,
                 )
-                self.metrics.set_state_provider(self.view.metrics_state)
                 self.metrics.set_kernel_reader(self.forwarding.read_counters)
                 async with anyio.create_task_group() as inputs:
                     inputs.start_soon(self._cancel_on_stop, inputs.cancel_scope)
@@ -153,7 +177,7 @@ class Runtime:
                         )
                         await inputs.start(discovery.serve)
                     self.wake()
-                    await self._reconcile_loop()
+                    await self._reconcile_loop(task_status)
                 # inputs cancelled: shutdown phase
                 logger.info(
                     "shutting down: listeners closed, draining connections for up to %.0fs",
@@ -171,7 +195,7 @@ class Runtime:
         logger.info("stopped", extra={"action": "exit"})
         return 0
 
-    async def _reconcile_loop(self) -> None:
+    async def _reconcile_loop(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         assert self.reconciler is not None
         while True:
             assert self._changed is not None
@@ -205,6 +229,7 @@ class Runtime:
                     len(desired.routes),
                     extra={"action": "ready"},
                 )
+                task_status.started()
 
     def _log_problem_changes(self, problems: tuple[Problem, ...]) -> None:
         """Log each problem once when it appears and once when it is gone (not every pass)."""
@@ -250,8 +275,7 @@ class Runtime:
                         signal.Signals(signum).name,
                         extra={"action": "shutdown"},
                     )
-                    if self._stop_requested is not None:
-                        self._stop_requested.set()
+                    self.stop()
                 else:
                     logger.warning("second signal: exiting now", extra={"action": "exit"})
                     logging.shutdown()

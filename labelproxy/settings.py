@@ -1,20 +1,23 @@
 """Process settings from `LABELPROXY_*` environment variables, built once by the CLI.
 
-`Settings` is frozen and validated by pydantic-settings; `load_settings` turns a validation
-error into one `SettingsError` line naming the variable and what it expected.
+`Settings` is frozen and validated by pydantic; it reads no environment itself.
+`load_settings(env)` is the one place that does: it takes the variables of `env` (by default
+the process environment, which it only reads) and turns a validation error into one
+`SettingsError` line naming the variable and what it expected.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from labelproxy.spec import AcceptProxyProtocol, EdgePolicy, IPNetwork
+from labelproxy.spec import AcceptProxyProtocol, EdgePolicy, ForwardingMode, IPNetwork
 from labelproxy.units import (
     check_duration,
     parse_cidr_list,
@@ -23,9 +26,7 @@ from labelproxy.units import (
 )
 
 ENV_PREFIX = "LABELPROXY_"
-# LABELPROXY_FORWARDING: `auto` uses the kernel (nftables) for the routes it can carry when
-# labelproxy may program nftables here, `relay` never, `kernel` requires it at start-up
-Forwarding = Literal["auto", "relay", "kernel"]
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
 
 def _duration(value: Any) -> float:
@@ -49,7 +50,7 @@ def _cidrs(value: Any) -> tuple[IPNetwork, ...]:
 # zero is a valid drain ("close at once"), never a valid dial, idle, header or resync period
 Duration = Annotated[float, BeforeValidator(_duration)]
 PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
-CidrList = Annotated[tuple[IPNetwork, ...], NoDecode, BeforeValidator(_cidrs)]
+CidrList = Annotated[tuple[IPNetwork, ...], BeforeValidator(_cidrs)]
 
 
 # -- process-wide limits ----------------------------------------------------------------
@@ -81,20 +82,17 @@ def open_files_limit() -> int:
     return 1 << 20 if soft == resource.RLIM_INFINITY else int(soft)
 
 
-def _default_docker_host() -> str:
-    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-
-
 class SettingsError(Exception):
     """A setting is invalid; the message is one line naming the variable."""
 
 
 class Settings(BaseSettings):
-    """Every `LABELPROXY_*` setting (see the README's settings reference)."""
+    """Every `LABELPROXY_*` setting (see the README's settings reference), from the keyword
+    arguments only: `load_settings` reads the environment."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(frozen=True)
 
-    docker_host: str = Field(default_factory=_default_docker_host)
+    docker_host: str = DEFAULT_DOCKER_HOST
     label_prefix: str = "proxy"
     routes_file: Path | None = None
     http_addr: str = "0.0.0.0:9464"
@@ -110,10 +108,22 @@ class Settings(BaseSettings):
     allow: CidrList = ()
     deny: CidrList = ()
     resync_interval: PositiveDuration = 60.0
-    forwarding: Forwarding = "auto"
+    forwarding: ForwardingMode = "auto"
     # process-wide caps (None: `auto`, see `auto_limit`)
     max_connections: Limit = None
     udp_max_sessions_total: Limit = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The keyword arguments alone: no process-wide environment or file is read here."""
+        return (init_settings,)
 
     @field_validator("log_level", "log_format", "accept_proxy_protocol", "forwarding",
                      mode="before")
@@ -177,19 +187,25 @@ def split_host_port(addr: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def load_settings(env: dict[str, str] | None = None) -> Settings:
-    """Build the settings from the environment, or raise one clear `SettingsError`."""
+def settings_values(env: Mapping[str, str]) -> dict[str, str]:
+    """The `LABELPROXY_*` variables of `env` as `Settings` fields (names in any case, as the
+    shell may give them); `DOCKER_HOST` stands in for an unset `LABELPROXY_DOCKER_HOST`."""
+    named = {key.lower(): value for key, value in env.items()}
+    values = {
+        name: named[f"{ENV_PREFIX}{name}".lower()]
+        for name in Settings.model_fields
+        if f"{ENV_PREFIX}{name}".lower() in named
+    }
+    if "docker_host" not in values and env.get("DOCKER_HOST"):
+        values["docker_host"] = env["DOCKER_HOST"]
+    return values
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from `env` (default: the process environment, read and never
+    changed), or raise one clear `SettingsError`."""
     try:
-        if env is None:
-            return Settings()
-        saved = dict(os.environ)
-        try:
-            os.environ.clear()
-            os.environ.update(env)
-            return Settings()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        return Settings.model_validate(settings_values(os.environ if env is None else env))
     except ValidationError as exc:
         first = exc.errors()[0]
         name = ENV_PREFIX + "_".join(str(p) for p in first["loc"]).upper()

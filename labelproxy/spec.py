@@ -26,6 +26,9 @@ LoadBalance = Literal["round_robin", "least_conn", "source_hash"]
 AcceptProxyProtocol = Literal["off", "optional", "required"]
 # a route's `forwarding` field: `auto` (the kernel where it can carry the route) or `relay`
 RouteForwarding = Literal["auto", "relay"]
+# LABELPROXY_FORWARDING: `auto` uses the kernel (nftables) for the routes it can carry when
+# labelproxy may program nftables here, `relay` never, `kernel` requires it at start-up
+ForwardingMode = Literal["auto", "relay", "kernel"]
 ProblemKind = Literal["label", "conflict", "bind", "address", "loop"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

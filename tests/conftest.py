@@ -29,9 +29,10 @@ from tests.support.dockerd import (
 
 logger = logging.getLogger(__name__)
 
-# In this process (in-process Runtimes) and every labelproxy it starts without saying
-# otherwise, routes are relayed: the kernel path programs nftables, which a test may only do
-# inside a network namespace it created (tests/support/nslp.py and kernelworld.py ask for it).
+# Every labelproxy process a test starts inherits this unless it says otherwise: routes are
+# relayed, because the kernel path programs nftables, which a test may only do inside a network
+# namespace it created (tests/support/nslp.py and kernelworld.py ask for it). In-process
+# Runtimes read no environment: they pass `forwarding="relay"` themselves.
 os.environ.setdefault("LABELPROXY_FORWARDING", "relay")
 DOCKER_FIXTURES = frozenset({"dockerd", "dockerd_available"})
 

@@ -1,7 +1,7 @@
 """Helpers for the HTTP endpoint tests: an in-process `serve_http` on a loopback port, a raw
 HTTP/1.1 client on real sockets, and a gate that holds a document's rendering until released.
 
-No tests live here; `tests/test_http.py` and `tests/test_http_limits.py` import it.
+No tests live here; `tests/dataplane/test_http.py` and `test_http_limits.py` import it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from labelproxy.http import HttpLimits, HttpState, serve_http
-from labelproxy.metrics import Metrics
+from labelproxy.metrics import Metrics, MetricsDocument, StateSnapshot
 from tests.support.lp import free_port
 
 GATE_TIMEOUT = 10.0
@@ -126,6 +126,9 @@ class GatedDocument:
 
 
 def state_of(metrics: Metrics | None = None, *, routes: bytes = b"{}\n") -> HttpState:
+    shown = metrics or Metrics()
     return HttpState(
-        ready=lambda: True, routes=lambda: StaticDocument(routes), metrics=metrics or Metrics()
+        ready=lambda: True,
+        routes=lambda: StaticDocument(routes),
+        metrics=lambda: MetricsDocument(shown, StateSnapshot()),
     )

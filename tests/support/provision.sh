@@ -62,7 +62,7 @@ fi
 
 # -- 2. Python environment ---------------------------------------------------------------------
 if [ -n "${PYTHON:-}" ]; then
-    "$PYTHON" -c 'import labelproxy, pytest, mypy, ruff' 2>/dev/null || {
+    "$PYTHON" -c 'import labelproxy, pytest, mypy, ruff, importlinter' 2>/dev/null || {
         log "PYTHON=$PYTHON lacks labelproxy or its test tools: pip install -e '.[test]' into it"
         exit 1
     }

@@ -1,6 +1,6 @@
 """Helpers for the TCP data-plane tests: test-owned upstreams, a running route, clients.
 
-No tests live here; `tests/test_tcp*.py`, `test_proxyproto.py`, `test_acl.py` and
+No tests live here; `tests/dataplane/test_tcp.py`, `test_proxyproto.py`, `test_acl.py` and
 `test_caps.py` import it. Everything is real loopback sockets.
 """
 
@@ -75,12 +75,12 @@ async def upstream(
     """Run a TCP server on `host`, an ephemeral port, for the duration of the block."""
     listener = await anyio.create_tcp_listener(local_host=host, local_port=0)
     up = Upstream(listener, handler)
-    async with anyio.create_task_group() as tg:
+    async with listener, anyio.create_task_group() as tg:  # serve() leaves it open
         tg.start_soon(listener.serve, up._handle)
         try:
             yield up
         finally:
-            tg.cancel_scope.cancel()  # serve() closes the listener on its way out
+            tg.cancel_scope.cancel()
 
 
 def tcp_spec(

@@ -1,6 +1,6 @@
 """Helpers for the UDP data-plane tests: a test-owned UDP upstream, a running route, log capture.
 
-No tests live here; `tests/test_udp.py` and `tests/test_udp_policy.py` import it.
+No tests live here; `tests/dataplane/test_udp.py` and `test_udp_policy.py` import it.
 """
 
 from __future__ import annotations

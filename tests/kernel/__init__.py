@@ -1,0 +1,1 @@
+"""Kernel forwarding (nftables, conntrack) inside network namespaces the tests create."""
