@@ -242,14 +242,15 @@ def _network_warnings(
 def render(result: CheckResult) -> str:
     """The report: routes table, problems, warnings and a one-line summary."""
     lines = [f"labelproxy check: {result.subject}", ""]
-    rows = [("LISTEN", "SCHEME", "ALIAS", "TARGETS", "SOURCE")]
+    rows = [("LISTEN", "SCHEME", "ALIAS", "TARGETS", "CHECK", "SOURCE")]
     for key in sorted(result.state.routes):
         spec = result.state.routes[key]
         targets = ",".join(str(b) for b in spec.backends) or "(no ready backend)"
         source = spec.source.removeprefix("compose:").removeprefix("swarm:")
         if key in result.undecided:
             source += f" (or {', '.join(result.undecided[key])}: whichever is created first)"
-        rows.append((str(key), spec.scheme, spec.alias, targets, source))
+        check = str(spec.options.healthcheck)
+        rows.append((str(key), spec.scheme, spec.alias, targets, check, source))
     if len(rows) > 1:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines.extend(

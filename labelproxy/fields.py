@@ -1,11 +1,13 @@
 """The syntax of a route's fields, shared by container labels and the routes file.
 
 `parse_route_fields` validates one route's `field -> text` mapping (port, scheme, bind, host,
-proxy_protocol, allow, deny, max_connections, idle_timeout, connect_timeout, load_balance) into
-a `RouteFields`, or returns the problems, each naming the label (via `label_of`), the value and
-what was expected. Any bad or unknown field fails the route: serving it with the field dropped
-could silently widen access (`allow`) or change its meaning. Defaults that depend on the
-container (the scheme from exposed ports) and target resolution are left to the callers.
+proxy_protocol, allow, deny, max_connections, idle_timeout, connect_timeout, load_balance, and
+the `healthcheck*` fields, whose syntax `health.config` checks) into a `RouteFields`, or
+returns the problems, each naming the label (via `label_of`), the value and what was expected.
+Any bad or unknown field fails the route: serving it with the field dropped could silently
+widen access (`allow`) or change its meaning. Defaults that depend on the
+container (the scheme from exposed ports, the check from the transport and a Docker
+HEALTHCHECK: `route_options`) and target resolution are left to the callers.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import ipaddress
 import logging
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
+from labelproxy.health.config import HealthFields, owns_field, parse_health_fields, resolve_health
+from labelproxy.health.model import Transport as HealthTransport
 from labelproxy.spec import (
     LOAD_BALANCERS,
     SCHEMES,
@@ -76,6 +80,7 @@ class RouteFields:
     bind: str | None = None
     host: str | None = None
     options: RouteOptions = field(default_factory=RouteOptions)
+    health: HealthFields = field(default_factory=HealthFields)
 
 
 def parse_route_fields(
@@ -97,7 +102,7 @@ def parse_route_fields(
             problems.append(Problem("label", alias, source, label_of(name), fields[name], str(exc)))
             return None
 
-    for name in sorted(set(fields) - set(FIELDS)):
+    for name in sorted(n for n in set(fields) - set(FIELDS) if not owns_field(n)):
         message = f"unknown field {name!r}; expected one of: {', '.join(FIELDS)}"
         problems.append(Problem("label", alias, source, label_of(name), fields[name], message))
     if "port" not in fields:
@@ -117,9 +122,12 @@ def parse_route_fields(
         connect_timeout=take("connect_timeout", parse_positive_duration),
         load_balance=take("load_balance", parse_load_balance) or "round_robin",
     )
-    if problems or ports is None:
+    health, health_problems = parse_health_fields(fields)
+    for name, value, message in health_problems:
+        problems.append(Problem("label", alias, source, label_of(name), value, message))
+    if problems or ports is None or health is None:
         return None, tuple(problems)
-    route = RouteFields(alias, ports, scheme, bind, host, options)
+    route = RouteFields(alias, ports, scheme, bind, host, options, health)
     if scheme is not None:
         bad = scheme_problem(route, scheme)
         if bad is not None:
@@ -127,6 +135,23 @@ def parse_route_fields(
             problem = Problem("label", alias, source, label_of(name), fields[name], message)
             return None, (problem,)
     return route, ()
+
+
+def route_options(
+    route: RouteFields,
+    transport: HealthTransport,
+    *,
+    docker_health: bool,
+    source: str,
+    label_of: Callable[[str], str],
+) -> tuple[RouteOptions | None, Problem | None]:
+    """The options of `route` served over `transport`: its `healthcheck` resolved by the
+    health package's defaults rule (`docker_health`: the container has a HEALTHCHECK)."""
+    check, problems = resolve_health(route.health, transport=transport, docker_health=docker_health)
+    if check is None:
+        name, value, message = problems[0]
+        return None, Problem("label", route.alias, source, label_of(name), value, message)
+    return replace(route.options, healthcheck=check), None
 
 
 def alias_problem(alias: str) -> str | None:

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from labelproxy.health.model import HealthCheck
+
 Transport = Literal["tcp", "udp"]
 Scheme = Literal["tcp", "tcp4", "tcp6", "udp", "udp4", "udp6"]
 Family = Literal["dual", "ipv4", "ipv6"]
@@ -175,6 +177,7 @@ class RouteOptions:
     idle_timeout: float | None = None
     connect_timeout: float | None = None
     load_balance: LoadBalance = "round_robin"
+    healthcheck: HealthCheck = field(default_factory=HealthCheck)
 
 
 @dataclass(frozen=True, slots=True)

@@ -665,3 +665,25 @@ def test_check_predicts_the_holder_a_real_compose_up_gives(
     names = {predicted.state.routes[ListenKey("tcp", "::", b)].source.rsplit("/", 1)[-1],
              *predicted.undecided[ListenKey("tcp", "::", b)]}  # fmt: skip
     assert names == {"left", "right"}
+
+
+def test_the_report_shows_each_routes_health_check(tmp_path: Path) -> None:
+    path = tmp_path / "compose.yaml"
+    path.write_text(textwrap.dedent("""
+        services:
+          cache:
+            network_mode: host
+            labels:
+              proxy.cache.port: "9401:6379"
+              proxy.cache.healthcheck: redis
+              proxy.cache.healthcheck.interval: 1s
+          dns:
+            network_mode: host
+            labels:
+              proxy.dns.port: "9402:53"
+              proxy.dns.scheme: udp
+    """))
+    table = render(check_compose(path, label_prefix="proxy", use_cli=False))
+    rows = {ln.split()[2]: ln for ln in table.splitlines() if "://" in ln}
+    assert "redis interval=1s timeout=1s rise=2 fall=3" in rows["cache"], table
+    assert " none " in rows["dns"], table
