@@ -26,6 +26,8 @@ import anyio.to_thread
 from labelproxy import __version__
 from labelproxy.containers import ContainerView, DiscoveryContext
 from labelproxy.discovery import Discovery, docker_host_problem
+from labelproxy.health.checker import HealthChecker
+from labelproxy.health.views import HealthTarget
 from labelproxy.http import HttpState, serve_http
 from labelproxy.metrics import Metrics
 from labelproxy.reconciler import Reconciler
@@ -65,6 +67,7 @@ class Runtime:
         self._changed: anyio.Event | None = None
         self._stop_requested: anyio.Event | None = None
         self.reconciler: Reconciler | None = None
+        self.health = HealthChecker()
         self.view = StateView(self)
 
     # -- inputs --------------------------------------------------------------------------
@@ -117,12 +120,15 @@ class Runtime:
                 raise StartupError(
                     f"cannot listen on LABELPROXY_HTTP_ADDR={self.settings.http_addr!r}: {reason}"
                 ) from None
+            # before the listeners: a route's pool is its ready backends from the start
+            await outer.start(self.health.serve)
             async with anyio.create_task_group() as listeners:
                 self.reconciler = Reconciler(
                     metrics=self.metrics,
                     edge=self.settings.edge_policy(),
                     task_group=listeners,
                     on_listener_lost=self.wake,
+                    health=self.health,
                 )
                 self.metrics.set_state_provider(self.view.metrics_state)
                 async with anyio.create_task_group() as inputs:
@@ -169,6 +175,12 @@ class Runtime:
             ))  # fmt: skip
             self._log_problem_changes(desired.problems)
             began = time.monotonic()
+            # every route (passive ejection needs the unchecked ones too), before the
+            # listeners get the new specs: a new backend enters a pool only once ready
+            self.health.set_targets({
+                key: HealthTarget(spec.options.healthcheck, spec.backends, route=spec.alias)
+                for key, spec in desired.routes.items()
+            })  # fmt: skip
             await self.reconciler.apply(desired)
             logger.debug(
                 "reconciled %d routes in %.1f ms",
