@@ -64,13 +64,22 @@ def _base_url(settings: Settings) -> str:
 
 def format_routes(doc: dict[str, Any]) -> str:
     """Render a /routes document as an aligned text table plus its problems."""
-    rows = [("ROUTE", "LISTEN", "SCHEME", "STATE", "BACKENDS", "ACTIVE", "IN", "OUT")]
+    rows = [("ROUTE", "LISTEN", "SCHEME", "STATE", "CHECK", "BACKENDS", "ACTIVE", "IN", "OUT")]
+    unready: list[str] = []
     for r in doc.get("routes", []):
         counters = r.get("counters", {})
         active = counters.get("connections_active", 0) + counters.get("udp_sessions_active", 0)
         backends = ",".join(
-            b["address"] + (f"({b['container']})" if b.get("container") else "")
+            b["address"]
+            + (f"({b['container']})" if b.get("container") else "")
+            + (f"={b['state']}" if b.get("state") else "")
             for b in r.get("backends", [])
+        )
+        unready.extend(
+            f"  {r['route']} {r['listen']} {b['address']}: {b['state']}"
+            + (f" (last check: {b['last_error']})" if b.get("last_error") else "")
+            for b in r.get("backends", [])
+            if b.get("ready") is False
         )
         rows.append(
             (
@@ -78,6 +87,7 @@ def format_routes(doc: dict[str, Any]) -> str:
                 r["listen"],
                 r["scheme"],
                 r["state"],
+                r.get("healthcheck", {}).get("healthcheck", "-"),
                 backends or "-",
                 str(active),
                 str(counters.get("bytes_in", 0)),
@@ -87,6 +97,8 @@ def format_routes(doc: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
              for row in rows]
+    if unready:
+        lines += ["", "BACKENDS NOT READY", *unready]
     problems = doc.get("problems", [])
     if problems:
         lines.append("")

@@ -10,7 +10,8 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from labelproxy.fields import MAX_ALIAS_CHARS
-from labelproxy.metrics import RouteCounters, RouteState, StateSnapshot
+from labelproxy.health.views import RouteHealth
+from labelproxy.metrics import HealthState, RouteCounters, RouteState, StateSnapshot
 from labelproxy.spec import Problem, RouteSpec
 
 if TYPE_CHECKING:
@@ -30,6 +31,24 @@ def _options(spec: RouteSpec) -> dict[str, Any]:
         value = getattr(opts, name)
         if value is not None:
             out[name] = value
+    return out
+
+
+def _backends(spec: RouteSpec, health: RouteHealth | None) -> list[dict[str, Any]]:
+    """Each backend with its health (`ready`, `state`, last check...) where the checker has
+    it; a backend the checker does not know yet shows `ready` null."""
+    known = {} if health is None else {b.backend: b for b in health.backends}
+    out: list[dict[str, Any]] = []
+    for b in spec.backends:
+        doc: dict[str, Any] = {"address": str(b), "container": b.container_name or None}
+        status = known.get(b)
+        if status is None:
+            doc["ready"] = None
+        else:
+            found = status.as_json()
+            del found["backend"], found["container"]
+            doc.update(found)
+        out.append(doc)
     return out
 
 
@@ -57,6 +76,7 @@ class StateView:
         rec = rt.reconciler
         desired = rec.desired.routes if rec else {}
         routes: list[dict[str, Any]] = []
+        health = rt.health.statuses()
         for key in sorted(desired):
             spec = desired[key]
             live = rec.live.get(key) if rec else None
@@ -75,10 +95,8 @@ class StateView:
                     "state": state,
                     "source": spec.source,
                     "bound": [f"{h}:{p}" for h, p in live.bound] if live else [],
-                    "backends": [
-                        {"address": str(b), "container": b.container_name or None}
-                        for b in spec.backends
-                    ],
+                    "backends": _backends(spec, health.get(key)),
+                    "healthcheck": spec.options.healthcheck.to_fields(),
                     "options": _options(spec),
                     "errors": [str(rec.bind_problems[key])] if rec and key in rec.bind_problems
                     else [],
@@ -125,8 +143,17 @@ class StateView:
                 )
         errors = tuple((_error_route(p), p.listen, p.kind) for p in self._problems())
         return StateSnapshot(
-            routes=tuple(states), errors=errors, docker_connected=rt.docker_connected
-        )
+            routes=tuple(states), errors=errors, docker_connected=rt.docker_connected,
+            health=self._health_states(),
+        )  # fmt: skip
+
+    def _health_states(self) -> tuple[HealthState, ...]:
+        states: list[HealthState] = []
+        for key, h in sorted(self._rt.health.statuses().items(), key=lambda kv: str(kv[0])):
+            results = tuple(h.results.items()) if h.check.active else None
+            backends = tuple((str(b.backend), b.ready) for b in h.backends)
+            states.append(HealthState(h.route, str(key), backends, results, h.ejections))
+        return tuple(states)
 
 
 def _error_route(problem: Problem) -> str:

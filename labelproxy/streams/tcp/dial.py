@@ -3,10 +3,11 @@
 `Connector` holds an admitted client (a raw socket fd) until its relay starts. `proceed()`
 first runs the connection's steps (`Step`s: the hold for a ready backend, `hold.py`; see
 "Room to grow" below), then picks the backend among the ready ones (`LiveRoute.pick_backend`)
-and dials the route's ready backends in order, the picked one first: a non-blocking `connect_ex`, the socket added to the TCP data loop, the
-connect timeout kept in the listener's `Deadlines` (one timer for all dials in flight). The
-first backend that accepts wins: the connector starts the `relay.Relay` and hands the
-connection over to it (`Owner.handed_over`). When no backend is left, or on `abort`, it
+and dials the route's ready backends in order, the picked one first: a non-blocking
+`connect_ex`, the socket added to the TCP data loop, the connect timeout kept in the
+listener's `Deadlines` (one timer for all dials in flight). The first backend that accepts
+wins: the connector starts the `relay.Relay` and hands the connection over to it
+(`Owner.handed_over`). When no backend is left, or on `abort`, it
 closes the client and tells its listener (`Owner.ended`), with the reason in
 `conn.close_reason` (`no_backend`, `loop`, `dial_error`, `upstream_error`, ...); the route
 counts dials and refusals (`LiveRoute.dialed`, `dial_failed`, `release`).
