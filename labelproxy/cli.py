@@ -64,15 +64,18 @@ def _base_url(settings: Settings) -> str:
 
 def format_routes(doc: dict[str, Any]) -> str:
     """Render a /routes document as an aligned text table plus its problems."""
-    rows = [("ROUTE", "LISTEN", "SCHEME", "STATE", "FORWARDING", "BACKENDS", "ACTIVE", "IN",
-             "OUT")]
+    rows = [("ROUTE", "LISTEN", "SCHEME", "STATE", "FORWARDING", "CHECK", "BACKENDS", "ACTIVE",
+             "IN", "OUT")]
     why_relay: dict[str, list[str]] = {}
     kernel_routes = 0
+    unready: list[str] = []
     for r in doc.get("routes", []):
         counters = r.get("counters", {})
         active = counters.get("connections_active", 0) + counters.get("udp_sessions_active", 0)
         backends = ",".join(
-            b["address"] + (f"({b['container']})" if b.get("container") else "")
+            b["address"]
+            + (f"({b['container']})" if b.get("container") else "")
+            + (f"={b['state']}" if b.get("state") else "")
             for b in r.get("backends", [])
         )
         forwarding = r.get("forwarding", "relay")
@@ -85,6 +88,12 @@ def format_routes(doc: dict[str, Any]) -> str:
                 forwarding += " (masq)"
         elif r.get("forwarding_reason"):
             why_relay.setdefault(r["forwarding_reason"], []).append(r["route"])
+        unready.extend(
+            f"  {r['route']} {r['listen']} {b['address']}: {b['state']}"
+            + (f" (last check: {b['last_error']})" if b.get("last_error") else "")
+            for b in r.get("backends", [])
+            if b.get("ready") is False
+        )
         rows.append(
             (
                 r["route"],
@@ -92,6 +101,7 @@ def format_routes(doc: dict[str, Any]) -> str:
                 r["scheme"],
                 r["state"],
                 forwarding,
+                r.get("healthcheck", {}).get("healthcheck", "-"),
                 backends or "-",
                 str(active),
                 str(flow_in),
@@ -111,6 +121,8 @@ def format_routes(doc: dict[str, Any]) -> str:
             shown = ", ".join(sorted(set(names))[:5])
             more = len(set(names)) - 5
             lines.append(f"  {reason}: {shown}" + (f" and {more} more" if more > 0 else ""))
+    if unready:
+        lines += ["", "BACKENDS NOT READY", *unready]
     problems = doc.get("problems", [])
     if problems:
         lines.append("")

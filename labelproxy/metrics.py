@@ -11,9 +11,10 @@ one writer thread). A custom collector reads both at scrape time, so the hot pat
 attribute increment or a bisect, not a lock. A route exports only the families of its
 transport: TCP routes no `udp_*` series, UDP routes no connection, rejection or dial series.
 Current-state gauges (route_info, route_up, route_connection_limit, route_errors,
-docker_connected) come from the `StateSnapshot` the caller of `render` passes (the runtime takes
-it from live state on its event loop, see `status`), so they cannot drift; metrics never calls
-back into the runtime.
+docker_connected) and the health families (backend_up{backend}, health_checks_total{result},
+backend_ejections_total, from the health checker) come from the `StateSnapshot` the caller of
+`render` passes (the runtime takes it from live state on its event loop, see `status`), so
+they cannot drift; metrics never calls back into the runtime.
 Label values are route aliases (at most 64 characters of `[A-Za-z0-9_.-]`, see `sources.fields`),
 listen keys and fixed reason words, never client addresses.
 
@@ -129,12 +130,26 @@ class RouteState:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthState:
+    """One route's backend health at scrape time (from the health checker): each backend
+    and whether it is in the pool, its active checks' results (`None`: no active check) and
+    its passive ejections, both counted since the route appeared."""
+
+    route: str
+    listen: str
+    backends: tuple[tuple[str, bool], ...]
+    results: tuple[tuple[str, int], ...] | None
+    ejections: int
+
+
+@dataclass(frozen=True, slots=True)
 class StateSnapshot:
     routes: tuple[RouteState, ...] = ()
     # (route, listen, reason) of each problem now: listen is "" for a problem that is not
     # about one listen key (a label or address error keeps the route from being built)
     errors: tuple[tuple[str, str, str], ...] = ()
     docker_connected: bool = False
+    health: tuple[HealthState, ...] = ()
 
 
 
@@ -324,6 +339,32 @@ class _LiveCollector(Collector):
         )
         connected.add_metric([], 1 if state.docker_connected else 0)
         yield from (info, up, limit, errors, connected)
+        yield from self._health_families(state.health)
+
+    @staticmethod
+    def _health_families(health: Iterable[HealthState]) -> Iterator[Metric]:
+        backend_up = GaugeMetricFamily(
+            PREFIX + "backend_up",
+            "1 while a backend is in its route's pool (ready: checked, or not ejected).",
+            labels=[*ROUTE_LABELS, "backend"],
+        )
+        checks = CounterMetricFamily(
+            PREFIX + "health_checks",
+            "Active health checks of a route's backends, by result (pass, fail, timeout).",
+            labels=[*ROUTE_LABELS, "result"],
+        )
+        ejections = CounterMetricFamily(
+            PREFIX + "backend_ejections",
+            "Backends of a route taken out of its pool after failed dials in a row.",
+            labels=ROUTE_LABELS,
+        )
+        for h in health:
+            for backend, ready in h.backends:
+                backend_up.add_metric([h.route, h.listen, backend], 1 if ready else 0)
+            for result, n in h.results or ():
+                checks.add_metric([h.route, h.listen, result], n)
+            ejections.add_metric([h.route, h.listen], h.ejections)
+        yield from (backend_up, checks, ejections)
 
     def _counter_families(
         self,

@@ -28,6 +28,7 @@ import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 
+from labelproxy.health.checker import HealthChecker
 from labelproxy.metrics import Metrics
 from labelproxy.routelog import context, log_runs, runs
 from labelproxy.spec import DesiredState, EdgePolicy, ListenKey, Problem, RouteSpec
@@ -98,6 +99,7 @@ class Reconciler:
         edge: EdgePolicy,
         task_group: anyio.abc.TaskGroup,
         on_listener_lost: Callable[[], None] = lambda: None,
+        health: HealthChecker | None = None,
     ) -> None:
         self._metrics = metrics
         self._edge = edge
@@ -108,7 +110,7 @@ class Reconciler:
         self.desired: DesiredState = DesiredState()
         self.draining: set[LiveRoute] = set()
         # the global caps and own-listener registry every route shares
-        self.shared = SharedState.from_edge(edge)
+        self.shared = SharedState.from_edge(edge, health=health)
         logger.info("global limits: %s", self.shared.describe(), extra={"action": "start"})
         self._draining_keys: Counter[ListenKey] = Counter()
 

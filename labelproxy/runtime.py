@@ -28,6 +28,8 @@ import anyio.to_thread
 
 from labelproxy import __version__, status
 from labelproxy.forwarding import Forwarding, KernelUnavailableError
+from labelproxy.health.checker import HealthChecker
+from labelproxy.health.views import HealthTarget
 from labelproxy.http import HttpState, serve_http
 from labelproxy.metrics import Metrics, MetricsDocument
 from labelproxy.reconciler import Reconciler
@@ -70,6 +72,7 @@ class Runtime:
         self.reconciler: Reconciler | None = None
         self.edge = settings.edge_policy()
         self.forwarding = Forwarding(mode=settings.forwarding, policy=self.edge)
+        self.health = HealthChecker()
 
     # -- inputs --------------------------------------------------------------------------
     def wake(self) -> None:
@@ -113,11 +116,14 @@ class Runtime:
 
     def routes_snapshot(self) -> status.RoutesSnapshot:
         return status.routes_snapshot(
-            self.reconciler, self.inputs(), metrics=self.metrics, paths=self.forwarding
-        )
+            self.reconciler, self.inputs(), metrics=self.metrics, paths=self.forwarding,
+            health=self.health.statuses(),
+        )  # fmt: skip
 
     def metrics_snapshot(self) -> MetricsDocument:
-        state = status.metrics_state(self.reconciler, self.inputs(), paths=self.forwarding)
+        state = status.metrics_state(
+            self.reconciler, self.inputs(), paths=self.forwarding, health=self.health.statuses()
+        )
         return MetricsDocument(self.metrics, state)
 
     def stop(self) -> None:
@@ -152,12 +158,15 @@ class Runtime:
                 await self.forwarding.start()
             except KernelUnavailableError as exc:
                 raise StartupError(str(exc)) from None
+            # before the listeners: a route's pool is its ready backends from the start
+            await outer.start(self.health.serve)
             async with anyio.create_task_group() as listeners:
                 self.reconciler = Reconciler(
                     metrics=self.metrics,
                     edge=self.edge,
                     task_group=listeners,
                     on_listener_lost=self.wake,
+                    health=self.health,
                 )
                 self.metrics.set_kernel_reader(self.forwarding.read_counters)
                 async with anyio.create_task_group() as inputs:
@@ -210,6 +219,12 @@ class Runtime:
             ))  # fmt: skip
             self._log_problem_changes(desired.problems)
             began = time.monotonic()
+            # every route (passive ejection needs the unchecked ones too), before the
+            # listeners get the new specs: a new backend enters a pool only once ready
+            self.health.set_targets({
+                key: HealthTarget(spec.options.healthcheck, spec.backends, route=spec.alias)
+                for key, spec in desired.routes.items()
+            })  # fmt: skip
             await self.reconciler.apply(desired)
             if self.docker_seen:  # before that, an adopted table keeps forwarding as it did
                 await self.forwarding.apply(desired.routes, bound=self.reconciler.live)

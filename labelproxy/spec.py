@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from labelproxy.healthcheck import HealthCheck
+
 Transport = Literal["tcp", "udp"]
 Scheme = Literal["tcp", "tcp4", "tcp6", "udp", "udp4", "udp6"]
 Family = Literal["dual", "ipv4", "ipv6"]
@@ -182,6 +184,7 @@ class RouteOptions:
     connect_timeout: float | None = None
     load_balance: LoadBalance = "round_robin"
     forwarding: RouteForwarding = "auto"
+    healthcheck: HealthCheck = field(default_factory=HealthCheck)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from labelproxy.metrics import Metrics, RouteCounters, RouteState, StateSnapshot
+from labelproxy.health.views import RouteHealth
+from labelproxy.metrics import HealthState, Metrics, RouteCounters, RouteState, StateSnapshot
 from labelproxy.reconciler import Reconciler
 from labelproxy.sources.fields import MAX_ALIAS_CHARS
 from labelproxy.spec import ListenKey, Problem, RouteSpec
@@ -34,6 +35,24 @@ def _options(spec: RouteSpec) -> dict[str, Any]:
         value = getattr(opts, name)
         if value is not None:
             out[name] = value
+    return out
+
+
+def _backends(spec: RouteSpec, health: RouteHealth | None) -> list[dict[str, Any]]:
+    """Each backend with its health (`ready`, `state`, last check...) where the checker has
+    it; a backend the checker does not know yet shows `ready` null."""
+    known = {} if health is None else {b.backend: b for b in health.backends}
+    out: list[dict[str, Any]] = []
+    for b in spec.backends:
+        doc: dict[str, Any] = {"address": str(b), "container": b.container_name or None}
+        found = known.get(b)
+        if found is None:
+            doc["ready"] = None
+        else:
+            shown = found.as_json()
+            del shown["backend"], shown["container"]
+            doc.update(shown)
+        out.append(doc)
     return out
 
 
@@ -60,11 +79,12 @@ _Row = tuple[
     tuple[int, ...],
     dict[str, int],
     dict[str, Any],
+    RouteHealth | None,
 ]
 
 
 def _route_document(row: _Row) -> dict[str, Any]:
-    spec, live_spec, bound, error, counters, rejected, forwarding = row
+    spec, live_spec, bound, error, counters, rejected, forwarding, health = row
     if live_spec is not None and (live_spec is spec or live_spec == spec):
         state = "up"
     elif error is not None:
@@ -78,9 +98,8 @@ def _route_document(row: _Row) -> dict[str, Any]:
         "state": state,
         "source": spec.source,
         "bound": [f"{h}:{p}" for h, p in bound],
-        "backends": [
-            {"address": str(b), "container": b.container_name or None} for b in spec.backends
-        ],
+        "backends": _backends(spec, health),
+        "healthcheck": spec.options.healthcheck.to_fields(),
         "options": _options(spec),
         "errors": [str(error)] if error is not None else [],
         "counters": {**dict(zip(_COUNTERS, counters, strict=True)), "rejected": rejected},
@@ -160,6 +179,7 @@ def routes_snapshot(
     *,
     metrics: Metrics,
     paths: PathView | None = None,
+    health: Mapping[ListenKey, RouteHealth] | None = None,
 ) -> RoutesSnapshot:
     """The /routes document as a snapshot, cheap enough to take on the event loop: the frozen
     specs, each route's live state and a copy of its counters. Building the JSON
@@ -185,6 +205,7 @@ def routes_snapshot(
                 values,
                 rejected,
                 paths.route_document(key, shown) if paths is not None else {},
+                health.get(key) if health is not None else None,
             ))  # fmt: skip
     return RoutesSnapshot(
         ready=inputs.ready,
@@ -197,7 +218,11 @@ def routes_snapshot(
 
 
 def metrics_state(
-    reconciler: Reconciler | None, inputs: Inputs, *, paths: PathView | None = None
+    reconciler: Reconciler | None,
+    inputs: Inputs,
+    *,
+    paths: PathView | None = None,
+    health: Mapping[ListenKey, RouteHealth] | None = None,
 ) -> StateSnapshot:
     """The state gauges of /metrics (route_info, route_up, limits, errors, the engine)."""
     states: list[RouteState] = []
@@ -218,8 +243,19 @@ def metrics_state(
             )
     errors = tuple((_error_route(p), p.listen, p.kind) for p in problems(reconciler))
     return StateSnapshot(
-        routes=tuple(states), errors=errors, docker_connected=inputs.docker_connected
-    )
+        routes=tuple(states), errors=errors, docker_connected=inputs.docker_connected,
+        health=_health_states(health or {}),
+    )  # fmt: skip
+
+
+def _health_states(health: Mapping[ListenKey, RouteHealth]) -> tuple[HealthState, ...]:
+    """Per checked route: each backend's readiness, check results by kind, ejections."""
+    states: list[HealthState] = []
+    for key, h in sorted(health.items(), key=lambda kv: str(kv[0])):
+        results = tuple(h.results.items()) if h.check.active else None
+        backends = tuple((str(b.backend), b.ready) for b in h.backends)
+        states.append(HealthState(h.route, str(key), backends, results, h.ejections))
+    return tuple(states)
 
 
 def _error_route(problem: Problem) -> str:

@@ -1,11 +1,9 @@
 """Health of backends: active checks, passive ejection, and the readiness the pool uses.
 
 Only `labelproxy.spec` (Backend, ListenKey), `labelproxy.units`, anyio and the standard library
-are used here, so the control plane and the data plane can both build on it. Nothing is
-re-exported: `health.model` must stay importable from `spec` without a cycle.
-
-- `model`: `HealthCheck`, the frozen, hashable check of one route (kind, send/expect,
-  interval, timeout, rise, fall); imports nothing from labelproxy.
+are used here, so the control plane and the data plane can both build on it. The check
+itself, `HealthCheck` (kind, send/expect, interval, timeout, rise, fall), is part of the route
+contract and lives beside `spec` in `labelproxy.healthcheck`, which imports nothing of ours.
 - `config`: the `healthcheck*` route fields -> `HealthCheck` (`parse_healthcheck`, or the two
   steps `parse_health_fields` + `resolve_health`), with the defaults rule; problems are
   `(field, value, message)`.

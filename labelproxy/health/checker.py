@@ -37,7 +37,6 @@ import anyio
 import anyio.abc
 import anyio.from_thread
 
-from labelproxy.health.model import RESULTS, HealthCheck, Result
 from labelproxy.health.probes import probe
 from labelproxy.health.state import BackendState, PassivePolicy
 from labelproxy.health.views import (
@@ -47,6 +46,7 @@ from labelproxy.health.views import (
     StateChange,
     log_context,
 )
+from labelproxy.healthcheck import RESULTS, HealthCheck, Result
 from labelproxy.spec import Backend, ListenKey
 
 logger = logging.getLogger(__name__)

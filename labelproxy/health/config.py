@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from labelproxy.health.model import (
+from labelproxy.healthcheck import (
     DEFAULT_TIMEOUT,
     KINDS,
     MIN_INTERVAL,

@@ -34,7 +34,6 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from labelproxy.health.model import HealthCheck, Result, Transport, render_seconds
 from labelproxy.health.protocols import (
     MAX_ANSWER,
     MQTT_DISCONNECT,
@@ -43,6 +42,7 @@ from labelproxy.health.protocols import (
     exchange_for,
     preview,
 )
+from labelproxy.healthcheck import HealthCheck, Result, Transport, render_seconds
 
 logger = logging.getLogger(__name__)
 

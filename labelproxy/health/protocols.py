@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from labelproxy.health.model import Kind, Transport
+from labelproxy.healthcheck import Kind, Transport
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from labelproxy.health.model import HealthCheck, Result, render_seconds
+from labelproxy.healthcheck import HealthCheck, Result, render_seconds
 
 logger = logging.getLogger(__name__)
 

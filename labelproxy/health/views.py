@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from labelproxy.health.model import HealthCheck, Result
 from labelproxy.health.state import BackendState, Phase
+from labelproxy.healthcheck import HealthCheck, Result
 from labelproxy.spec import Backend, ListenKey
 
 

@@ -251,14 +251,17 @@ def forwarding_of(spec: RouteSpec) -> str:
 def render(result: CheckResult) -> str:
     """The report: routes table, problems, warnings and a one-line summary."""
     lines = [f"labelproxy check: {result.subject}", ""]
-    rows = [("LISTEN", "SCHEME", "ALIAS", "TARGETS", "SOURCE", "FORWARDING")]
+    rows = [("LISTEN", "SCHEME", "ALIAS", "TARGETS", "CHECK", "SOURCE", "FORWARDING")]
     for key in sorted(result.state.routes):
         spec = result.state.routes[key]
         targets = ",".join(str(b) for b in spec.backends) or "(no ready backend)"
         source = spec.source.removeprefix("compose:").removeprefix("swarm:")
         if key in result.undecided:
             source += f" (or {', '.join(result.undecided[key])}: whichever is created first)"
-        rows.append((str(key), spec.scheme, spec.alias, targets, source, forwarding_of(spec)))
+        check = str(spec.options.healthcheck)
+        rows.append(
+            (str(key), spec.scheme, spec.alias, targets, check, source, forwarding_of(spec))
+        )
     if len(rows) > 1:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines.extend(

@@ -45,6 +45,7 @@ from labelproxy.spec import (
     IPAddress,
     ListenKey,
     Problem,
+    RouteOptions,
     RouteSpec,
     Transport,
     bind_address,
@@ -133,7 +134,9 @@ def build_desired(
             ):
                 if view.ready:
                     held.backends.update(spec.backends)
-                if (held.spec.scheme, held.spec.options) != (spec.scheme, spec.options):
+                if held.spec.scheme != spec.scheme or not _same_options(
+                    held.spec.options, spec.options
+                ):
                     problems.append(
                         Problem(
                             "conflict", spec.alias, view.name, item.label, item.value,
@@ -214,3 +217,13 @@ def _listener_of(
         if listener_takes(claim.spec.key, claim.spec.family, backend.host, local=local):
             return claim
     return None
+
+
+def _same_options(a: RouteOptions, b: RouteOptions) -> bool:
+    """Replicas agree on options; a check that differs only because one replica's image has
+    a Docker HEALTHCHECK (`docker`) and the other's not (the default) is no disagreement."""
+    if a == b:
+        return True
+    if "docker" in (a.healthcheck.kind, b.healthcheck.kind):
+        return dataclasses.replace(a, healthcheck=b.healthcheck) == b
+    return False

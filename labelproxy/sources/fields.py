@@ -2,11 +2,12 @@
 
 `parse_route_fields` validates one route's `field -> text` mapping (port, scheme, bind, host,
 proxy_protocol, allow, deny, max_connections, idle_timeout, connect_timeout, load_balance,
-forwarding) into
-a `RouteFields`, or returns the problems, each naming the label (via `label_of`), the value and
+forwarding, and the `healthcheck*` fields, whose syntax `health.config` checks) into a
+`RouteFields`, or returns the problems, each naming the label (via `label_of`), the value and
 what was expected. Any bad or unknown field fails the route: serving it with the field dropped
 could silently widen access (`allow`) or change its meaning. Defaults that depend on the
-container (the scheme from exposed ports) and target resolution are left to the callers.
+container (the scheme from exposed ports, the check from the transport and a Docker
+HEALTHCHECK: `route_options`) and target resolution are left to the callers.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import ipaddress
 import logging
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
+from labelproxy.health.config import HealthFields, owns_field, parse_health_fields, resolve_health
+from labelproxy.healthcheck import Transport as HealthTransport
 from labelproxy.spec import (
     LOAD_BALANCERS,
     ROUTE_FORWARDINGS,
@@ -79,6 +82,7 @@ class RouteFields:
     bind: str | None = None
     host: str | None = None
     options: RouteOptions = field(default_factory=RouteOptions)
+    health: HealthFields = field(default_factory=HealthFields)
 
 
 def parse_route_fields(
@@ -100,7 +104,7 @@ def parse_route_fields(
             problems.append(Problem("label", alias, source, label_of(name), fields[name], str(exc)))
             return None
 
-    for name in sorted(set(fields) - set(FIELDS)):
+    for name in sorted(n for n in set(fields) - set(FIELDS) if not owns_field(n)):
         message = f"unknown field {name!r}; expected one of: {', '.join(FIELDS)}"
         problems.append(Problem("label", alias, source, label_of(name), fields[name], message))
     if "port" not in fields:
@@ -121,9 +125,12 @@ def parse_route_fields(
         load_balance=take("load_balance", parse_load_balance) or "round_robin",
         forwarding=take("forwarding", parse_forwarding) or "auto",
     )
-    if problems or ports is None:
+    health, health_problems = parse_health_fields(fields)
+    for name, value, message in health_problems:
+        problems.append(Problem("label", alias, source, label_of(name), value, message))
+    if problems or ports is None or health is None:
         return None, tuple(problems)
-    route = RouteFields(alias, ports, scheme, bind, host, options)
+    route = RouteFields(alias, ports, scheme, bind, host, options, health)
     if scheme is not None:
         bad = scheme_problem(route, scheme)
         if bad is not None:
@@ -131,6 +138,23 @@ def parse_route_fields(
             problem = Problem("label", alias, source, label_of(name), fields[name], message)
             return None, (problem,)
     return route, ()
+
+
+def route_options(
+    route: RouteFields,
+    transport: HealthTransport,
+    *,
+    docker_health: bool,
+    source: str,
+    label_of: Callable[[str], str],
+) -> tuple[RouteOptions | None, Problem | None]:
+    """The options of `route` served over `transport`: its `healthcheck` resolved by the
+    health package's defaults rule (`docker_health`: the container has a HEALTHCHECK)."""
+    check, problems = resolve_health(route.health, transport=transport, docker_health=docker_health)
+    if check is None:
+        name, value, message = problems[0]
+        return None, Problem("label", route.alias, source, label_of(name), value, message)
+    return replace(route.options, healthcheck=check), None
 
 
 def alias_problem(alias: str) -> str | None:

@@ -14,11 +14,11 @@ is not is a problem without a route name of its own. An unreadable `exclude` ski
 container (it asked for something about exclusion we cannot honour) with a problem.
 
 GoDoxy compatibility: `aliases`, `<alias>.port|scheme|bind|host` mean the same as in GoDoxy.
-GoDoxy's HTTP-only fields (`healthcheck`, `middlewares`, `homepage`, `load_balance.*` ...,
-including any dotted sub-field of them) and its container-level idle-watcher labels are
-ignored silently (logged at DEBUG); an alias whose `scheme` is an HTTP one (`http`, `https`,
-`h2c`, `fileserver`) is GoDoxy's business and is skipped the same way. Any other unknown
-field is a problem naming the valid ones.
+GoDoxy's HTTP-only fields (`middlewares`, `homepage`, `load_balance.*` ..., including any
+dotted sub-field of them; `healthcheck*` are ours: `health.config`) and its container-level
+idle-watcher labels are ignored silently (logged at DEBUG); an alias whose `scheme` is an
+HTTP one (`http`, `https`, `h2c`, `fileserver`) is GoDoxy's business and is skipped the same
+way. Any other unknown field is a problem naming the valid ones.
 
 About 320 lines: the grouping of one container's labels by alias, with the precedence and
 GoDoxy rules above, reads best in one place; the field syntax (`fields`) and the target
@@ -31,6 +31,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from labelproxy.health.config import owns_field
 from labelproxy.sources.containers import ContainerView, DiscoveryContext
 from labelproxy.sources.fields import (
     FIELDS,
@@ -41,10 +42,19 @@ from labelproxy.sources.fields import (
     parse_bool,
     parse_ports,
     parse_route_fields,
+    route_options,
     scheme_problem,
 )
 from labelproxy.sources.resolve import AddressError, resolve_target
-from labelproxy.spec import Backend, ListenKey, Problem, RouteSpec, Scheme, default_bind
+from labelproxy.spec import (
+    Backend,
+    ListenKey,
+    Problem,
+    RouteOptions,
+    RouteSpec,
+    Scheme,
+    default_bind,
+)
 from labelproxy.spec import transport_of as transport_of_scheme
 
 logger = logging.getLogger(__name__)
@@ -58,7 +68,7 @@ CONTAINER_LABELS = ("aliases", "exclude", "network")
 # GoDoxy labels that make no sense for an L4 proxy: ignored, with their dotted sub-fields.
 GODOXY_ROUTE_FIELDS = frozenset(
     {
-        "healthcheck", "middlewares", "homepage", "load_balance", "access_log", "rules",
+        "middlewares", "homepage", "load_balance", "access_log", "rules",
         "path_patterns", "no_tls_verify", "response_header_timeout", "disable_compression",
         "ssl_server_name", "ssl_trusted_certificate", "ssl_certificate", "ssl_certificate_key",
         "ssl_protocols", "root", "spa", "index", "agent", "idlewatcher", "wake_timeout",
@@ -249,7 +259,11 @@ def _group(ours: Mapping[str, tuple[str, str]], *, prefix: str, name: str) -> _G
                 problem("", key, value, "expected an alias name before the field")
                 continue
             target = specific.setdefault(alias, {})
-        if field not in FIELDS and field.partition(".")[0] in GODOXY_ROUTE_FIELDS:
+        if (
+            field not in FIELDS
+            and not owns_field(field)
+            and field.partition(".")[0] in GODOXY_ROUTE_FIELDS
+        ):
             logger.debug("ignoring GoDoxy HTTP label %s on %s", key, name)
             continue
         target[field] = (key, value)
@@ -282,8 +296,18 @@ def _alias_specs(
         planned.append((pm, scheme))
     declared: list[Declared] = []
     failed: dict[tuple[str, str, str], list[int]] = {}
+    options_of: dict[str, RouteOptions] = {}
     for pm, scheme in planned:
         transport = transport_of_scheme(scheme)
+        if transport not in options_of:
+            found, bad_check = route_options(
+                route, transport, docker_health=view.health != "none", source=view.name,
+                label_of=lambda name: labels[name][0] if name in labels else name,
+            )  # fmt: skip
+            if found is None:
+                assert bad_check is not None
+                return [], [bad_check]
+            options_of[transport] = found
         try:
             target = resolve_target(
                 view, ctx, target_port=pm.target, transport=transport,
@@ -298,7 +322,8 @@ def _alias_specs(
             continue
         backend = Backend(target.host, target.port, view.id, view.name)
         listen = ListenKey(transport, route.bind or default_bind(scheme), pm.listen)
-        spec = RouteSpec(route.alias, scheme, listen, (backend,), route.options, source=view.name)
+        options = options_of[transport]
+        spec = RouteSpec(route.alias, scheme, listen, (backend,), options, source=view.name)
         declared.append(Declared(spec, port_key, port_value))
     problems = [
         Problem("address", route.alias, view.name, key, value, f"{message} ({_summary(ports)})")

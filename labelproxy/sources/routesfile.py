@@ -26,7 +26,12 @@ from pathlib import Path
 
 import yaml
 
-from labelproxy.sources.fields import alias_problem, parse_host_port, parse_route_fields
+from labelproxy.sources.fields import (
+    alias_problem,
+    parse_host_port,
+    parse_route_fields,
+    route_options,
+)
 from labelproxy.spec import (
     Backend,
     ListenKey,
@@ -172,13 +177,19 @@ def _parse_route(
         message = "expected hosts without :PORT on a port range (each listen port maps 1:1)"
         return [], [problem(field, entry[field], message)]
     scheme = route.scheme or "tcp"
+    options, bad_check = route_options(
+        route, transport_of(scheme), docker_health=False, source=source, label_of=label_of
+    )
+    if options is None:
+        assert bad_check is not None
+        return [], [bad_check]
     specs = [
         RouteSpec(
             alias=name,
             scheme=scheme,
             key=ListenKey(transport_of(scheme), route.bind or default_bind(scheme), pm.listen),
             backends=tuple(sorted({Backend(host, port or pm.target) for host, port in pool})),
-            options=route.options,
+            options=options,
             source=source,
         )
         for pm in route.ports

@@ -137,9 +137,23 @@ class LiveRoute:
         return "read" if trusted else "sniff"
 
     # -- backend selection -------------------------------------------------------------
+    def ready_backends(self) -> tuple[Backend, ...]:
+        """The pool: the spec's backends that are ready (`shared.health`), in spec order; all
+        of them when no checker tracks the route. Lock-free, on the connections' thread."""
+        spec = self.spec
+        backends = spec.backends
+        health = self.shared.health
+        if health is None or not health.tracks(spec.key):
+            return backends
+        ready = health.ready_backends(spec.key)
+        if ready == backends:
+            return backends
+        return tuple(b for b in backends if b in ready)
+
     def pick_backend(self, client_host: str) -> Backend | None:
-        """Choose a backend for a new connection from `client_host`; None when there is none."""
-        backends = self.spec.backends
+        """Choose a ready backend for a new connection from `client_host`; None when there
+        is none."""
+        backends = self.ready_backends()
         if not backends:
             return None
         if len(backends) == 1:

@@ -13,12 +13,15 @@ to every `LiveRoute`:
   land on one of them (a route whose host name resolves to loopback and whose port is one of
   ours, e.g. A -> B -> A) is refused instead of relaying into itself, each hop dialling the
   next until the descriptors run out. The check costs a dict membership test per dial.
+- `health`: the process's `HealthChecker` (None: every backend of a spec is in its pool, as
+  in tests that run a route alone): which backends are ready, read lock-free per pick.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from labelproxy.metrics import RejectReason
 from labelproxy.spec import (
@@ -32,6 +35,9 @@ from labelproxy.spec import (
 )
 from labelproxy.streams.addresses import ip_of
 from labelproxy.streams.hooks import CapHook, ConnInfo
+
+if TYPE_CHECKING:
+    from labelproxy.health.checker import HealthChecker
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +164,15 @@ class OwnListeners:
 
 
 class SharedState:
-    """The global caps and the own-listener registry of one process."""
+    """The global caps, the own-listener registry and the health checker of one process."""
 
-    def __init__(self, *, max_connections: int | None, udp_max_sessions_total: int | None):
+    def __init__(
+        self,
+        *,
+        max_connections: int | None,
+        udp_max_sessions_total: int | None,
+        health: HealthChecker | None = None,
+    ):
         self.tcp_cap = GlobalCapHook(
             max_connections, what="TCP connections", setting="LABELPROXY_MAX_CONNECTIONS"
         )
@@ -170,12 +182,14 @@ class SharedState:
             setting="LABELPROXY_UDP_MAX_SESSIONS_TOTAL",
         )
         self.own = OwnListeners()
+        self.health = health
 
     @classmethod
-    def from_edge(cls, edge: EdgePolicy) -> SharedState:
+    def from_edge(cls, edge: EdgePolicy, *, health: HealthChecker | None = None) -> SharedState:
         return cls(
             max_connections=edge.max_connections,
             udp_max_sessions_total=edge.udp_max_sessions_total,
+            health=health,
         )
 
     def cap(self, transport: Transport) -> GlobalCapHook:

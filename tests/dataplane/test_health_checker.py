@@ -16,9 +16,9 @@ import anyio.abc
 import pytest
 
 from labelproxy.health.checker import HealthChecker
-from labelproxy.health.model import HealthCheck
 from labelproxy.health.state import PassivePolicy
 from labelproxy.health.views import HealthTarget, StateChange
+from labelproxy.healthcheck import HealthCheck
 from labelproxy.spec import Backend, ListenKey
 from tests.support.lp import free_port
 

@@ -12,8 +12,8 @@ import anyio
 import anyio.abc
 import pytest
 
-from labelproxy.health.model import HealthCheck, Kind, Transport
 from labelproxy.health.probes import ProbeResult, probe
+from labelproxy.healthcheck import HealthCheck, Kind, Transport
 from tests.support.lp import free_port
 from tests.support.servers import run_dnsmasq, run_mosquitto, run_postgres, run_redis, run_sshd
 

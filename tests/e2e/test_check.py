@@ -696,3 +696,25 @@ def test_check_shows_each_routes_forwarding_path_and_why_the_relay(tmp_path: Pat
     assert rows["tcp://[::]:9403"].endswith("relay: proxy_protocol v2 writes a header upstream")
     [problem] = result.problems
     assert (problem.label, problem.value) == ("proxy.bad.forwarding", "kernel")
+
+
+def test_the_report_shows_each_routes_health_check(tmp_path: Path) -> None:
+    path = tmp_path / "compose.yaml"
+    path.write_text(textwrap.dedent("""
+        services:
+          cache:
+            network_mode: host
+            labels:
+              proxy.cache.port: "9401:6379"
+              proxy.cache.healthcheck: redis
+              proxy.cache.healthcheck.interval: 1s
+          dns:
+            network_mode: host
+            labels:
+              proxy.dns.port: "9402:53"
+              proxy.dns.scheme: udp
+    """))
+    table = render(check_compose(path, label_prefix="proxy", use_cli=False))
+    rows = {ln.split()[2]: ln for ln in table.splitlines() if "://" in ln}
+    assert "redis interval=1s timeout=1s rise=2 fall=3" in rows["cache"], table
+    assert " none " in rows["dns"], table

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from labelproxy.metrics import Metrics, RouteState, StateSnapshot
+from labelproxy.metrics import HealthState, Metrics, RouteState, StateSnapshot
 from labelproxy.spec import ListenKey
 from tests.support.lp import TcpEcho, echo_roundtrip, free_port, labelproxy, wait_for, write_routes
 
@@ -95,6 +95,11 @@ def _metrics_with_one_route_each() -> set[str]:
         ),
         errors=(("web", "tcp://127.0.0.1:8080", "conflict"),),
         docker_connected=True,
+        health=(
+            HealthState(
+                "web", "tcp://127.0.0.1:8080", (("127.0.0.1:8081", True),), (("pass", 3),), 0
+            ),
+        ),
     )
     return _exposed_names(metrics.render(state).decode())
 
@@ -123,6 +128,7 @@ def test_alerts_cover_the_promised_conditions_with_existing_metrics() -> None:
         'labelproxy_route_errors{reason="conflict"} > 0',
         "labelproxy_docker_connected == 0",
         "labelproxy_udp_sessions_active",
+        "unless on (job, instance, route, listen) (labelproxy_backend_up == 1)",
     ):
         assert needle in joined
     assert _names_in(list(exprs.values())) <= _metrics_with_one_route_each()

@@ -254,7 +254,8 @@ def test_replicas_share_one_listener_and_unhealthy_ones_get_no_traffic(
     for i, target in enumerate(targets):
         run({**compose, "proxy.web.port": f"{listen}:{target}", "proxy.web.bind": "127.0.0.1"},
             ["nc", "-ll", "-p", str(target), "-e", "echo", f"replica{i}"])
-    wait_for(lambda: len((lp.route("web") or {}).get("backends", [])) == 2, what="two backends")
+    wait_for(lambda: [b["ready"] for b in (lp.route("web") or {}).get("backends", [])]
+             == [True, True], what="two ready backends (their tcp check passed)")  # fmt: skip
 
     def answer() -> bytes:
         with socket.create_connection(("127.0.0.1", listen), timeout=5) as s:

@@ -310,8 +310,10 @@ def test_settings_reach_the_data_plane_acl_and_proxy_protocol(
     denied_port, pp_port = free_port(), free_port()
     routes = tmp_path / "routes.yaml"
     write_routes(routes, {
-        "denied": tcp_route(denied_port, echo.port, deny="127.0.0.0/8"),
-        "pp": tcp_route(pp_port, upstream.getsockname()[1], proxy_protocol="v1"),
+        # no checks: the upstreams count (and take) only what clients send through
+        "denied": tcp_route(denied_port, echo.port, deny="127.0.0.0/8", healthcheck="none"),
+        "pp": tcp_route(pp_port, upstream.getsockname()[1], proxy_protocol="v1",
+                        healthcheck="none"),
     })
     env = static_env(routes, LABELPROXY_ACCEPT_PROXY_PROTOCOL="optional",
                      LABELPROXY_TRUSTED_PROXIES="127.0.0.1")

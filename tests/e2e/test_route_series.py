@@ -154,5 +154,7 @@ def test_each_route_exports_the_families_of_its_transport(
         "labelproxy_connection_duration_seconds_count",
         "labelproxy_connection_duration_seconds_sum",
     }  # fmt: skip
-    assert families("web") == tcp_only | shared
-    assert families("dns") == udp_only | shared
+    # health: every route's backends (1/0) and ejections; check results where it is checked
+    health = {"labelproxy_backend_up", "labelproxy_backend_ejections_total"}
+    assert families("web") == tcp_only | shared | health | {"labelproxy_health_checks_total"}
+    assert families("dns") == udp_only | shared | health  # UDP: no check by default

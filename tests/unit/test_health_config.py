@@ -11,7 +11,7 @@ from labelproxy.health.config import (
     parse_health_fields,
     parse_healthcheck,
 )
-from labelproxy.health.model import HealthCheck, Transport
+from labelproxy.healthcheck import HealthCheck, Transport
 
 TCP = HealthCheck("tcp")
 

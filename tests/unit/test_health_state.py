@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from labelproxy.health.model import HealthCheck, Result
 from labelproxy.health.state import BackendState, PassivePolicy
+from labelproxy.healthcheck import HealthCheck, Result
 
 CHECK = HealthCheck("tcp", rise=2, fall=3)
 POLICY = PassivePolicy(failures=3, base_ejection=10.0, max_ejection=35.0)

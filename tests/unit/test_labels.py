@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Mapping
 
 import pytest
 
+from labelproxy.healthcheck import HealthCheck
 from labelproxy.sources.containers import ContainerView, DiscoveryContext, PortBinding
 from labelproxy.sources.labels import LabelFacts, label_facts, parse_container
 from labelproxy.spec import Backend, ListenKey, Problem, RouteOptions, RouteSpec
@@ -67,7 +69,7 @@ def test_minimal_route_relays_to_the_container_network_address() -> None:
         scheme="tcp",
         key=ListenKey("tcp", "::", 2222),
         backends=(Backend("172.20.0.5", 22, "c0ffee", NAME),),
-        options=RouteOptions(),
+        options=RouteOptions(healthcheck=HealthCheck("tcp")),  # the TCP default: a connect
         source=NAME,
     )
 
@@ -420,3 +422,35 @@ def test_alias_out_of_bounds_is_a_label_problem_without_a_route_name(
     assert "route name of at most 64 characters" in problem.message
     assert expected in problem.message
     assert_names(problem, label, alias)
+
+
+def test_healthcheck_labels_give_the_route_its_check() -> None:
+    spec = only_route({
+        "proxy.db.port": "6379", "proxy.db.healthcheck": "redis",
+        "proxy.db.healthcheck.interval": "1s", "proxy.db.healthcheck.rise": "3",
+    })  # fmt: skip
+    check = spec.options.healthcheck
+    assert (check.kind, check.interval, check.timeout, check.rise) == ("redis", 1.0, 1.0, 3)
+
+
+def test_healthcheck_defaults_follow_transport_and_docker_health() -> None:
+    udp = only_route({"proxy.dns.port": "53", "proxy.dns.scheme": "udp"})
+    assert udp.options.healthcheck.kind == "none"  # a datagram proves nothing by itself
+    healthy = dataclasses.replace(view({"proxy.ssh.port": "2222:22"}), health="healthy")
+    [docker] = parse_container(healthy, CTX)[0]
+    assert docker.options.healthcheck.kind == "docker"  # its HEALTHCHECK decides, as before
+
+
+def test_a_bad_healthcheck_label_is_a_problem_naming_it() -> None:
+    specs, problems = parse_container(
+        view({"proxy.db.port": "6379", "proxy.db.healthcheck.rise": "often"}), CTX
+    )
+    assert specs == ()
+    [problem] = problems
+    assert (problem.label, problem.value) == ("proxy.db.healthcheck.rise", "often")
+    specs, problems = parse_container(
+        view({"proxy.dns.port": "53", "proxy.dns.scheme": "udp",
+              "proxy.dns.healthcheck": "redis"}), CTX,
+    )  # fmt: skip
+    assert specs == ()
+    assert [p.label for p in problems] == ["proxy.dns.healthcheck"]

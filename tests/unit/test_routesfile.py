@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from labelproxy.healthcheck import HealthCheck
 from labelproxy.sources.routesfile import RoutesFileError, keep_last_good, load_routes_file
 from labelproxy.spec import Backend, ListenKey, Problem, RouteOptions, RouteSpec
 
@@ -37,7 +38,7 @@ routes:
             scheme="tcp4",
             key=ListenKey("tcp", "0.0.0.0", 2222),
             backends=(Backend("10.0.0.5", 22),),
-            options=RouteOptions(),
+            options=RouteOptions(healthcheck=HealthCheck("tcp")),
             source=str(path),
         ),
     )
@@ -96,6 +97,7 @@ routes:
         connect_timeout=2.0,
         load_balance="least_conn",
         forwarding="relay",
+        healthcheck=HealthCheck("tcp"),
     )
 
 
@@ -266,3 +268,32 @@ def test_route_names_within_the_bounds(tmp_path: Path, name: str) -> None:
     specs, problems, _ = load(tmp_path, f"routes:\n  '{name}':\n    port: 22\n    host: a.lan\n")
     assert problems == ()
     assert [s.alias for s in specs] == [name]
+
+
+def test_healthcheck_fields_in_the_routes_file(tmp_path: Path) -> None:
+    specs, problems, _ = load(
+        tmp_path,
+        """
+routes:
+  cache:
+    port: 6379
+    host: 127.0.0.1
+    healthcheck: send_expect
+    healthcheck.send: "PING\\r\\n"
+    healthcheck.expect: "+PONG"
+    healthcheck.fall: 2
+  bad:
+    port: 6380
+    host: 127.0.0.1
+    healthcheck.interval: soon
+""",
+    )
+    [spec] = specs
+    check = spec.options.healthcheck
+    assert (check.kind, check.send, check.expect, check.fall) == (
+        "send_expect", b"PING\r\n", b"+PONG", 2,
+    )  # fmt: skip
+    [problem] = problems
+    assert (problem.route, problem.label, problem.value) == (
+        "bad", "routes.bad.healthcheck.interval", "soon",
+    )  # fmt: skip

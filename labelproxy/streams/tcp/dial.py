@@ -1,15 +1,22 @@
 """From an admitted TCP client to a connected upstream, in data-loop callbacks (no task).
 
 `Connector` holds an admitted client (a raw socket fd) until its relay starts. `proceed()`
-first runs the connection's steps (`Step`s: none today; see "Room to grow" below), then
-picks the backend (`LiveRoute.pick_backend`) and dials the route's backends in order, the
-picked one first: a non-blocking `connect_ex`, the socket added to the TCP data loop, the
-connect timeout kept in the listener's `Deadlines` (one timer for all dials in flight). The
-first backend that accepts wins: the connector starts the `relay.Relay` and hands the
-connection over to it (`Owner.handed_over`). When no backend is left, or on `abort`, it
+first runs the connection's steps (`Step`s: the hold for a ready backend, `hold.py`; see
+"Room to grow" below), then picks the backend among the ready ones (`LiveRoute.pick_backend`)
+and dials the route's ready backends in order, the picked one first: a non-blocking
+`connect_ex`, the socket added to the TCP data loop, the connect timeout kept in the
+listener's `Deadlines` (one timer for all dials in flight). The first backend that accepts
+wins: the connector starts the `relay.Relay` and hands the connection over to it
+(`Owner.handed_over`). When no backend is left, or on `abort`, it
 closes the client and tells its listener (`Owner.ended`), with the reason in
 `conn.close_reason` (`no_backend`, `loop`, `dial_error`, `upstream_error`, ...); the route
 counts dials and refusals (`LiveRoute.dialed`, `dial_failed`, `release`).
+
+Every dial is reported to the health checker (`shared.health`): a failure (refused,
+timeout, reset before the relay) is passive evidence that may eject the backend, a success
+resets its count. When every backend failed, the backends still ready are dialled once more
+after `RETRY_DELAY` if that fits in the connect timeout: the client has sent nothing that
+could be lost, and a backend restarting gets a moment.
 
 A dial error is a connect that failed: an upstream that accepted and then reset the
 connection before the relay began ends it as `upstream_error`, like a reset during the
@@ -54,6 +61,9 @@ _FAILED = EPOLLERR | EPOLLHUP
 # SO_ERROR of a connection that was established and then reset (a refused connect is
 # ECONNREFUSED): the dial itself succeeded
 _RESET_AFTER_CONNECT = frozenset({errno.ECONNRESET, errno.EPIPE})
+# after every backend failed, the one more round of dials waits this long (at most a quarter
+# of the connect timeout): a program restarting or a listen backlog full gets a moment
+RETRY_DELAY = 0.25
 
 
 def literal_address(backend: Backend) -> Address | None:
@@ -81,6 +91,7 @@ class Connector:
         "_addrs",
         "_looped",
         "_order",
+        "_retried",
         "_sock",
         "_started",
         "_steps",
@@ -114,6 +125,7 @@ class Connector:
         self._sock: _socket.socket | None = None
         self._started = 0.0
         self._looped = False  # the last backend tried is one of our own listeners
+        self._retried = False  # every backend failed once and was tried again
         self.done = False
 
     def proceed(self) -> None:
@@ -130,7 +142,7 @@ class Connector:
                 return
             addrs = self._addrs
             order = [(first, addrs.get(first))]
-            backends = self.owner.live.spec.backends
+            backends = self.owner.live.ready_backends()
             if len(backends) > 1:
                 order += [(b, addrs.get(b)) for b in backends if b != first]
             self._order = order
@@ -182,8 +194,32 @@ class Connector:
             owner.loop.add(sock.fileno(), self)
             owner.deadlines.add(self, live.connect_timeout)
             return
+        if self.done:
+            return
+        if self._looped:
+            self._give_up("loop")
+        elif not self._retry_later():
+            self._give_up("dial_error")
+
+    def _retry_later(self) -> bool:
+        """Every backend failed: the client has sent nothing that could be lost yet, so pick
+        again (among the backends still ready) once more after a short delay, if that fits
+        in the connect timeout; False when it does not."""
+        if self._retried:
+            return False
+        live = self.owner.live
+        delay = min(RETRY_DELAY, live.connect_timeout / 4)
+        if time.monotonic() - self.conn.started + delay >= live.connect_timeout:
+            return False
+        self._retried = True
+        self._order = None
+        self.owner.loop.call_later(delay, self._retry)
+        return True
+
+    def _retry(self) -> None:
         if not self.done:
-            self._give_up("loop" if self._looped else "dial_error")
+            logger.debug("route %s: dialling again after failed dials", self.conn.route)
+            self.proceed()
 
     def on_event(self, fd: int, events: int) -> None:
         sock = self._sock
@@ -218,7 +254,11 @@ class Connector:
         owner = self.owner
         owner.deadlines.discard(self)
         self.done = True
-        owner.live.dialed(time.monotonic() - self._started)
+        live = owner.live
+        live.dialed(time.monotonic() - self._started)
+        health = live.shared.health
+        if health is not None and self.conn.backend is not None:
+            health.report_dial_success(live.spec.key, self.conn.backend)
         relay = Relay(owner, self.client, sock.detach(), self.conn, prefix=self.prefix,
                       sniff=self.sniff)  # fmt: skip
         owner.handed_over(self, relay)
@@ -228,9 +268,11 @@ class Connector:
         """The connect succeeded and the upstream reset the connection before the relay
         began: an upstream error of this connection (as in the relay), not a failed dial,
         and not retried on another backend (the relay would not either)."""
-        self.owner.live.dialed(time.monotonic() - self._started)
+        live = self.owner.live
+        live.dialed(time.monotonic() - self._started)
         self._drop_socket()
         logger.debug("route %s: upstream %s reset: %s", self.conn.route, self.conn.backend, why)
+        self._report_failure(self.conn.backend, why)
         self._give_up("upstream_error")
 
     def _dial_error(self, why: str) -> None:
@@ -238,6 +280,14 @@ class Connector:
         self.conn.backend = None
         self._looped = False
         self.owner.live.dial_failed(self.conn, backend, why)
+        self._report_failure(backend, why)
+
+    def _report_failure(self, backend: Backend | None, why: str) -> None:
+        """Passive evidence for the health checker: enough failed dials in a row eject it."""
+        live = self.owner.live
+        health = live.shared.health
+        if health is not None and backend is not None:
+            health.report_dial_failure(live.spec.key, backend, why=why)
 
     def _drop_socket(self) -> None:
         sock = self._sock

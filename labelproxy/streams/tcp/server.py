@@ -50,6 +50,7 @@ from labelproxy.streams.tcp import loop as data_loop
 from labelproxy.streams.tcp.accept import Acceptor
 from labelproxy.streams.tcp.deadlines import Deadlines
 from labelproxy.streams.tcp.dial import Address, Connector, Step, literal_addresses
+from labelproxy.streams.tcp.hold import Hold
 from labelproxy.streams.tcp.owner import Owned
 from labelproxy.streams.tcp.setup import Found, HeaderRefusedError, set_up
 from labelproxy.streams.tcp.splice import PipePool, splice_supported
@@ -123,6 +124,10 @@ class TcpServer:
         self._spec_seen: RouteSpec | None = None  # (data loop) what the two below are for
         self._addrs: dict[Backend, Address] | None = None
         self._steps: tuple[Step, ...] = ()
+        # (data loop) clients waiting for a ready backend; only with a health checker
+        self.hold = (
+            Hold(loop, self.deadlines, live.spec.key) if live.shared.health is not None else None
+        )
 
     @property
     def active(self) -> int:
@@ -131,6 +136,18 @@ class TcpServer:
 
     # -- the listener's life (asyncio) -----------------------------------------------------
     async def run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        live = self.live
+        health, hold = live.shared.health, self.hold
+        unsubscribe = None
+        if health is not None and hold is not None:
+            unsubscribe = health.subscribe(hold.on_change)
+        try:
+            await self._run(task_status)
+        finally:
+            if unsubscribe is not None:
+                unsubscribe()
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         live = self.live
         try:
             async with anyio.create_task_group() as tg:
@@ -280,11 +297,11 @@ class TcpServer:
         self._addrs = literal_addresses(spec.backends)
         self._steps = self._steps_of(spec)
 
-    @staticmethod
-    def _steps_of(spec: RouteSpec) -> tuple[Step, ...]:
+    def _steps_of(self, spec: RouteSpec) -> tuple[Step, ...]:
         """The steps a new connection of `spec` takes before its backend is picked
-        (`dial.Step`): none yet. A hold (wake) or a peek (ClientHello) is listed here."""
-        return ()
+        (`dial.Step`): the hold for a ready backend (`hold.Hold`) when the process checks
+        health. A wake-on-demand hold or a peek (ClientHello) is listed here too."""
+        return () if self.hold is None else (self.hold.step,)
 
     # -- what the connections tell (owner.Owner, data loop) ----------------------------------
     def handed_over(self, old: Owned, new: Owned) -> None:
@@ -296,6 +313,8 @@ class TcpServer:
         if __debug__:
             assert self.loop.owns_thread(), "TcpServer.ended off the data loop"
         self.conns.discard(owned)
+        if self.hold is not None:
+            self.hold.forget(owned)
         conn = owned.conn
         self.live.release(conn)
         log_closed(conn, listen=self.live.spec.key)

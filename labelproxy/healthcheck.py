@@ -1,7 +1,7 @@
 """`HealthCheck`: one route's active check, as a frozen, hashable value (stdlib only).
 
 This module imports nothing from labelproxy, so `spec.RouteOptions` can carry a `HealthCheck`
-(`from labelproxy.health.model import HealthCheck`) without an import cycle; the parser
+(`from labelproxy.healthcheck import HealthCheck`) without an import cycle; the parser
 (`health.config`), the probes and the checker all build on it.
 
 Kinds: `none` (no active check: a backend is ready at once), `docker` (no active check: Docker's
