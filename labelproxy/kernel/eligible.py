@@ -32,9 +32,12 @@ logger = logging.getLogger(__name__)
 IPFamily = Literal["ipv4", "ipv6"]
 
 # RouteOptions fields the kernel path understands; anything else with a non-default value
-# means relay. `connect_timeout` is listed because it is harmless (nothing to dial).
+# means relay. `connect_timeout` is listed because it is harmless (nothing to dial);
+# `healthcheck` is listed for now: kernel pools follow Docker's health (as the desired state
+# gives it), not the active checks, which only the relay's pools honour so far.
 KNOWN_OPTIONS = frozenset(
     {
+        "healthcheck",
         "proxy_protocol",
         "allow",
         "deny",

@@ -60,7 +60,8 @@ def test_labelled_containers_tcp_and_udp_routes_are_forwarded_by_the_kernel(
     w: KernelWorld,
 ) -> None:
     web_up, dns_up = w.serve("tcp", 9101), w.serve("udp", 9102)
-    w.run({"proxy.web.port": "8101:9101"})
+    # no active check: the upstreams below list every peer they saw (a check would be one)
+    w.run({"proxy.web.port": "8101:9101", "proxy.web.healthcheck": "none"})
     w.run({"proxy.dns.port": "8102:9102", "proxy.dns.scheme": "udp4"})
     w.run({"proxy.echo.port": "8103:9103"}, ["nc", "-ll", "-p", "9103", "-e", "cat"])
     lp = w.labelproxy({})
@@ -211,7 +212,7 @@ def test_sigkill_and_restart_adopt_the_table_cut_no_flow_and_leave_nothing_stale
 ) -> None:
     web_up = w.serve("tcp", 9501)
     w.serve("tcp", 9502)
-    w.run({"proxy.web.port": "8501:9501"})
+    w.run({"proxy.web.port": "8501:9501", "proxy.web.healthcheck": "none"})
     gone = w.run({"proxy.old.port": "8502:9502"})
     env = {"LABELPROXY_DRAIN_TIMEOUT": "3s"}
     first = w.labelproxy(env)
