@@ -299,7 +299,9 @@ class TcpServer:
         conn = owned.conn
         self.live.release(conn)
         log_closed(conn, listen=self._listen)
-        self._settled()
+        drain = self.drain  # _settled, inline: once per connection
+        if drain.draining:
+            drain.settled(self.active)
 
     def _settled(self) -> None:
         drain = self.drain
