@@ -39,6 +39,7 @@ from collections.abc import Mapping
 import anyio
 import anyio.abc
 
+import labelproxy.streams.tcp.loop as data_loop
 from labelproxy.spec import Backend, ListenKey, RouteSpec
 from labelproxy.streams.accesslog import log_closed, log_opened
 from labelproxy.streams.accesslog import logger as open_log
@@ -47,7 +48,6 @@ from labelproxy.streams.hooks import ConnInfo
 from labelproxy.streams.live import LiveRoute, ProxyHeader
 from labelproxy.streams.proxyproto import build_header
 from labelproxy.streams.sockets import bind_socket, bound_address, set_nodelay
-from labelproxy.streams.tcp import loop as data_loop
 from labelproxy.streams.tcp.accept import Acceptor
 from labelproxy.streams.tcp.deadlines import Deadlines
 from labelproxy.streams.tcp.dial import Address, Connector, Step, literal_addresses
