@@ -4,8 +4,10 @@
 session ends, with the same fields for both transports (client, route, listen key, backend,
 bytes each way, duration, close reason) as structured context (`extra`), so the text and
 JSON log formats render them alike; it costs nothing but a level check when that logger is
-off. `log_opened` is the DEBUG line of a new connection or session. Both run on the thread
-that owns the connection (TCP: the data loop; UDP: the asyncio loop).
+off. `log_opened` is the DEBUG line of a new connection or session, on `logger` (a caller on
+a hot path asks `logger.isEnabledFor(DEBUG)` first). Callers pass the listen key's text,
+made once per listener. Both run on the thread that owns the connection (TCP: the data
+loop; UDP: the asyncio loop).
 """
 
 from __future__ import annotations
@@ -13,14 +15,13 @@ from __future__ import annotations
 import logging
 import time
 
-from labelproxy.spec import ListenKey
 from labelproxy.streams.hooks import ConnInfo
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("labelproxy.access")
 
 
-def log_opened(conn: ConnInfo, *, listen: ListenKey) -> None:
+def log_opened(conn: ConnInfo, *, listen: str) -> None:
     """DEBUG: a connection or session was admitted and is going to `conn.backend`."""
     if not logger.isEnabledFor(logging.DEBUG):
         return
@@ -34,14 +35,14 @@ def log_opened(conn: ConnInfo, *, listen: ListenKey) -> None:
         extra={
             "route": conn.route,
             "protocol": conn.transport,
-            "listen": str(listen),
+            "listen": listen,
             "dst": str(conn.backend),
             "action": "open",
         },
     )
 
 
-def log_closed(conn: ConnInfo, *, listen: ListenKey) -> None:
+def log_closed(conn: ConnInfo, *, listen: str) -> None:
     """INFO on `labelproxy.access`: `conn` ended (`conn.close_reason`, "closed" if none)."""
     if not access_log.isEnabledFor(logging.INFO):
         return
@@ -54,7 +55,7 @@ def log_closed(conn: ConnInfo, *, listen: ListenKey) -> None:
             "client": f"{conn.client[0]}:{conn.client[1]}",
             "route": conn.route,
             "protocol": conn.transport,
-            "listen": str(listen),
+            "listen": listen,
             "backend": backend,
             "dst": backend,
             "action": "close",

@@ -80,11 +80,15 @@ class LiveRoute:
         shared: SharedState | None = None,
     ) -> None:
         self.counters = counters
+        # `dialed(seconds)`: an upstream connect succeeded after `seconds` (the dial
+        # histogram's observe itself: no call in between on the dial path)
+        self.dialed = counters.observe_dial
         self.edge = edge
         # the process-wide caps and own listeners; a route alone gets its own (tests)
         self.shared = shared if shared is not None else SharedState.from_edge(edge)
         self.global_acl = Acl(edge.allow, edge.deny)
         self.trusted_proxies = Acl(edge.trusted_proxies) if edge.trusted_proxies else None
+        self.accepts_proxy_headers = edge.accept_proxy_protocol != "off"
         self._extra_hooks = extra_hooks
         self._tcp = spec.transport == "tcp"
         self._rr = itertools.count()
@@ -130,8 +134,9 @@ class LiveRoute:
         """What to do with the first bytes of a TCP client at `host`, decided once per
         client: "read" its PROXY header (a trusted proxy, when headers are accepted),
         "sniff" them to refuse a header (anyone else, when accepted), None (not accepted:
-        the bytes are relayed as they come)."""
-        if self.edge.accept_proxy_protocol == "off":
+        the bytes are relayed as they come; a hot path may skip the call when
+        `accepts_proxy_headers` is false)."""
+        if not self.accepts_proxy_headers:
             return None
         trusted = self.trusted_proxies is not None and self.trusted_proxies.permits(host)
         return "read" if trusted else "sniff"
@@ -208,10 +213,6 @@ class LiveRoute:
         """A TCP client was refused before it was admitted (a bad PROXY header)."""
         self.counters.reject(reason)
 
-    def dialed(self, seconds: float) -> None:
-        """An upstream connect succeeded after `seconds`."""
-        self.counters.observe_dial(seconds)
-
     def dial_failed(self, conn: ConnInfo, backend: Backend | None, why: str) -> None:
         """A connect to `backend` failed (None: no address to dial)."""
         if backend is not None:
@@ -226,9 +227,9 @@ class LiveRoute:
         counters = self.counters
         if self._tcp:
             counters.connections_active -= 1
-            refusal = _LATE_REFUSALS.get(conn.close_reason)
-            if refusal is not None:
-                counters.reject(refusal)
+            reason = conn.close_reason
+            if reason in _LATE_REFUSALS:
+                counters.reject(_LATE_REFUSALS[reason])
         else:
             counters.udp_sessions_active -= 1
         backend = conn.backend

@@ -13,14 +13,14 @@ closes the listening socket. Everything here runs on the data loop.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import socket
 import struct
-import termios
 from collections.abc import Callable
+from fcntl import ioctl
 from functools import partial
+from termios import FIONBIO
 
 from labelproxy.streams.addresses import unmapped
 from labelproxy.streams.sockets import RESOURCE_ERRNOS, accept_backoff, bound_address
@@ -33,11 +33,6 @@ _ON = struct.pack("i", 1)
 _UNSPECIFIED = frozenset({"0.0.0.0", "::"})
 
 Address = tuple[str, int]
-
-
-def set_nonblocking(fd: int) -> None:
-    """O_NONBLOCK on a raw socket fd in one syscall (FIONBIO)."""
-    fcntl.ioctl(fd, termios.FIONBIO, _ON)
 
 
 def local_address(fd: int, family: socket.AddressFamily) -> Address:
@@ -144,7 +139,7 @@ class Acceptor:
                 continue
             self._backoff = 0.0
             try:
-                set_nonblocking(client)
+                ioctl(client, FIONBIO, _ON)  # O_NONBLOCK in one system call
                 listen = self._fixed_listen
                 if listen is not None:
                     on_client(client, peer_addr, listen)

@@ -8,6 +8,7 @@ here runs on the data loop (`loop.DataLoop`).
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import Protocol
 
 from labelproxy.streams.tcp.loop import DataLoop, Timer
@@ -28,10 +29,10 @@ class Deadlines:
         self._timer: Timer | None = None
 
     def add(self, item: Expiring, timeout: float) -> None:
-        due = self._loop.time() + timeout
+        due = monotonic() + timeout  # the loop's clock (`DataLoop.time`), without a call
         self._due[item] = due
         timer = self._timer
-        if timer is None or due < timer.when():
+        if timer is None or due < timer.when:
             if timer is not None:
                 timer.cancel()
             self._timer = self._loop.call_at(due, self._fire)
@@ -41,7 +42,7 @@ class Deadlines:
 
     def _fire(self) -> None:
         self._timer = None
-        now = self._loop.time()
+        now = monotonic()
         late = [item for item, due in self._due.items() if due <= now]
         for item in late:
             del self._due[item]

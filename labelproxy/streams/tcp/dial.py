@@ -129,31 +129,27 @@ class Connector:
         self.done = False
 
     def proceed(self) -> None:
-        """Run the steps left (one may park the connector and call this again later), then
-        pick the backend and dial; call from the loop, never from inside an event dispatch."""
+        """Run the steps left (one may park the connector and call this again later), pick
+        the backend, dial the next backend of the order (a failed dial calls this again);
+        call from the loop, never from inside an event dispatch."""
+        owner = self.owner
+        live = owner.live
         while self._steps:
             step, self._steps = self._steps[0], self._steps[1:]
             if not step(self) or self.done:
                 return
-        if self._order is None:
-            first = self.owner.live.pick_backend(self.conn.client[0])
+        order = self._order
+        if order is None:
+            first = live.pick_backend(self.conn.client[0])
             if first is None:
                 self._give_up("no_backend")
                 return
             addrs = self._addrs
             order = [(first, addrs.get(first))]
-            backends = self.owner.live.ready_backends()
+            backends = live.ready_backends()
             if len(backends) > 1:
                 order += [(b, addrs.get(b)) for b in backends if b != first]
             self._order = order
-        self._dial_next()
-
-    def _dial_next(self) -> None:
-        """Dial the next backend of the order (a failed one goes on to the next)."""
-        owner = self.owner
-        live = owner.live
-        order = self._order
-        assert order is not None
         while order and not self.done:
             backend, address = order.pop(0)
             self.conn.backend = backend
@@ -237,7 +233,7 @@ class Connector:
             return
         self._drop_socket()
         self._dial_error(os.strerror(err))
-        self.owner.loop.call_soon(self._dial_next)  # not inside this dispatch (fd reuse)
+        self.owner.loop.call_soon(self.proceed)  # not inside this dispatch (fd reuse)
 
     def timed_out(self) -> None:
         """The connect deadline passed (called by `Deadlines`): try the next backend."""
@@ -245,7 +241,7 @@ class Connector:
             return
         self._drop_socket()
         self._dial_error("timeout")
-        self._dial_next()
+        self.proceed()
 
     def _connected(self, events: int) -> None:
         sock = self._sock

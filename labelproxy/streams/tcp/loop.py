@@ -77,7 +77,7 @@ def _nothing() -> None:
 class Timer:
     """A callback scheduled on the loop; `cancel()` it until it has run."""
 
-    __slots__ = ("_args", "_fn", "_heap", "_when", "cancelled")
+    __slots__ = ("_args", "_fn", "_heap", "cancelled", "when")
 
     def __init__(
         self,
@@ -86,14 +86,11 @@ class Timer:
         args: tuple[Any, ...],
         heap: DataLoop | None = None,
     ) -> None:
-        self._when = when
+        self.when = when  # the loop's time it is due at
         self._fn = fn
         self._args = args
         self._heap = heap  # the loop whose timer heap holds it (None: a call_soon)
         self.cancelled = False
-
-    def when(self) -> float:
-        return self._when
 
     def cancel(self) -> None:
         if not self.cancelled:

@@ -200,10 +200,3 @@ class Half:
             self.pipe = None
             assert pool is not None
             pool.release(pipe, clean=True)
-
-    def release(self, pool: PipePool | None) -> None:
-        """The connection ends: give the pipe back (closed if it may hold bytes)."""
-        if self.pipe is not None and pool is not None:
-            pool.release(self.pipe, clean=self.staged == 0)
-            self.pipe = None
-        self.pending = None

@@ -114,7 +114,10 @@ class Relay:
         pool = owner.pool
         for half in (self._in, self._out):
             owner.loop.forget(half.src_fd)
-            half.release(pool)
+            if half.pipe is not None and pool is not None:
+                pool.release(half.pipe, clean=half.staged == 0)  # closed if it holds bytes
+                half.pipe = None
+            half.pending = None
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None

@@ -39,14 +39,15 @@ from collections.abc import Mapping
 import anyio
 import anyio.abc
 
+import labelproxy.streams.tcp.loop as data_loop
 from labelproxy.spec import Backend, ListenKey, RouteSpec
 from labelproxy.streams.accesslog import log_closed, log_opened
+from labelproxy.streams.accesslog import logger as open_log
 from labelproxy.streams.drain import Drain
 from labelproxy.streams.hooks import ConnInfo
 from labelproxy.streams.live import LiveRoute, ProxyHeader
 from labelproxy.streams.proxyproto import build_header
 from labelproxy.streams.sockets import bind_socket, bound_address, set_nodelay
-from labelproxy.streams.tcp import loop as data_loop
 from labelproxy.streams.tcp.accept import Acceptor
 from labelproxy.streams.tcp.deadlines import Deadlines
 from labelproxy.streams.tcp.dial import Address, Connector, Step, literal_addresses
@@ -118,6 +119,7 @@ class TcpServer:
         self.setups = 0  # (data loop) clients out in a setup task
         self.closed = False  # (data loop) shut down: nothing new is admitted
         self._family = sock.family
+        self._listen = str(live.spec.key)  # for the logs (an update keeps the listen key)
         self._aloop = aloop
         self._tg: anyio.abc.TaskGroup | None = None  # (asyncio) of the setup tasks
         self._setup_tasks = 0  # (asyncio) setup tasks running
@@ -230,7 +232,8 @@ class TcpServer:
     def _accepted(self, client: int, peer: tuple[str, int], listen: tuple[str, int]) -> None:
         """(data loop) A new client (a non-blocking fd this takes over) from the acceptor."""
         live = self.live
-        mode = live.proxy_header(peer[0])  # trusted PROXY sender or not: decided here, once
+        # a trusted PROXY sender or not: decided here, once (skipped when headers are off)
+        mode = live.proxy_header(peer[0]) if live.accepts_proxy_headers else None
         spec = live.spec
         if spec is not self._spec_seen:
             self._adopt(spec)
@@ -270,8 +273,6 @@ class TcpServer:
         addresses are known (`source`/`dest` from its PROXY header, else the socket's) and
         dial its backend: `addrs` holds each backend's address (None: did not resolve);
         `rest` is client data already read."""
-        if __debug__:
-            assert self.loop.owns_thread(), "TcpServer.open off the data loop"
         live = self.live
         if self.closed:
             os.close(client)
@@ -307,18 +308,19 @@ class TcpServer:
     def handed_over(self, old: Owned, new: Owned) -> None:
         self.conns.discard(old)
         self.conns.add(new)
-        log_opened(new.conn, listen=self.live.spec.key)
+        if open_log.isEnabledFor(logging.DEBUG):
+            log_opened(new.conn, listen=self._listen)
 
     def ended(self, owned: Owned) -> None:
-        if __debug__:
-            assert self.loop.owns_thread(), "TcpServer.ended off the data loop"
         self.conns.discard(owned)
         if self.hold is not None:
             self.hold.forget(owned)
         conn = owned.conn
         self.live.release(conn)
-        log_closed(conn, listen=self.live.spec.key)
-        self._settled()
+        log_closed(conn, listen=self._listen)
+        drain = self.drain  # _settled, inline: once per connection
+        if drain.draining:
+            drain.settled(self.active)
 
     def _settled(self) -> None:
         drain = self.drain

@@ -78,6 +78,7 @@ class UdpRelay:
         name = listener.getsockname()
         self.bound: tuple[str, int] = (str(name[0]), int(name[1]))
         self._spec_seen = live.spec
+        self._listen = str(live.spec.key)  # for the logs (an update keeps the listen key)
         self._listening = False
         self.admitting = True  # False once the route is closed: new sources are dropped
         self.drain = Drain(loop)
@@ -172,7 +173,7 @@ class UdpRelay:
             header = build_dgram_header(client, conn.listen)
         session = UdpSession(addr, conn, header)
         self.sessions[addr] = session
-        log_opened(conn, listen=live.spec.key)
+        log_opened(conn, listen=self._listen)
         if literal_family(backend.host) is not None:
             if self._refuse_loop(session, backend.host):
                 return None
@@ -266,7 +267,7 @@ class UdpRelay:
         conn = session.conn
         conn.close_reason = reason
         self.live.release(conn)
-        log_closed(conn, listen=self.live.spec.key)
+        log_closed(conn, listen=self._listen)
         self.drain.settled(len(self.sessions))
 
     # -- hot path ------------------------------------------------------------------------

@@ -52,9 +52,9 @@ from typing import Any
 import anyio
 import anyio.abc
 
+import labelproxy.streams.udp.batched as batched_path
 from labelproxy.spec import ListenKey
 from labelproxy.streams.live import LiveRoute
-from labelproxy.streams.udp import batched
 from labelproxy.streams.udp.batched import BatchedUdpRelay
 from labelproxy.streams.udp.relay import UdpRelay
 from labelproxy.streams.udp.sockets import bind_udp_listener
@@ -86,7 +86,7 @@ async def serve_udp(
             def spawn(factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
                 tg.start_soon(factory)
 
-            relay_type = BatchedUdpRelay if batched.ENABLED else UdpRelay
+            relay_type = BatchedUdpRelay if batched_path.ENABLED else UdpRelay
             relay = relay_type(live, sock, loop=loop, spawn=spawn)
             relay.start()
             logger.debug(
