@@ -106,6 +106,9 @@ class LiveRoute:
         self.policy = Policy()
         self.connect_timeout = edge.connect_timeout
         self.idle_timeout: float | None = None  # TCP: None unless set; UDP: session expiry
+        # called (asyncio loop) after each `update`: the TCP hold wakes its clients, since a
+        # new backend without an active check is ready at once, with no change to hear of
+        self.updated: list[Callable[[], None]] = []
         self.update(spec)
 
     # -- configuration (control plane) -------------------------------------------------
@@ -129,6 +132,8 @@ class LiveRoute:
         if idle is None and spec.transport == "udp":
             idle = self.edge.udp_idle_timeout
         self.idle_timeout = idle
+        for listener in self.updated:
+            listener()
 
     def proxy_header(self, host: str) -> ProxyHeader | None:
         """What to do with the first bytes of a TCP client at `host`, decided once per

@@ -311,3 +311,33 @@ def test_a_container_that_listens_two_seconds_after_it_starts_resets_no_client(
         assert route is not None and route["healthcheck"]["healthcheck"] == "tcp"
     finally:
         container.remove(force=True)
+
+
+
+def test_a_held_client_is_served_by_a_backend_that_is_ready_as_it_appears(
+    process: Any, tmp_path: Path
+) -> None:
+    """A backend with no active check is ready at once (no state change to hear of): a
+    client held for the route is woken by the update that brings it."""
+    listen, dead = free_port(), free_port()
+    lp = process({"r": {**ROUTE, "port": f"{listen}:{dead}", "host": "127.0.0.1",
+                        "connect_timeout": "20s", "healthcheck.interval": "0.1s"}})  # fmt: skip
+    ids = {"route": "r", "listen": f"tcp://127.0.0.1:{listen}"}
+    with echoes(free_port()) as [server], socket.create_connection(
+        ("127.0.0.1", listen), timeout=20.0
+    ) as client:
+        client.sendall(b"waiting")
+        wait_for(lambda: lp.metric("labelproxy_connections_active", **ids) == 1,
+                 what="the client held")  # fmt: skip
+        began = time.monotonic()
+        write_routes(tmp_path / "routes.yaml", {"r": {
+            **ROUTE, "port": str(listen), "host": f"127.0.0.1:{server.port}",
+            "healthcheck": "none", "connect_timeout": "20s",
+        }})  # fmt: skip
+        client.shutdown(socket.SHUT_WR)
+        try:
+            got = recv_all(client)
+        except OSError as exc:
+            got = repr(exc).encode()
+        assert got == b"waiting", lp.log()[-3000:]
+        assert time.monotonic() - began < 10  # woken, not at the end of its 20 s

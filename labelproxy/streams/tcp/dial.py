@@ -83,6 +83,14 @@ def literal_addresses(backends: Iterable[Backend]) -> dict[Backend, Address] | N
     return addrs
 
 
+def _address_of(backend: Backend, addrs: Mapping[Backend, Address | None]) -> Address | None:
+    """`backend`'s address from those known when the client came, else (a backend that came
+    with a spec update while the client was held) its IP literal; None: did not resolve."""
+    if backend in addrs:
+        return addrs[backend]
+    return literal_address(backend)
+
+
 class Connector:
     """(data loop) One admitted client (a raw socket fd it owns until the relay starts), on
     its way through its steps and the dials of its backends."""
@@ -145,10 +153,10 @@ class Connector:
                 self._give_up("no_backend")
                 return
             addrs = self._addrs
-            order = [(first, addrs.get(first))]
+            order = [(first, _address_of(first, addrs))]
             backends = live.ready_backends()
             if len(backends) > 1:
-                order += [(b, addrs.get(b)) for b in backends if b != first]
+                order += [(b, _address_of(b, addrs)) for b in backends if b != first]
             self._order = order
         while order and not self.done:
             backend, address = order.pop(0)

@@ -9,7 +9,9 @@ ready the checker's listener (`on_change`, any thread) hands a wake-up to the da
 (`DataLoop.submit`), and every parked connector goes on (`proceed`: pick, dial). One still
 parked after `live.connect_timeout` is refused with reason `no_backend`, as it was at once
 before. A connector parked while a backend turned ready cannot miss it: every ready change
-of the route is handed over, whether anyone waits or not (they are rare).
+of the route is handed over, whether anyone waits or not (they are rare), and so is every
+update of the route's spec (`LiveRoute.updated`: a new backend without an active check, such
+as a container whose Docker HEALTHCHECK now says healthy, is ready at once, no change).
 
 Everything here runs on the data loop, except `on_change` (the checker's thread).
 """

@@ -31,6 +31,7 @@ loop through `DataLoop.submit` / `DataLoop.call`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -130,6 +131,8 @@ class TcpServer:
         self.hold = (
             Hold(loop, self.deadlines, live.spec.key) if live.shared.health is not None else None
         )
+        if self.hold is not None:
+            live.updated.append(functools.partial(loop.submit, self.hold.wake))
 
     @property
     def active(self) -> int:
