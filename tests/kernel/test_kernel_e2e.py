@@ -169,7 +169,9 @@ def test_a_route_removed_mid_transfer_drains_and_is_cut_at_the_deadline(w: Kerne
         return bool(w.remote.call("echo", conn=conn, timeout=1.0) == {"error": "reset"})
     wait_for(cut, timeout=10, what="the draining flow cut at the deadline")
     assert time.monotonic() - removed >= 4.0
-    assert "drain deadline of 1 removed routes" in lp.log()
+    # the log line follows the cut (conntrack first, then the line): wait for it
+    wait_for(lambda: "drain deadline of 1 removed routes" in lp.log(), timeout=5,
+             what="the drain cut logged")
     assert w.kernel_routes() == []
 
 
