@@ -35,7 +35,8 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import anyio
 import anyio.abc
@@ -54,12 +55,23 @@ from labelproxy.streams.tcp.deadlines import Deadlines
 from labelproxy.streams.tcp.dial import Address, Connector, Step, literal_addresses
 from labelproxy.streams.tcp.hold import Hold
 from labelproxy.streams.tcp.owner import Owned
-from labelproxy.streams.tcp.setup import Found, HeaderRefusedError, set_up
+from labelproxy.streams.tcp.setup import Found, HeaderRefusedError, resolve_all, set_up
 from labelproxy.streams.tcp.splice import PipePool, splice_supported
 
 logger = logging.getLogger(__name__)
 
 _SetupJob = tuple[int, tuple[str, int], tuple[str, int], ProxyHeader | None]
+# a client a shared listener handed over: fd, source, peer, dest, bytes read, name read
+_HandJob = tuple[int, tuple[str, int], tuple[str, int], tuple[str, int], bytes, str]
+
+
+class Door(Protocol):
+    """(data loop) Where a listener's clients come from: its `accept.Acceptor`, or its
+    entry in a shared listener's name table. `start` opens it, `close` shuts it for good."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 async def serve_tcp(
@@ -101,14 +113,23 @@ class TcpServer:
     """The listening socket of one route, its connections in setup, dialing or relaying,
     and its drain; the `owner.Owner` of those connections."""
 
-    def __init__(self, live: LiveRoute, sock: socket.socket, *, zero_copy: bool) -> None:
-        """Made on the asyncio loop, for the process's data loop (`loop.shared`)."""
+    def __init__(
+        self,
+        live: LiveRoute,
+        sock: socket.socket,
+        *,
+        zero_copy: bool,
+        door: Callable[[TcpServer], Door] | None = None,
+    ) -> None:
+        """Made on the asyncio loop, for the process's data loop (`loop.shared`). `door`:
+        where its clients come from when it does not accept on `sock` itself (a route
+        chosen by name: its entry in the shared listener's table, `names.Member`)."""
         aloop = asyncio.get_running_loop()
         loop = self.loop = data_loop.shared()
         self.live = live
         self.pool = PipePool() if zero_copy else None
         self.deadlines = Deadlines(loop)
-        self.acceptor = Acceptor(
+        self.acceptor: Door = door(self) if door is not None else Acceptor(
             loop,
             sock,
             self._accepted,
@@ -247,6 +268,63 @@ class TcpServer:
             return
         self.open(client, peer, peer, listen, rest=b"", sniff=mode == "sniff", addrs=addrs)
 
+    def hand(
+        self,
+        client: int,
+        source: tuple[str, int],
+        peer: tuple[str, int],
+        dest: tuple[str, int],
+        *,
+        rest: bytes,
+        name: str,
+    ) -> None:
+        """(data loop) A client a shared listener read `name` from and chose this route for
+        (its PROXY header, if any, already read): `rest` is what it read, relayed first."""
+        spec = self.live.spec
+        if spec is not self._spec_seen:
+            self._adopt(spec)
+        addrs = self._addrs
+        if addrs is None:  # names to resolve: a task, then back here
+            self.setups += 1
+            job = (client, source, peer, dest, rest, name)
+            self._aloop.call_soon_threadsafe(self._start_resolve, job)
+            return
+        self.open(client, source, peer, dest, rest=rest, sniff=False, addrs=addrs, name=name)
+
+    def _start_resolve(self, job: _HandJob) -> None:
+        """(asyncio) Resolve the backends' names for a handed client, then open it."""
+        if self._tg is None:  # the listener is stopping
+            os.close(job[0])
+            self.loop.submit(self._set_up_done, -1, job[2], None, False, False)
+            return
+        self._setup_tasks += 1
+        self._tg.start_soon(self._resolve, job)
+
+    async def _resolve(self, job: _HandJob) -> None:
+        client, source, peer, dest, rest, name = job
+        addrs: dict[Backend, Address | None] | None = None
+        try:
+            addrs = await resolve_all(self.live)
+        except Exception:
+            logger.exception("route %s: connection setup failed", self.live.spec.alias)
+        finally:
+            self._setup_tasks -= 1
+            found = None if addrs is None else Found(source, dest, rest, addrs)
+            if found is None:
+                os.close(client)
+                client = -1
+            self.loop.submit(self._resolved, client, peer, found, name)
+
+    def _resolved(
+        self, client: int, peer: tuple[str, int], found: Found | None, name: str
+    ) -> None:
+        """(data loop) A handed client's backends were resolved (`found`; None: failed)."""
+        self.setups -= 1
+        if found is not None:
+            self.open(client, found.source, peer, found.dest, rest=found.rest, sniff=False,
+                      addrs=found.addrs, name=name)  # fmt: skip
+        self._settled()
+
     def _set_up_done(
         self, client: int, peer: tuple[str, int], found: Found | None, sniff: bool, refused: bool
     ) -> None:
@@ -271,16 +349,20 @@ class TcpServer:
         rest: bytes,
         sniff: bool,
         addrs: Mapping[Backend, Address | None],
+        name: str = "",
     ) -> None:
         """(data loop) Admit a client (a non-blocking socket fd this takes over) whose
         addresses are known (`source`/`dest` from its PROXY header, else the socket's) and
         dial its backend: `addrs` holds each backend's address (None: did not resolve);
-        `rest` is client data already read."""
+        `rest` is client data already read; `name` the one it asked for (a shared
+        listener's)."""
         live = self.live
         if self.closed:
             os.close(client)
             return
         conn = ConnInfo(live.spec.alias, "tcp", source, peer, dest)
+        if name:
+            conn.name = name
         reason = live.admit(conn)
         if reason is not None:
             logger.debug("route %s: refused client %s (%s)", conn.route, source[0], reason)
