@@ -5,6 +5,7 @@ container stops, its name is refused (and counted `no_route`) while the other go
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def test_two_containers_share_a_port_by_name_and_a_stopped_one_is_refused(
     try:
         lp.wait_ready()
         for name in names:
-            answer = wait_for(lambda n=name: tls_ask(port, n, ctx), what=f"route {name}")
+            answer = wait_for(functools.partial(tls_ask, port, name, ctx), what=f"route {name}")
             assert answer == (name, f"{name}:hello")
         containers["a.test"].stop(timeout=1)
 
