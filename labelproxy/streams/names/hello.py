@@ -15,6 +15,7 @@ ClientHellos share this layout (SSLv2-compatible hellos are refused).
 from __future__ import annotations
 
 import logging
+import struct
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ EXTENSION_SERVER_NAME = 0
 NAME_TYPE_HOST = 0
 MAX_RECORD = 1 << 14  # a TLSPlaintext fragment (RFC 8446 5.1)
 _HEADER = 5
+_EXTENSION = struct.Struct(">HH")  # extension type, length
 
 
 class PeekError(ValueError):
@@ -76,75 +78,69 @@ class HelloParser:
         return server_name(bytes(hs[4 : 4 + length]))
 
 
-class _Cursor:
-    """Reads big-endian fields from a ClientHello body; PeekError past its end."""
+def _u16(data: bytes, pos: int) -> int:
+    return (data[pos] << 8) | data[pos + 1]
 
-    __slots__ = ("data", "end", "pos")
 
-    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
-        self.data = data
-        self.pos = pos
-        self.end = len(data) if end is None else end
-
-    def take(self, n: int, what: str) -> bytes:
-        if self.pos + n > self.end:
-            raise PeekError(f"ClientHello truncated in its {what}")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def number(self, n: int, what: str) -> int:
-        return int.from_bytes(self.take(n, what), "big")
-
-    def vector(self, n: int, what: str) -> _Cursor:
-        """The cursor of a vector whose length takes `n` bytes; this one moves past it."""
-        length = self.number(n, what)
-        start = self.pos
-        self.take(length, what)
-        return _Cursor(self.data, start, start + length)
-
-    def take_all(self) -> bytes:
-        return self.take(self.left, "vector")
-
-    @property
-    def left(self) -> int:
-        return self.end - self.pos
+def _check(pos: int, end: int, what: str) -> None:
+    if pos > end:
+        raise PeekError(f"ClientHello truncated in its {what}")
 
 
 def server_name(body: bytes) -> str:
-    """The host name of the server_name extension of a ClientHello body ("" if none)."""
-    c = _Cursor(body)
-    c.take(2 + 32, "version and random")
-    c.vector(1, "session id")
-    suites = c.vector(2, "cipher suites")
-    if suites.left == 0 or suites.left % 2:
+    """The host name of the server_name extension of a ClientHello body ("" if none).
+    Plain index arithmetic: this runs once per connection of a shared listener."""
+    end = len(body)
+    pos = 2 + 32  # legacy_version, random
+    _check(pos + 1, end, "version and random")
+    pos += 1 + body[pos]  # legacy_session_id
+    _check(pos + 2, end, "session id")
+    suites = _u16(body, pos)
+    if suites == 0 or suites % 2:
         raise PeekError("ClientHello with a malformed cipher suite list")
-    c.vector(1, "compression methods")
-    if c.left == 0:
+    pos += 2 + suites
+    _check(pos + 1, end, "cipher suites")
+    pos += 1 + body[pos]  # legacy_compression_methods
+    _check(pos, end, "compression methods")
+    if pos == end:
         return ""  # no extensions (TLS 1.0 clients may omit them)
-    extensions = c.vector(2, "extensions")
-    if c.left:
-        raise PeekError("ClientHello with bytes after its extensions")
+    _check(pos + 2, end, "extensions")
+    stop = pos + 2 + _u16(body, pos)
+    if stop != end:
+        raise PeekError("ClientHello whose extensions do not end with it")
+    pos += 2
     name = ""
-    while extensions.left:
-        kind = extensions.number(2, "extension type")
-        data = extensions.vector(2, "extension")
+    header = _EXTENSION.unpack_from
+    while pos < stop:  # the hot loop of the peek: a dozen extensions or more
+        if pos + 4 > stop:
+            raise PeekError("ClientHello truncated in an extension header")
+        kind, length = header(body, pos)
+        pos += 4 + length
+        if pos > stop:
+            raise PeekError("ClientHello truncated in an extension")
         if kind == EXTENSION_SERVER_NAME:
-            name = _host_name(data)
+            name = _host_name(body, pos - length, pos)
     return name
 
 
-def _host_name(ext: _Cursor) -> str:
-    names = ext.vector(2, "server name list")
+def _host_name(data: bytes, pos: int, end: int) -> str:
+    """The first host_name of a server_name extension's list (RFC 6066 3)."""
+    _check(pos + 2, end, "server name list")
+    stop = pos + 2 + _u16(data, pos)
+    _check(stop, end, "server name list")
+    pos += 2
     found = ""
-    while names.left:
-        kind = names.number(1, "server name type")
-        value = names.vector(2, "server name").take_all()
+    while pos < stop:
+        _check(pos + 3, stop, "server name")
+        kind, length = data[pos], _u16(data, pos + 1)
+        pos += 3
+        _check(pos + length, stop, "server name")
         if kind == NAME_TYPE_HOST and not found:
             try:
-                found = value.decode("ascii")
+                found = data[pos : pos + length].decode("ascii")
             except UnicodeDecodeError:
                 raise PeekError("server name that is not ASCII") from None
             if not found:
                 raise PeekError("empty server name")
+        pos += length
     return found

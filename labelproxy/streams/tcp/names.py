@@ -120,7 +120,7 @@ class Member:
 class _Peek:
     """(data loop) A client whose first bytes are being read."""
 
-    __slots__ = ("fd", "group", "listen", "peer", "reader")
+    __slots__ = ("fd", "group", "listen", "peer", "reader", "watched")
 
     def __init__(self, group: NameGroup, fd: int, peer: Address, listen: Address,
                  reader: NameReader) -> None:  # fmt: skip
@@ -129,6 +129,7 @@ class _Peek:
         self.peer = peer
         self.listen = listen
         self.reader = reader
+        self.watched = False  # on the loop and its deadline (not when read at once)
 
     def on_event(self, fd: int, events: int) -> None:
         self.group.readable(self)
@@ -246,9 +247,11 @@ class NameGroup:
         peek = _Peek(self, client, peer, listen,
                      NameReader(limit=PEEK_LIMIT, proxy_header=mode == "read"))  # fmt: skip
         self.peeks.add(peek)
-        self.deadlines.add(peek, self.peek_timeout)
-        self.loop.add(client, peek, EPOLLIN)
-        self.readable(peek)  # the hello often came with the handshake's last ACK
+        self.readable(peek)  # the hello often came already: then no epoll entry, no timer
+        if peek in self.peeks:
+            peek.watched = True
+            self.deadlines.add(peek, self.peek_timeout)
+            self.loop.add(client, peek, EPOLLIN)
 
     def readable(self, peek: _Peek) -> None:
         if peek not in self.peeks:
@@ -308,5 +311,6 @@ class NameGroup:
 
     def _forget(self, peek: _Peek) -> None:
         self.peeks.discard(peek)
-        self.deadlines.discard(peek)
-        self.loop.remove(peek.fd)
+        if peek.watched:
+            self.deadlines.discard(peek)
+            self.loop.remove(peek.fd)
