@@ -5,6 +5,7 @@ certificate they get; crafted Minecraft handshakes to two tiny game servers."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -22,6 +23,7 @@ from labelproxy.metrics import Metrics
 from labelproxy.reconciler import Reconciler
 from labelproxy.spec import Backend, DesiredState, EdgePolicy, ListenKey, RouteSpec
 from tests.support.lp import free_port
+from tests.support.tcp import wait_for
 from tests.support.names import (
     TIMEOUT,
     McUpstream,
@@ -175,9 +177,11 @@ async def test_hello_split_slow_silent_garbage_and_nameless(
         assert w.rejected("no_route") == 1
 
 
-async def test_minecraft_hostnames_reach_their_servers() -> None:
+async def test_minecraft_hostnames_reach_their_servers(caplog: pytest.LogCaptureFixture) -> None:
     """Two game servers behind one port: the handshake's server address (with a Forge
-    `\\0FML2\\0` suffix, any case) picks the server; a status ping and a login both work."""
+    `\\0FML2\\0` suffix, any case) picks the server; a status ping and a login both work;
+    the access log names the route and the name read."""
+    caplog.set_level(logging.INFO, logger="labelproxy.access")
     one, two = McUpstream("server one"), McUpstream("server two")
     try:
         async with world({}, {"one": one.port, "two": two.port}) as w:
@@ -188,6 +192,14 @@ async def test_minecraft_hostnames_reach_their_servers() -> None:
             assert await run_sync(mc_login, w.port, "two.mc.test\0FML3\0", "steve") == "steve"
             assert await run_sync(mc_login, w.port, "one.mc.test", "alex") == "alex"
             assert two.addresses[0] == b"Two.MC.test.\0FML2\0"  # relayed unchanged
+
+            def logged() -> set[tuple[str, str]]:
+                return {(r.route, r.server_name) for r in caplog.records
+                        if getattr(r, "server_name", "")}  # fmt: skip
+
+            await wait_for(lambda: len(logged()) == 3)
+            assert logged() == {("one", "one.mc.test"), ("two", "Two.MC.test."),
+                                ("two", "two.mc.test")}  # fmt: skip
     finally:
         one.close()
         two.close()

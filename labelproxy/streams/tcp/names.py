@@ -92,9 +92,10 @@ async def serve_named(
     finally:
         with anyio.CancelScope(shield=True):
             await server.loop.call(server.shutdown)
-        if group.closed:
-            group.release()
-            if groups.get(key) is group:
+        if group.closed:  # the last member left: a new group may hold the port already
+            current = groups.get(key)
+            group.release(forget=current is None or current is group)
+            if current is group:
                 del groups[key]
         live.stopped_admitting.set()
         live.listener_closed.set()
@@ -181,12 +182,14 @@ class NameGroup:
         shared.own.add(group.own, family)
         return group
 
-    def release(self) -> None:
-        """(asyncio) The group is closed: drop its own-listener entry and its series."""
+    def release(self, *, forget: bool) -> None:
+        """(asyncio) The group is closed: drop its own-listener entry and, unless a new
+        group on the same key goes on counting in them (`forget` False), its series."""
         if not self._released:
             self._released = True
             self.shared.own.remove(self.own, self.family)
-            self.shared.forget_listener(self.key)
+            if forget:
+                self.shared.forget_listener(self.key)
 
     # -- members (data loop) ---------------------------------------------------------------
     def join(self, server: TcpServer) -> None:
