@@ -23,7 +23,6 @@ from labelproxy.metrics import Metrics
 from labelproxy.reconciler import Reconciler
 from labelproxy.spec import Backend, DesiredState, EdgePolicy, ListenKey, RouteSpec
 from tests.support.lp import free_port
-from tests.support.tcp import wait_for
 from tests.support.names import (
     TIMEOUT,
     McUpstream,
@@ -38,6 +37,7 @@ from tests.support.names import (
     tls_ask,
     two_records,
 )
+from tests.support.tcp import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -194,7 +194,7 @@ async def test_minecraft_hostnames_reach_their_servers(caplog: pytest.LogCapture
             assert two.addresses[0] == b"Two.MC.test.\0FML2\0"  # relayed unchanged
 
             def logged() -> set[tuple[str, str]]:
-                return {(r.route, r.server_name) for r in caplog.records
+                return {(r.__dict__["route"], r.__dict__["server_name"]) for r in caplog.records
                         if getattr(r, "server_name", "")}  # fmt: skip
 
             await wait_for(lambda: len(logged()) == 3)
