@@ -94,8 +94,8 @@ SECTIONS: tuple[Section, ...] = (
         (
             _m("sni_conns_per_s", "connect, ClientHello + 64 B, echo, close; 50 clients",
                "conn/s", higher=True),
-            _m("sni_conns_user_us", "proxy user CPU per connection", "us", higher=False),
-            _m("sni_conns_sys_us", "proxy kernel CPU per connection", "us", higher=False),
+            _m("sni_conns_user_us", "proxy user CPU per routed connection", "us", higher=False),
+            _m("sni_conns_sys_us", "proxy kernel CPU per routed connection", "us", higher=False),
             _m("sni_pingpong_p50_us", "64 B round trip p50 after the ClientHello", "us",
                higher=False),
             _m("sni_pingpong_p99_us", "64 B round trip p99 after the ClientHello", "us",
