@@ -193,10 +193,9 @@ class NameGroup:
 
     # -- members (data loop) ---------------------------------------------------------------
     def join(self, server: TcpServer) -> None:
-        if self.closed:  # raced with the last member leaving: the route's next start binds
-            logger.warning("shared listener %s closed before route %s joined it",
-                           self.key, server.live.spec.alias)  # fmt: skip
-            return
+        if self.closed:  # raced with the last member leaving: a bind problem, retried
+            raise OSError(f"the shared listener {self.key} closed as route "
+                          f"{server.live.spec.alias} joined it")  # fmt: skip
         self.members.append(server)
         self.rebuild()
         self.acceptor.start()
