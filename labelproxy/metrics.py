@@ -60,7 +60,9 @@ Direction = Literal["in", "out"]
 RejectReason = Literal["acl", "limit", "no_backend", "proxy_header", "loop"]
 # the refusals of a listener shared by routes chosen by name, before a route is chosen:
 # counted on the listener's own series (`Metrics.listener`: `route=""`, `listen` its key)
-NameRejectReason = Literal["acl", "proxy_header", "no_route", "peek_timeout", "peek_invalid"]
+NameRejectReason = Literal[
+    "acl", "limit", "proxy_header", "no_route", "peek_timeout", "peek_invalid"
+]
 DropReason = Literal["acl", "limit", "no_backend", "proxy_header", "upstream_error", "loop"]
 
 REJECT_REASONS: tuple[RejectReason, ...] = ("acl", "limit", "no_backend", "proxy_header", "loop")

@@ -12,7 +12,8 @@ leaves it when the route closes; the last member out closes the socket.
 A connection on the data loop (no task, no thread of its own):
 
     Acceptor -> NameGroup._accepted: the global ACL (and the routes' own rules where they
-        all agree), before anything is read; else refused, reason `acl`
+        all agree), before anything is read; else refused, reason `acl`; the global cap
+        (`LABELPROXY_MAX_CONNECTIONS`, counting the clients being read here), `limit`
       -> _Peek: the client fd watched for its first bytes, up to `PEEK_LIMIT` (16 KiB) and
          `edge.peek_timeout` (one `Deadlines` timer for all), a trusted proxy's PROXY
          header first (`reader.NameReader`); other clients are not held up meanwhile
@@ -21,7 +22,7 @@ A connection on the data loop (no task, no thread of its own):
          bytes read are relayed first and unchanged, the rest as usual (zero-copy bulk)
 
 The group's own refusals (before a route is chosen) are counted on its own series
-(`shared.listener_counters`, i.e. `Metrics.listener`): `acl`, `proxy_header` (a trusted
+(`shared.listener_counters`, i.e. `Metrics.listener`): `acl`, `limit`, `proxy_header` (a trusted
 proxy's bad header), `no_route` (no name matches and there is no `*`), `peek_timeout` and
 `peek_invalid` (bytes that are no ClientHello or handshake, or 16 KiB without one). A
 client that closes before sending anything is not counted.
@@ -242,6 +243,11 @@ class NameGroup:
         if acl is not None and not acl.permits(peer[0]):
             self.counters.reject("acl")
             logger.debug("shared listener %s: refused client %s (acl)", self.key, peer[0])
+            os.close(client)
+            return
+        cap = self.shared.tcp_cap  # clients being read hold a socket too: they count
+        if cap.limit is not None and cap.open + len(self.peeks) >= cap.limit:
+            self.counters.reject("limit")
             os.close(client)
             return
         live = self.members[0].live
