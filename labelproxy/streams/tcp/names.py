@@ -2,11 +2,11 @@
 
 Routes whose listen keys differ only by their names (`ListenKey.names`: same transport,
 bind and port) share one listening socket, a `NameGroup`. Each such route is served by
-its own `server.TcpServer` (its `LiveRoute`, caps, counters, health, dials, relays, drain
-and access log, as if it had a port of its own) that does not accept: its door
-(`server.Door`) is a `Member`, its entry in the group's `NameTable`. `serve_named(live)`
-is the route's engine (`live.Serve`): it joins the group of its socket key, binding the
-socket when it is the first (an OSError before "started", as any bind failure), and
+its own `named.NamedServer`, a `server.TcpServer` (its `LiveRoute`, caps, counters,
+health, dials, relays, drain and access log, as if it had a port of its own) that does not
+accept: its door (`server.Door`) is a `Member`, its entry in the group's `NameTable`.
+`serve_named(live)` is the route's engine (`live.Serve`): it joins the group of its socket
+key, binding the socket when it is the first (an OSError before "started", as any bind failure), and
 leaves it when the route closes; the last member out closes the socket.
 
 A connection on the data loop (no task, no thread of its own):
@@ -18,7 +18,7 @@ A connection on the data loop (no task, no thread of its own):
          `edge.peek_timeout` (one `Deadlines` timer for all), a trusted proxy's PROXY
          header first (`reader.NameReader`); other clients are not held up meanwhile
       -> the name (TLS SNI or Minecraft server address) looked up in the table
-      -> TcpServer.hand: the chosen route's ACL, caps, backend, PROXY header, dial; the
+      -> NamedServer.hand: the chosen route's ACL, caps, backend, PROXY header, dial; the
          bytes read are relayed first and unchanged, the rest as usual (zero-copy bulk)
 
 The group's own refusals (before a route is chosen) are counted on its own series
@@ -54,7 +54,7 @@ from labelproxy.streams.sockets import bind_socket, bound_address, set_nodelay
 from labelproxy.streams.tcp.accept import Acceptor
 from labelproxy.streams.tcp.deadlines import Deadlines
 from labelproxy.streams.tcp.loop import EPOLLIN, DataLoop
-from labelproxy.streams.tcp.server import TcpServer
+from labelproxy.streams.tcp.named import NamedServer
 from labelproxy.streams.tcp.splice import splice_supported
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ async def serve_named(
         group = NameGroup.bind(key, spec.family, live.shared, peek_timeout=live.edge.peek_timeout)
         groups[key] = group
     use_splice = splice_supported() if zero_copy is None else zero_copy
-    server = TcpServer(live, group.sock, zero_copy=use_splice,
+    server = NamedServer(live, group.sock, zero_copy=use_splice,
                        door=lambda s: Member(group, s))  # fmt: skip
     live.updated.append(lambda: server.loop.submit(group.rebuild))
     try:
@@ -108,7 +108,7 @@ class Member:
 
     __slots__ = ("group", "server")
 
-    def __init__(self, group: NameGroup, server: TcpServer) -> None:
+    def __init__(self, group: NameGroup, server: NamedServer) -> None:
         self.group = group
         self.server = server
 
@@ -162,8 +162,8 @@ class NameGroup:
         self.acceptor = Acceptor(self.loop, sock, self._accepted,
                                  name=f"shared listener {key}",
                                  learn_local=shared.own.learn)  # fmt: skip
-        self.members: list[TcpServer] = []  # (data loop) in the order they joined
-        self.table: NameTable[TcpServer] = NameTable({})
+        self.members: list[NamedServer] = []  # (data loop) in the order they joined
+        self.table: NameTable[NamedServer] = NameTable({})
         self.acl: Acl | LayeredAcl | None = None  # None: every client passes
         self.peeks: set[_Peek] = set()
         self.closed = False  # (data loop) the last member left: the socket is closed
@@ -193,7 +193,7 @@ class NameGroup:
                 self.shared.forget_listener(self.key)
 
     # -- members (data loop) ---------------------------------------------------------------
-    def join(self, server: TcpServer) -> None:
+    def join(self, server: NamedServer) -> None:
         if self.closed:  # raced with the last member leaving: a bind problem, retried
             raise OSError(f"the shared listener {self.key} closed as route "
                           f"{server.live.spec.alias} joined it")  # fmt: skip
@@ -201,7 +201,7 @@ class NameGroup:
         self.rebuild()
         self.acceptor.start()
 
-    def leave(self, server: TcpServer) -> None:
+    def leave(self, server: NamedServer) -> None:
         if server not in self.members:
             return
         self.members.remove(server)
@@ -218,7 +218,7 @@ class NameGroup:
     def rebuild(self) -> None:
         """The table and the shared ACL from the members' specs (a join, a leave, an
         update): first come first served on a name (the desired state has no repeats)."""
-        entries: dict[str, TcpServer] = {}
+        entries: dict[str, NamedServer] = {}
         for server in self.members:
             for name in server.live.spec.key.names:
                 entries.setdefault(name, server)

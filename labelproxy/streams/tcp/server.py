@@ -36,7 +36,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Protocol, Self
 
 import anyio
 import anyio.abc
@@ -55,14 +55,12 @@ from labelproxy.streams.tcp.deadlines import Deadlines
 from labelproxy.streams.tcp.dial import Address, Connector, Step, literal_addresses
 from labelproxy.streams.tcp.hold import Hold
 from labelproxy.streams.tcp.owner import Owned
-from labelproxy.streams.tcp.setup import Found, HeaderRefusedError, resolve_all, set_up
+from labelproxy.streams.tcp.setup import Found, HeaderRefusedError, set_up
 from labelproxy.streams.tcp.splice import PipePool, splice_supported
 
 logger = logging.getLogger(__name__)
 
 _SetupJob = tuple[int, tuple[str, int], tuple[str, int], ProxyHeader | None]
-# a client a shared listener handed over: fd, source, peer, dest, bytes read, name read
-_HandJob = tuple[int, tuple[str, int], tuple[str, int], tuple[str, int], bytes, str]
 
 
 class Door(Protocol):
@@ -119,11 +117,12 @@ class TcpServer:
         sock: socket.socket,
         *,
         zero_copy: bool,
-        door: Callable[[TcpServer], Door] | None = None,
+        door: Callable[[Self], Door] | None = None,
     ) -> None:
         """Made on the asyncio loop, for the process's data loop (`loop.shared`). `door`:
         where its clients come from when it does not accept on `sock` itself (a route
-        chosen by name: its entry in the shared listener's table, `names.Member`)."""
+        chosen by name: its entry in the shared listener's table, `names.Member`; the
+        server is then a `named.NamedServer`)."""
         aloop = asyncio.get_running_loop()
         loop = self.loop = data_loop.shared()
         self.live = live
@@ -267,63 +266,6 @@ class TcpServer:
             self._aloop.call_soon_threadsafe(self._start_setup, (client, peer, listen, mode))
             return
         self.open(client, peer, peer, listen, rest=b"", sniff=mode == "sniff", addrs=addrs)
-
-    def hand(
-        self,
-        client: int,
-        source: tuple[str, int],
-        peer: tuple[str, int],
-        dest: tuple[str, int],
-        *,
-        rest: bytes,
-        name: str,
-    ) -> None:
-        """(data loop) A client a shared listener read `name` from and chose this route for
-        (its PROXY header, if any, already read): `rest` is what it read, relayed first."""
-        spec = self.live.spec
-        if spec is not self._spec_seen:
-            self._adopt(spec)
-        addrs = self._addrs
-        if addrs is None:  # names to resolve: a task, then back here
-            self.setups += 1
-            job = (client, source, peer, dest, rest, name)
-            self._aloop.call_soon_threadsafe(self._start_resolve, job)
-            return
-        self.open(client, source, peer, dest, rest=rest, sniff=False, addrs=addrs, name=name)
-
-    def _start_resolve(self, job: _HandJob) -> None:
-        """(asyncio) Resolve the backends' names for a handed client, then open it."""
-        if self._tg is None:  # the listener is stopping
-            os.close(job[0])
-            self.loop.submit(self._set_up_done, -1, job[2], None, False, False)
-            return
-        self._setup_tasks += 1
-        self._tg.start_soon(self._resolve, job)
-
-    async def _resolve(self, job: _HandJob) -> None:
-        client, source, peer, dest, rest, name = job
-        addrs: dict[Backend, Address | None] | None = None
-        try:
-            addrs = await resolve_all(self.live)
-        except Exception:
-            logger.exception("route %s: connection setup failed", self.live.spec.alias)
-        finally:
-            self._setup_tasks -= 1
-            found = None if addrs is None else Found(source, dest, rest, addrs)
-            if found is None:
-                os.close(client)
-                client = -1
-            self.loop.submit(self._resolved, client, peer, found, name)
-
-    def _resolved(
-        self, client: int, peer: tuple[str, int], found: Found | None, name: str
-    ) -> None:
-        """(data loop) A handed client's backends were resolved (`found`; None: failed)."""
-        self.setups -= 1
-        if found is not None:
-            self.open(client, found.source, peer, found.dest, rest=found.rest, sniff=False,
-                      addrs=found.addrs, name=name)  # fmt: skip
-        self._settled()
 
     def _set_up_done(
         self, client: int, peer: tuple[str, int], found: Found | None, sniff: bool, refused: bool
