@@ -23,15 +23,13 @@ from labelproxy.metrics import Metrics
 from labelproxy.reconciler import Reconciler
 from labelproxy.spec import Backend, DesiredState, EdgePolicy, ListenKey, RouteSpec
 from tests.support.lp import free_port
+from tests.support.minecraft import McUpstream, mc_login, mc_status
 from tests.support.names import (
     TIMEOUT,
-    McUpstream,
     TlsUpstream,
     bio_handshake,
     client_context,
     make_cert,
-    mc_login,
-    mc_status,
     s_client_cn,
     s_server,
     tls_ask,

@@ -19,7 +19,8 @@ from labelproxy.spec import EdgePolicy, ListenKey
 from labelproxy.streams.names.hello import PeekError
 from labelproxy.streams.names.reader import NameReader
 from labelproxy.streams.names.table import NameTable
-from tests.support.names import mc_handshake, mc_packet, tls_hello, two_records
+from tests.support.minecraft import mc_handshake, mc_packet
+from tests.support.names import tls_hello, two_records
 
 
 def feed_all(chunks: list[bytes]) -> tuple[str, str] | None:
