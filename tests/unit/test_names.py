@@ -17,8 +17,9 @@ from labelproxy.sources.desired import build_desired
 from labelproxy.sources.routesfile import parse_routes
 from labelproxy.spec import EdgePolicy, ListenKey
 from labelproxy.streams.names.hello import PeekError
-from labelproxy.streams.names.reader import NameReader
+from labelproxy.streams.names.reader import HeaderRefusedError, NameReader
 from labelproxy.streams.names.table import NameTable
+from labelproxy.streams.proxyproto import build_header
 from tests.support.minecraft import mc_handshake, mc_packet
 from tests.support.names import tls_hello, two_records
 
@@ -109,3 +110,17 @@ def test_check_reports_a_name_claimed_twice(tmp_path: Path) -> None:
     result = check_compose(compose, label_prefix="proxy", use_cli=False)
     assert [p.kind for p in result.problems] == ["conflict"]
     assert "hostname db.test is already held" in result.problems[0].message
+
+
+def test_a_trusted_proxys_header_comes_before_the_name() -> None:
+    """`required`: the PROXY header is read first and its addresses kept; `optional`: a
+    client without one is read as it is; `required` without one is a header refusal."""
+    hello = tls_hello("a.example.com")[3]
+    header = build_header("v2", ("203.0.113.7", 4000), ("192.0.2.1", 443))
+    found = NameReader(proxy_header="required").feed(header + hello)
+    assert found is not None and found.source == ("203.0.113.7", 4000)
+    assert found.name == "a.example.com" and found.data == hello
+    optional = NameReader(proxy_header="optional").feed(hello)
+    assert optional is not None and optional.name == "a.example.com" and optional.source is None
+    with pytest.raises(HeaderRefusedError):
+        NameReader(proxy_header="required").feed(hello)

@@ -252,8 +252,9 @@ class NameGroup:
             return
         live = self.members[0].live
         mode = live.proxy_header(peer[0]) if live.accepts_proxy_headers else None
+        header = live.edge.accept_proxy_protocol if mode == "read" else "off"
         peek = _Peek(self, client, peer, listen,
-                     NameReader(limit=PEEK_LIMIT, proxy_header=mode == "read"))  # fmt: skip
+                     NameReader(limit=PEEK_LIMIT, proxy_header=header))  # fmt: skip
         self.peeks.add(peek)
         self.readable(peek)  # the hello often came already: then no epoll entry, no timer
         if peek in self.peeks:
