@@ -80,9 +80,13 @@ class Env:
     children: Children
 
 
-def _run_json(argv: list[str], *, timeout: float) -> dict[str, Any]:
+def _run_json(
+    argv: list[str], *, timeout: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        result = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, check=False, env=env
+        )
     except subprocess.TimeoutExpired:
         raise BenchError(f"{argv[0]} {argv[1]} timed out after {timeout:.0f}s") from None
     try:

@@ -89,6 +89,23 @@ SECTIONS: tuple[Section, ...] = (
         "Each round trip is two messages through the proxy (request and reply).",
     ),
     Section(
+        "sni",
+        "Routed by name (TLS SNI) on one shared port",
+        (
+            _m("sni_conns_per_s", "connect, ClientHello + 64 B, echo, close; 50 clients",
+               "conn/s", higher=True),
+            _m("sni_conns_user_us", "proxy user CPU per routed connection", "us", higher=False),
+            _m("sni_conns_sys_us", "proxy kernel CPU per routed connection", "us", higher=False),
+            _m("sni_pingpong_p50_us", "64 B round trip p50 after the ClientHello", "us",
+               higher=False),
+            _m("sni_pingpong_p99_us", "64 B round trip p99 after the ClientHello", "us",
+               higher=False),
+        ),
+        "HAProxy `req_ssl_sni` after `inspect-delay` against labelproxy `hostnames`: two names "
+        "on one port, a real ClientHello (about 500 B) first on every connection, echoed by "
+        "the C upstream (no handshake completes). nginx, socat, pyfloor: not set up.",
+    ),
+    Section(
         "udp",
         "UDP",
         (

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import measure
+from bench import measure, sni
 from bench.measure import Env, Measured
 from bench.procs import BenchError, process_tree
 from bench.report import SECTIONS, Results, Section
+from bench.sniconf import ROUTE as SNI_ROUTE
 from bench.targets import STARTERS, StartContext, Target
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class SectionRun:
     # each repetition runs on a freshly started target: memory freed by an earlier repetition
     # would otherwise be reused and hide what new connections cost
     fresh_process: bool = False
+    route: str = ""  # a route only some targets have (the others: n/a)
 
 
 def _bulk(streams: int) -> Measurement:
@@ -53,6 +55,7 @@ SECTION_RUNS: dict[str, SectionRun] = {
     "pingpong": SectionRun((measure.pingpong,)),
     "udp": SectionRun((measure.udp_flood, measure.udp_rtt), needs_udp=True),
     "memory": SectionRun((measure.idle_memory,), needs_proxy=True, fresh_process=True),
+    "sni": SectionRun((sni.sni_conns, sni.sni_pingpong), route=SNI_ROUTE),
 }
 NO_PROXY_METRICS = (
     "tcp_bulk_1_cpu_s_per_gb",
@@ -61,6 +64,8 @@ NO_PROXY_METRICS = (
     "short_conns_sys_us",
     "pingpong_msg_user_us",
     "pingpong_msg_sys_us",
+    "sni_conns_user_us",
+    "sni_conns_sys_us",
 )
 
 
@@ -130,6 +135,8 @@ def run_data_plane(
                 results.skip(section=section, target=target.name, reason="n/a (no UDP)")
             elif run.needs_proxy and not target.roots:
                 results.skip(section=section, target=target.name, reason="n/a (no proxy)")
+            elif run.route and run.route not in target.ports:
+                results.skip(section=section, target=target.name, reason="n/a (not set up)")
             else:
                 eligible.append(target)
         for rep in range(env.plan.reps):

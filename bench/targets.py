@@ -31,6 +31,8 @@ from bench.procs import (
     wait_until_listening,
     wait_until_udp_bound,
 )
+from bench.sniconf import ROUTE as SNI_ROUTE
+from bench.sniconf import haproxy_frontend, labelproxy_routes
 from bench.toolchain import NGINX_STREAM_MODULE
 from bench.upstreams import TCP_ROUTES, UDP_ROUTES
 
@@ -87,7 +89,8 @@ def _wait_ready(ctx: StartContext, target: Target, name: str) -> Target:
 
 
 def start_direct(ctx: StartContext) -> Target:
-    return Target(name="direct", ports=dict(ctx.upstream), note="no proxy: the physical limit")
+    ports = {**ctx.upstream, SNI_ROUTE: ctx.upstream["echo"]}  # the floor of the sni rows
+    return Target(name="direct", ports=ports, note="no proxy: the physical limit")
 
 
 def start_haproxy(ctx: StartContext) -> Target:
@@ -99,6 +102,8 @@ def start_haproxy(ctx: StartContext) -> Target:
             f"    default_backend b_{route}\n"
             f"backend b_{route}\n    server s1 127.0.0.1:{ctx.upstream[route]}\n"
         )
+    ports[SNI_ROUTE] = free_port()
+    sections.append(haproxy_frontend(ports[SNI_ROUTE], ctx.upstream["echo"]))
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     maxconn = min(20_000, int((soft - 100) / 2.6))  # haproxy wants about 2.5 fds per maxconn
     conf = ctx.workdir / "haproxy.cfg"
@@ -184,6 +189,8 @@ def start_socat(ctx: StartContext) -> Target:
 
 def labelproxy_routes_yaml(*, ports: dict[str, int], upstream: dict[str, int]) -> str:
     lines = ["routes:"]
+    if SNI_ROUTE in ports:  # two routes chosen by name on one port (the sni section)
+        lines += labelproxy_routes(ports[SNI_ROUTE], upstream["echo"])
     for route in TCP_ROUTES + UDP_ROUTES:
         scheme = "udp4" if route in UDP_ROUTES else "tcp4"
         lines.append(
@@ -234,6 +241,8 @@ def start_labelproxy(ctx: StartContext, *, kernel: bool = False) -> Target:
     if kernel and not netns.inside():
         raise BenchError(f"{name} programs nftables: run the bench with --netns")
     ports = _listen_ports()
+    if not kernel:
+        ports[SNI_ROUTE] = free_port()
     routes_file = ctx.workdir / f"{name}-routes.yaml"
     routes_file.write_text(labelproxy_routes_yaml(ports=ports, upstream=ctx.upstream))
     http_port = free_port()

@@ -2,7 +2,8 @@
 
 Context travels in `extra=` fields; the ones DESIGN.md names (route, container, protocol,
 listen, dst, action) and the access-log fields (client, backend, bytes_in, bytes_out,
-duration, reason) are rendered when present. The access log is the `labelproxy.access` logger.
+duration, reason, server_name: the name a client of a route chosen by name asked for) are
+rendered when present. The access log is the `labelproxy.access` logger.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ CONTEXT_FIELDS = (
     "bytes_out",
     "duration",
     "reason",
+    "server_name",
 )
 
 

@@ -39,7 +39,7 @@ import logging
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
@@ -58,9 +58,15 @@ logger = logging.getLogger(__name__)
 PREFIX = "labelproxy_"
 Direction = Literal["in", "out"]
 RejectReason = Literal["acl", "limit", "no_backend", "proxy_header", "loop"]
+# the refusals of a listener shared by routes chosen by name, before a route is chosen:
+# counted on the listener's own series (`Metrics.listener`: `route=""`, `listen` its key)
+NameRejectReason = Literal[
+    "acl", "limit", "proxy_header", "no_route", "peek_timeout", "peek_invalid"
+]
 DropReason = Literal["acl", "limit", "no_backend", "proxy_header", "upstream_error", "loop"]
 
 REJECT_REASONS: tuple[RejectReason, ...] = ("acl", "limit", "no_backend", "proxy_header", "loop")
+NAME_REJECT_REASONS: tuple[NameRejectReason, ...] = get_args(NameRejectReason)
 DROP_REASONS: tuple[DropReason, ...] = (
     "acl",
     "limit",
@@ -109,7 +115,7 @@ class RouteCounters:
         self.observe_dial = self.dial_durations.observe
         self.observe_connection = self.connection_durations.observe
 
-    def reject(self, reason: RejectReason) -> None:
+    def reject(self, reason: RejectReason | NameRejectReason) -> None:
         self.rejected[reason] += 1
 
     def drop(self, reason: DropReason, count: int = 1) -> None:
@@ -224,6 +230,17 @@ class Metrics:
             self._routes[key] = counters
         elif counters.route != alias:
             counters.route = alias
+        return counters
+
+    def listener(self, key: ListenKey) -> RouteCounters:
+        """The own counters of a listener shared by routes chosen by name (`key`: its
+        socket's, without names): its refusals before a route is chosen. Forget them with
+        `forget(key)` once it is closed."""
+        counters = self._routes.get(key)
+        if counters is None:
+            rejected: dict[str, int] = dict.fromkeys(NAME_REJECT_REASONS, 0)
+            counters = RouteCounters(route="", listen=str(key), rejected=rejected)
+            self._routes[key] = counters
         return counters
 
     def counters(self, key: ListenKey) -> RouteCounters | None:

@@ -34,7 +34,7 @@ from labelproxy.routelog import context, log_runs, runs
 from labelproxy.spec import DesiredState, EdgePolicy, ListenKey, Problem, RouteSpec
 from labelproxy.streams.live import LiveRoute, Serve
 from labelproxy.streams.shared import SharedState
-from labelproxy.streams.tcp import serve_tcp
+from labelproxy.streams.tcp import serve_named, serve_tcp
 from labelproxy.streams.udp import serve_udp
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,8 @@ class Reconciler:
         self.draining: set[LiveRoute] = set()
         # the global caps and own-listener registry every route shares
         self.shared = SharedState.from_edge(edge, health=health)
+        self.shared.listener_counters = metrics.listener
+        self.shared.forget_listener = metrics.forget
         logger.info("global limits: %s", self.shared.describe(), extra={"action": "start"})
         self._draining_keys: Counter[ListenKey] = Counter()
 
@@ -203,6 +205,8 @@ class Reconciler:
         )
         # the engine serving the route: a second one (kernel forwarding) is chosen here
         serve: Serve = serve_tcp if spec.transport == "tcp" else serve_udp
+        if spec.key.names:  # chosen by name: a member of the listener its key shares
+            serve = serve_named
         try:
             await self._tg.start(self._supervise, live, serve)
         except OSError as exc:

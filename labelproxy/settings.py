@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     udp_max_sessions: int = Field(default=10_000, ge=1)
     accept_proxy_protocol: AcceptProxyProtocol = "off"
     proxy_header_timeout: PositiveDuration = 5.0
+    peek_timeout: PositiveDuration = 5.0  # a shared (`hostnames`) listener's name read
     trusted_proxies: CidrList = ()
     allow: CidrList = ()
     deny: CidrList = ()
@@ -175,6 +176,7 @@ class Settings(BaseSettings):
             drain_timeout=self.drain_timeout,
             max_connections=self.max_connections or auto,
             udp_max_sessions_total=self.udp_max_sessions_total or auto,
+            peek_timeout=self.peek_timeout,
         )
 
 

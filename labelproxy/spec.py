@@ -63,15 +63,24 @@ def default_bind(scheme: Scheme) -> str:
 
 @dataclass(frozen=True, slots=True, order=True)
 class ListenKey:
-    """A route's identity: what the kernel would refuse to bind twice."""
+    """A route's identity: what the kernel would refuse to bind twice, and, for a route
+    chosen by name (`hostnames`), the names it answers to on that shared listener
+    (normalized: lower case, no trailing dot, sorted); `socket_key` is the listener's."""
 
     transport: Transport
     bind: str
     port: int
+    names: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         host = f"[{self.bind}]" if ":" in self.bind else self.bind
-        return f"{self.transport}://{host}:{self.port}"
+        text = f"{self.transport}://{host}:{self.port}"
+        return f"{text}#{','.join(self.names)}" if self.names else text
+
+    @property
+    def socket_key(self) -> ListenKey:
+        """The listening socket's key: this one without its names."""
+        return ListenKey(self.transport, self.bind, self.port) if self.names else self
 
 
 _ALL = "all"
@@ -273,3 +282,6 @@ class EdgePolicy:
     # process-wide caps, across every route (None: none); new work beyond them is shed
     max_connections: int | None = None
     udp_max_sessions_total: int | None = None
+    # a listener shared by routes with `hostnames`: how long a client has to send the
+    # ClientHello or game handshake that names its route (LABELPROXY_PEEK_TIMEOUT)
+    peek_timeout: float = 5.0

@@ -104,6 +104,8 @@ def _route_document(row: _Row) -> dict[str, Any]:
         "errors": [str(error)] if error is not None else [],
         "counters": {**dict(zip(_COUNTERS, counters, strict=True)), "rejected": rejected},
     }
+    if spec.key.names:  # chosen by name on a shared listener
+        doc["hostnames"] = list(spec.key.names)
     doc.update(forwarding)  # the path and why; a kernel route's counters with its share
     return doc
 

@@ -7,6 +7,10 @@
  *                                                          hold them until stdin closes
  *   lpclient udpflood  HOST PORT COUNT SIZE RATE            send COUNT datagrams (RATE/s, 0 = max)
  *   lpclient udprtt    HOST PORT COUNT SIZE TIMEOUT_MS SECONDS   datagram echo round trips
+ *
+ * With LPCLIENT_FIRST=FILE, shortconn and pingpong send FILE's bytes (at most 16 KiB: a TLS
+ * ClientHello for a proxy that routes by name) first on each connection and expect them
+ * echoed along with the rest.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -26,6 +30,18 @@
 #include <unistd.h>
 
 static struct sockaddr_in target;
+static char first[16384];
+static int first_len = 0;
+
+static void die(const char *what);
+static void load_first(void) {
+    const char *path = getenv("LPCLIENT_FIRST");
+    if (!path || !*path) return;
+    FILE *f = fopen(path, "rb");
+    if (!f) die("LPCLIENT_FIRST");
+    first_len = (int)fread(first, 1, sizeof first, f);
+    fclose(f);
+}
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -86,8 +102,10 @@ static int start_conn(int ep, struct slot *s, int idx) {
 
 static int shortconn(int conc, double seconds, int size) {
     struct slot *slots = calloc((size_t)conc, sizeof *slots);
-    char req[65536], buf[65536];
+    char req[65536 + sizeof first], buf[65536];
     memset(req, 'x', sizeof req);
+    memcpy(req, first, (size_t)first_len);
+    size += first_len;
     int ep = epoll_create1(0);
     long completed = 0, errors = 0;
     int64_t start = now_ns(), deadline = start + (int64_t)(seconds * 1e9);
@@ -150,6 +168,8 @@ static int pingpong(long count, int size, double seconds) {
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     if (connect(fd, (struct sockaddr *)&target, sizeof target) < 0) die("connect");
     char buf[65536];
+    if (first_len && (write(fd, first, (size_t)first_len) != first_len
+                      || read_full(fd, buf, first_len) < 0)) die("first bytes");
     memset(buf, 'p', sizeof buf);
     int64_t *v = calloc((size_t)count, sizeof *v);
     for (int i = 0; i < 50; i++)  /* warm-up */
@@ -291,6 +311,7 @@ int main(int argc, char **argv) {
     target.sin_family = AF_INET;
     target.sin_port = htons((uint16_t)atoi(argv[3]));
     if (inet_pton(AF_INET, argv[2], &target.sin_addr) != 1) { fprintf(stderr, "bad host\n"); return 2; }
+    load_first();
     const char *m = argv[1];
     if (!strcmp(m, "shortconn") && argc == 7) return shortconn(atoi(argv[4]), atof(argv[5]), atoi(argv[6]));
     if (!strcmp(m, "pingpong") && argc == 7) return pingpong(atol(argv[4]), atoi(argv[5]), atof(argv[6]));

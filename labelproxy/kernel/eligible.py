@@ -9,8 +9,9 @@ IPv4); `uncovered` then names the other family, whose clients reach the socket l
 the listen port (the relay, if the caller keeps it listening there).
 
 The kernel carries: TCP and UDP, IPv4 and IPv6, any bind address, ACLs, `max_connections`,
-`idle_timeout`, `round_robin` and `source_hash`. It does not carry: PROXY protocol in either
-direction, `least_conn`, backends given as host names, an IPv6 loopback backend (`::1`) behind a
+`idle_timeout`, `round_robin` and `source_hash`. It does not carry: routes chosen by name
+(`hostnames`: the relay reads the name), PROXY protocol in either direction, `least_conn`,
+backends given as host names, an IPv6 loopback backend (`::1`) behind a
 listener that remote clients reach, and any option this module does not know (a new field of
 `RouteOptions` with a non-default value sends the route to the relay until the kernel learns it).
 `connect_timeout` has no kernel meaning (the client's own SYN retries apply) and is ignored.
@@ -106,6 +107,8 @@ def _unknown_option(options: RouteOptions) -> str | None:
 def eligible(spec: RouteSpec, *, policy: EdgePolicy) -> Verdict:
     """Can nftables carry `spec` with the relay's behaviour? Pure; see the module docstring."""
     options = spec.options
+    if spec.key.names:
+        return relay("hostnames: the route is chosen by the name in the client's first bytes")
     if options.proxy_protocol is not None:
         return relay(f"proxy_protocol {options.proxy_protocol} writes a header upstream")
     if policy.accept_proxy_protocol != "off":

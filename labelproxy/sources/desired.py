@@ -12,6 +12,10 @@
   that key (another alias, another service, another standalone container, or a static route
   already there) is a `conflict` problem on the later route, naming the holder; the holder is
   not disturbed.
+- Routes chosen by name (`hostnames`: `ListenKey.names`) with the same bind, family and
+  scheme share one listener: each key is a route of its own. A name claimed by two of them
+  (the later one is a `conflict`; the first created keeps it), or a route without
+  `hostnames` on a listener of named routes (or the other way round), is a conflict too.
 - Overlapping binds on one transport and port (`::` and `127.0.0.1`, `0.0.0.0` and `::`
   dual-stack; see `spec.binds_overlap`) are a conflict too, decided the same way, instead of
   a bind that fails (TCP) or silently splits the traffic (UDP).
@@ -77,11 +81,15 @@ class _Claims:
         self.by_port: dict[tuple[Transport, int], list[_Claim]] = {}
 
     def find(self, spec: RouteSpec) -> _Claim | None:
-        """The claim on `spec`'s key, else one whose bind overlaps it, else None."""
+        """The claim on `spec`'s key, else one whose bind overlaps it, else None. Routes
+        chosen by name (`ListenKey.names`) share a listener with the same bind and family
+        when no name is claimed twice (`sharing`)."""
         held = self.by_key.get(spec.key)
         if held is not None:
             return held
         for claim in self.by_port.get((spec.transport, spec.key.port), ()):
+            if sharing(claim.spec, spec):
+                continue
             if binds_overlap(claim.spec.key, claim.spec.family, spec.key, spec.family):
                 return claim
         return None
@@ -109,7 +117,9 @@ def build_desired(
         if held is None:
             claims.add(_Claim(spec, holder, None, spec.source, label, value, set(spec.backends)))
             continue
-        message = _held_by(str(spec.key), held, overlap=held.spec.key != spec.key)
+        message = _held_by(
+            str(spec.key), held, overlap=held.spec.key != spec.key, key=spec.key
+        )
         problems.append(
             Problem("conflict", spec.alias, spec.source, label, value, message, str(spec.key))
         )
@@ -149,7 +159,9 @@ def build_desired(
                 conflict = (spec.alias, item.label, item.value, held.holder, overlap)
                 conflicts.setdefault(conflict, (held, []))[1].append(spec.key)
         for (alias, label, value, _, overlap), (held, keys) in conflicts.items():
-            message = _held_by(_keys_text(keys), held, overlap=overlap, many=len(keys) > 1)
+            message = _held_by(
+                _keys_text(keys), held, overlap=overlap, many=len(keys) > 1, key=keys[0]
+            )
             logger.debug("conflict: %s %s: %s", view.name, alias, message)
             listen = str(keys[0]) if len(keys) == 1 else ""
             problems.append(Problem("conflict", alias, view.name, label, value, message, listen))
@@ -167,11 +179,43 @@ def build_desired(
     return DesiredState(routes=routes, problems=tuple(problems))
 
 
+def sharing(a: RouteSpec, b: RouteSpec) -> bool:
+    """True when `a` and `b` are two routes chosen by name on one listener (same bind,
+    family and scheme) that claim no name in common: they share it, no conflict."""
+    ka, kb = a.key, b.key
+    if not (ka.names and kb.names) or ka.socket_key != kb.socket_key:
+        return False
+    return a.scheme == b.scheme and not set(ka.names) & set(kb.names)
+
+
+def _named_clash(key: ListenKey, held: _Claim) -> str | None:
+    """What is wrong when a route on `key` meets `held` on one shared listener (None: not
+    a clash between routes chosen by name)."""
+    theirs, socket_key = held.spec.key.names, key.socket_key
+    if socket_key != held.spec.key.socket_key or not (theirs or key.names):
+        return None
+    where = f"listen {socket_key}"
+    if not key.names:
+        return (f"{where} is shared by routes chosen by name (hostnames), {held.holder} "
+                "among them: a route there needs hostnames too")
+    if not theirs:
+        return f"{where} is already held by {held.holder}, which has no hostnames"
+    common = sorted(set(key.names) & set(theirs))
+    if common:
+        return f"{where}: hostname {', '.join(common)} is already held by {held.holder}"
+    return f"{where} is shared by {held.holder} with another scheme ({held.spec.scheme})"
+
+
 def _keys_text(keys: list[ListenKey]) -> str:
     return str(keys[0]) if len(keys) == 1 else f"{keys[0]} .. {keys[-1]} ({len(keys)})"
 
 
-def _held_by(where: str, held: _Claim, *, overlap: bool, many: bool = False) -> str:
+def _held_by(
+    where: str, held: _Claim, *, overlap: bool, many: bool = False, key: ListenKey | None = None
+) -> str:
+    named = _named_clash(key, held) if key is not None else None
+    if named is not None:
+        return named
     if not overlap:
         return f"listen {where} is already held by {held.holder}"
     same = " (and the same bind on the other ports)" if many else ""

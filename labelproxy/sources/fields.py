@@ -2,7 +2,7 @@
 
 `parse_route_fields` validates one route's `field -> text` mapping (port, scheme, bind, host,
 proxy_protocol, allow, deny, max_connections, idle_timeout, connect_timeout, load_balance,
-forwarding, and the `healthcheck*` fields, whose syntax `health.config` checks) into a
+forwarding, hostnames, and the `healthcheck*` fields, whose syntax `health.config` checks) into a
 `RouteFields`, or returns the problems, each naming the label (via `label_of`), the value and
 what was expected. Any bad or unknown field fails the route: serving it with the field dropped
 could silently widen access (`allow`) or change its meaning. Defaults that depend on the
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 FIELDS = (
     "port", "scheme", "bind", "host", "proxy_protocol", "allow", "deny", "max_connections",
-    "idle_timeout", "connect_timeout", "load_balance", "forwarding",
+    "idle_timeout", "connect_timeout", "load_balance", "forwarding", "hostnames",
 )  # fmt: skip
 HTTP_SCHEMES = frozenset({"http", "https", "h2c", "fileserver"})
 # An alias is a label value of every per-route series and a word in every log line about it:
@@ -83,6 +83,7 @@ class RouteFields:
     host: str | None = None
     options: RouteOptions = field(default_factory=RouteOptions)
     health: HealthFields = field(default_factory=HealthFields)
+    hostnames: tuple[str, ...] = ()  # normalized (`parse_hostnames`); () for a plain route
 
 
 def parse_route_fields(
@@ -125,12 +126,13 @@ def parse_route_fields(
         load_balance=take("load_balance", parse_load_balance) or "round_robin",
         forwarding=take("forwarding", parse_forwarding) or "auto",
     )
+    hostnames = take("hostnames", parse_hostnames) or ()
     health, health_problems = parse_health_fields(fields)
     for name, value, message in health_problems:
         problems.append(Problem("label", alias, source, label_of(name), value, message))
     if problems or ports is None or health is None:
         return None, tuple(problems)
-    route = RouteFields(alias, ports, scheme, bind, host, options, health)
+    route = RouteFields(alias, ports, scheme, bind, host, options, health, hostnames)
     if scheme is not None:
         bad = scheme_problem(route, scheme)
         if bad is not None:
@@ -175,6 +177,11 @@ def scheme_problem(route: RouteFields, scheme: Scheme) -> tuple[str, str] | None
         if (family == "ipv4") != (version == 4):
             wanted = "IPv4" if family == "ipv4" else "IPv6"
             return "bind", f"expected an {wanted} address for scheme {scheme}"
+    if route.hostnames and transport_of(scheme) == "udp":
+        return "hostnames", (
+            f"hostnames are read from a TLS ClientHello or a game handshake: TCP only, and "
+            f"the route is {scheme}"
+        )
     if route.options.proxy_protocol == "v1" and transport_of(scheme) == "udp":
         return "proxy_protocol", f"expected v2: the route is {scheme} and PROXY v1 is TCP only"
     return None
@@ -302,6 +309,27 @@ def parse_forwarding(text: str) -> RouteForwarding:
             "it can carry the route; LABELPROXY_FORWARDING=kernel makes it required)"
         )
     raise ValueError(f"expected one of {', '.join(ROUTE_FORWARDINGS)}")
+
+
+def parse_hostnames(text: str) -> tuple[str, ...]:
+    """`a.example.com, *.example.com, *` -> the names a shared listener routes by, lower
+    case, without a trailing dot, sorted and without repeats. `*.example.com` matches any
+    name below example.com (not example.com itself); `*` alone is the fallback."""
+    names: set[str] = set()
+    for item in text.split(","):
+        name = item.strip().lower().removesuffix(".")
+        if not name:
+            continue
+        bare = name.removeprefix("*.")
+        if name != "*" and ("*" in bare or not _HOSTNAME.fullmatch(bare)):
+            raise ValueError(
+                f"expected host names such as a.example.com, *.example.com or * (the "
+                f"fallback), separated by commas; {item.strip()!r} is not one"
+            )
+        names.add(name)
+    if not names:
+        raise ValueError("expected at least one host name (a.example.com, *.example.com, *)")
+    return tuple(sorted(names))
 
 
 def parse_bool(text: str) -> bool:

@@ -321,7 +321,8 @@ def _alias_specs(
             failed.setdefault((*where, exc.message), []).append(pm.target)
             continue
         backend = Backend(target.host, target.port, view.id, view.name)
-        listen = ListenKey(transport, route.bind or default_bind(scheme), pm.listen)
+        listen = ListenKey(transport, route.bind or default_bind(scheme), pm.listen,
+                           route.hostnames)
         options = options_of[transport]
         spec = RouteSpec(route.alias, scheme, listen, (backend,), options, source=view.name)
         declared.append(Declared(spec, port_key, port_value))

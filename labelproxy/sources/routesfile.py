@@ -43,7 +43,7 @@ from labelproxy.spec import (
 
 logger = logging.getLogger(__name__)
 
-_LIST_FIELDS = frozenset({"allow", "deny"})
+_LIST_FIELDS = frozenset({"allow", "deny", "hostnames"})
 _HOST_FIELDS = ("host", "hosts")
 
 # problem(field, value, message) -> a label Problem of the route being parsed
@@ -187,7 +187,8 @@ def _parse_route(
         RouteSpec(
             alias=name,
             scheme=scheme,
-            key=ListenKey(transport_of(scheme), route.bind or default_bind(scheme), pm.listen),
+            key=ListenKey(transport_of(scheme), route.bind or default_bind(scheme), pm.listen,
+                          route.hostnames),
             backends=tuple(sorted({Backend(host, port or pm.target) for host, port in pool})),
             options=options,
             source=source,

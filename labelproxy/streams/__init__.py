@@ -48,9 +48,11 @@ Room to grow, each one new module plugged in at one place:
   waits for it, a shutdown aborts it) and calls `proceed()` when a backend is ready;
   listed in `tcp.server.TcpServer._steps_of` for the routes that want it. UDP holds
   datagrams the same way while a name resolves (`UdpSession.pending`).
-- Peek (route by TLS ClientHello SNI or a game handshake): a `dial.Step` that watches the
-  client fd on the data loop, reads what it needs into the connection's `prefix` (relayed
-  first) and lets `proceed()` pick the backend with what it learned.
+- Peek (route by TLS ClientHello SNI or a game handshake): built as `tcp/names.py`, a
+  listener shared by the routes with `hostnames` on one port (`NameGroup`), which reads the
+  name on the data loop (`names/`: `reader`, `hello`, `minecraft`, `table`) before any
+  route is chosen, then hands the client and the bytes read to the chosen route's own
+  `TcpServer` (`hand`: admit, dial, relay the bytes first), whose door is its table entry.
 - A second engine (kernel forwarding with nftables, beside `streams/`): a `live.Serve`
   function honouring the same `LiveRoute` contract (bind or install, "started", serve
   until `close()`, drain, `finished`), chosen per route where the reconciler picks

@@ -2,7 +2,8 @@
 
 `log_closed` writes one INFO record on the `labelproxy.access` logger when a connection or
 session ends, with the same fields for both transports (client, route, listen key, backend,
-bytes each way, duration, close reason) as structured context (`extra`), so the text and
+bytes each way, duration, close reason; and the name the client asked for, on a route
+chosen by name) as structured context (`extra`), so the text and
 JSON log formats render them alike; it costs nothing but a level check when that logger is
 off. `log_opened` is the DEBUG line of a new connection or session, on `logger` (a caller on
 a hot path asks `logger.isEnabledFor(DEBUG)` first). Callers pass the listen key's text,
@@ -63,5 +64,6 @@ def log_closed(conn: ConnInfo, *, listen: str) -> None:
             "bytes_out": conn.bytes_out,
             "duration": round(time.monotonic() - conn.started, 6),
             "reason": conn.close_reason or "closed",
+            "server_name": conn.name,
         },
     )

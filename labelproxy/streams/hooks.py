@@ -42,6 +42,7 @@ class ConnInfo:
     bytes_in: int = 0
     bytes_out: int = 0
     close_reason: str = ""
+    name: str = ""  # the name the client asked for (a route chosen by name: `hostnames`)
 
 
 class Hook(Protocol):

@@ -13,6 +13,8 @@ to every `LiveRoute`:
   land on one of them (a route whose host name resolves to loopback and whose port is one of
   ours, e.g. A -> B -> A) is refused instead of relaying into itself, each hop dialling the
   next until the descriptors run out. The check costs a dict membership test per dial.
+- `listener_counters`, `forget_listener`: the own series of a listener shared by routes
+  chosen by name (`tcp.names`: its refusals before a route is chosen).
 - `health`: the process's `HealthChecker` (None: every backend of a spec is in its pool, as
   in tests that run a route alone): which backends are ready, read lock-free per pick.
 """
@@ -21,9 +23,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from labelproxy.metrics import RejectReason
+from labelproxy.metrics import NAME_REJECT_REASONS, RejectReason, RouteCounters
 from labelproxy.spec import (
     EdgePolicy,
     Family,
@@ -163,6 +166,15 @@ class OwnListeners:
             self.udp = ports
 
 
+def _listener_counters(key: ListenKey) -> RouteCounters:
+    return RouteCounters(route="", listen=str(key),
+                         rejected=dict.fromkeys(NAME_REJECT_REASONS, 0))  # fmt: skip
+
+
+def _forget_nothing(key: ListenKey) -> None:
+    pass
+
+
 class SharedState:
     """The global caps, the own-listener registry and the health checker of one process."""
 
@@ -183,6 +195,10 @@ class SharedState:
         )
         self.own = OwnListeners()
         self.health = health
+        # the own counters of a listener shared by routes chosen by name (`tcp.names`), by
+        # its socket's key, and their end; the reconciler plugs in `Metrics.listener`/`forget`
+        self.listener_counters: Callable[[ListenKey], RouteCounters] = _listener_counters
+        self.forget_listener: Callable[[ListenKey], None] = _forget_nothing
 
     @classmethod
     def from_edge(cls, edge: EdgePolicy, *, health: HealthChecker | None = None) -> SharedState:

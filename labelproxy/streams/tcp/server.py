@@ -35,7 +35,8 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Protocol, Self
 
 import anyio
 import anyio.abc
@@ -60,6 +61,15 @@ from labelproxy.streams.tcp.splice import PipePool, splice_supported
 logger = logging.getLogger(__name__)
 
 _SetupJob = tuple[int, tuple[str, int], tuple[str, int], ProxyHeader | None]
+
+
+class Door(Protocol):
+    """(data loop) Where a listener's clients come from: its `accept.Acceptor`, or its
+    entry in a shared listener's name table. `start` opens it, `close` shuts it for good."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 async def serve_tcp(
@@ -101,14 +111,24 @@ class TcpServer:
     """The listening socket of one route, its connections in setup, dialing or relaying,
     and its drain; the `owner.Owner` of those connections."""
 
-    def __init__(self, live: LiveRoute, sock: socket.socket, *, zero_copy: bool) -> None:
-        """Made on the asyncio loop, for the process's data loop (`loop.shared`)."""
+    def __init__(
+        self,
+        live: LiveRoute,
+        sock: socket.socket,
+        *,
+        zero_copy: bool,
+        door: Callable[[Self], Door] | None = None,
+    ) -> None:
+        """Made on the asyncio loop, for the process's data loop (`loop.shared`). `door`:
+        where its clients come from when it does not accept on `sock` itself (a route
+        chosen by name: its entry in the shared listener's table, `names.Member`; the
+        server is then a `named.NamedServer`)."""
         aloop = asyncio.get_running_loop()
         loop = self.loop = data_loop.shared()
         self.live = live
         self.pool = PipePool() if zero_copy else None
         self.deadlines = Deadlines(loop)
-        self.acceptor = Acceptor(
+        self.acceptor: Door = door(self) if door is not None else Acceptor(
             loop,
             sock,
             self._accepted,
@@ -271,16 +291,20 @@ class TcpServer:
         rest: bytes,
         sniff: bool,
         addrs: Mapping[Backend, Address | None],
+        name: str = "",
     ) -> None:
         """(data loop) Admit a client (a non-blocking socket fd this takes over) whose
         addresses are known (`source`/`dest` from its PROXY header, else the socket's) and
         dial its backend: `addrs` holds each backend's address (None: did not resolve);
-        `rest` is client data already read."""
+        `rest` is client data already read; `name` the one it asked for (a shared
+        listener's)."""
         live = self.live
         if self.closed:
             os.close(client)
             return
         conn = ConnInfo(live.spec.alias, "tcp", source, peer, dest)
+        if name:
+            conn.name = name
         reason = live.admit(conn)
         if reason is not None:
             logger.debug("route %s: refused client %s (%s)", conn.route, source[0], reason)
