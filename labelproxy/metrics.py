@@ -213,6 +213,32 @@ class Metrics:
         self.build_info = Gauge(
             PREFIX + "build_info", "labelproxy version.", ["version"], registry=self.registry
         )
+        # wake on demand (sources.sleeper): per wake, per sleep, clients held meanwhile
+        self.wakes_total = Counter(
+            PREFIX + "wakes",
+            "Container wakes asked for by a route's clients, by result "
+            "(ok, timeout, error, refused).",
+            ["route", "listen", "result"],
+            registry=self.registry,
+        )
+        self.wake_duration = Histogram(
+            PREFIX + "wake_duration_seconds",
+            "Time from a wake's first client to a ready backend.",
+            buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.sleeps_total = Counter(
+            PREFIX + "sleeps",
+            "Idle containers put to sleep, by route and stop method.",
+            ["route", "listen", "method"],
+            registry=self.registry,
+        )
+        self.held_clients = Gauge(
+            PREFIX + "held_clients",
+            "Clients held (accepted, not read) while their route's container wakes.",
+            ["route", "listen"],
+            registry=self.registry,
+        )
         self.registry.register(_LiveCollector(self))
 
     def route(self, alias: str, key: ListenKey) -> RouteCounters:

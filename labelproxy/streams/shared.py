@@ -13,6 +13,7 @@ to every `LiveRoute`:
   land on one of them (a route whose host name resolves to loopback and whose port is one of
   ours, e.g. A -> B -> A) is refused instead of relaying into itself, each hop dialling the
   next until the descriptors run out. The check costs a dict membership test per dial.
+- `waker`: wake on demand (`wakeup.Waker`, None: off): held clients of sleeping containers.
 - `health`: the process's `HealthChecker` (None: every backend of a spec is in its pool, as
   in tests that run a route alone): which backends are ready, read lock-free per pick.
 """
@@ -38,6 +39,7 @@ from labelproxy.streams.hooks import CapHook, ConnInfo
 
 if TYPE_CHECKING:
     from labelproxy.health.checker import HealthChecker
+    from labelproxy.streams.wakeup import Waker
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +185,9 @@ class SharedState:
         )
         self.own = OwnListeners()
         self.health = health
+        # wake on demand (`wakeup.Waker`), set by whoever runs the sleeper; None: no route
+        # is held for a wake (its clients are served or refused as the pool says)
+        self.waker: Waker | None = None
 
     @classmethod
     def from_edge(cls, edge: EdgePolicy, *, health: HealthChecker | None = None) -> SharedState:

@@ -1,0 +1,236 @@
+"""Wake on demand on the private engine (issue 13): idle containers sleep, the first admitted
+client wakes them and is served on its own connection, a denied client or a bare port scan
+wakes nothing, dependencies start first, a container that never gets ready closes its held
+clients at `wake_timeout`.
+
+One labelproxy process for the module; host-network containers of the Python base image
+(tests/support/baseimage.py) run a small threaded echo server (TCP, or UDP) on loopback, and
+busybox ones stand for dependencies; idle timeouts of 1 s and health checks every 0.1 s keep
+each scenario to a few seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from labelproxy.cli import format_routes
+from tests.support.baseimage import ensure_base_image
+from tests.support.lp import (
+    LabelproxyProcess,
+    free_port,
+    labelproxy,
+    recv_all,
+    wait_for,
+)
+
+pytestmark = pytest.mark.docker
+
+Make = Callable[..., Any]
+# a TCP (threaded, backlog 128) or UDP echo server on 127.0.0.1: `python3 -c ECHO PORT [udp]`
+ECHO = """
+import socket, sys, threading
+port, udp = int(sys.argv[1]), sys.argv[2:] == ["udp"]
+if udp:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", port))
+    while True:
+        data, peer = s.recvfrom(65535)
+        s.sendto(data, peer)
+def serve(c):
+    with c:
+        while data := c.recv(65536):
+            c.sendall(data)
+srv = socket.create_server(("127.0.0.1", port), backlog=128)
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
+
+
+@pytest.fixture(scope="module")
+def lp(dockerd: Any) -> Iterator[LabelproxyProcess]:
+    with labelproxy({"LABELPROXY_DOCKER_HOST": dockerd.host}) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def python_image(dockerd: Any) -> str:
+    return ensure_base_image(docker_host=dockerd.host)
+
+
+@pytest.fixture
+def make(dockerd: Any, busybox_image: str, python_image: str) -> Iterator[Make]:
+    """Create (and start, unless told) a host-network container: an echo server (`echo`:
+    its port), else busybox running `command`; removed after."""
+    client = dockerd.client()
+    made: list[Any] = []
+
+    def create(labels: dict[str, str], command: list[str] | None = None, *, echo: int = 0,
+               udp: bool = False, start: bool = True, name: str | None = None) -> Any:  # fmt: skip
+        image, argv = busybox_image, command
+        if echo:
+            image = python_image
+            argv = ["python3", "-c", ECHO, str(echo), *(["udp"] if udp else [])]
+        container = client.containers.create(
+            image, argv, labels=labels, name=name, init=True, network_mode="host"
+        )
+        made.append(container)
+        if start:
+            container.start()
+        return container
+
+    yield create
+    for container in made:
+        with contextlib.suppress(Exception):
+            container.remove(force=True)
+
+
+def status(container: Any) -> str:
+    container.reload()
+    return str(container.attrs["State"]["Status"])
+
+
+def wake_state(lp: LabelproxyProcess, alias: str) -> str | None:
+    route = lp.route(alias)
+    return None if route is None or "wake" not in route else str(route["wake"]["state"])
+
+
+def echo_labels(alias: str, listen: int, target: int, **extra: str) -> dict[str, str]:
+    labels = {
+        f"proxy.{alias}.port": f"{listen}:{target}", f"proxy.{alias}.bind": "127.0.0.1",
+        f"proxy.{alias}.scheme": "tcp4", f"proxy.{alias}.healthcheck.interval": "0.1s",
+    }  # fmt: skip
+    labels.update({f"proxy.{k}": v for k, v in extra.items()})
+    return labels
+
+
+def roundtrip(port: int, payload: bytes, *, source: str = "127.0.0.1") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=15.0,
+                                  source_address=(source, 0)) as s:  # fmt: skip
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        return recv_all(s)
+
+
+def starts(dockerd: Any, container: Any, since: float) -> int:
+    """How many `start` (and `unpause`) events the engine sent for `container` since."""
+    events = dockerd.client().api.events(
+        since=since, until=time.time() + 0.01, decode=True,
+        filters={"container": container.id, "event": ["start", "unpause"]},
+    )  # fmt: skip
+    return sum(1 for _ in events)
+
+
+def test_idle_container_sleeps_and_twenty_clients_wake_it_once_served_on_their_connection(
+    lp: LabelproxyProcess, make: Make, dockerd: Any
+) -> None:
+    listen, target = free_port(), free_port()
+    container = make(echo_labels("sleepy", listen, target, idle_timeout="1s"), echo=target)
+    wait_for(lambda: wake_state(lp, "sleepy") == "ready", what="the route up and awake")
+    ids = {"route": "sleepy", "listen": f"tcp://127.0.0.1:{listen}"}
+    # an open idle connection keeps it awake, well past its idle_timeout
+    with socket.create_connection(("127.0.0.1", listen), timeout=10.0):
+        wait_for(lambda: lp.metric("labelproxy_connections_active", **ids) == 1,
+                 what="the idle connection open")  # fmt: skip
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:  # polled for 2.5 s (2.5x idle_timeout): awake
+            assert status(container) == "running"
+            time.sleep(0.1)
+    wait_for(lambda: status(container) == "exited", what="the idle container stopped")
+    wait_for(lambda: wake_state(lp, "sleepy") == "asleep", what="the route asleep")
+    route = lp.route("sleepy")
+    assert route is not None and route["state"] == "up" and route["bound"]
+    assert "up (asleep)" in format_routes(lp.routes())
+    assert lp.metric("labelproxy_sleeps_total", **ids, method="stop") == 1
+
+    since = time.time()
+    answers: dict[int, bytes] = {}
+    errors: list[str] = []
+
+    def client(n: int) -> None:
+        try:
+            answers[n] = roundtrip(listen, f"client {n}".encode())
+        except OSError as exc:
+            errors.append(f"{n}: {exc!r}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    assert answers == {n: f"client {n}".encode() for n in range(20)}
+    assert starts(dockerd, container, since) == 1
+    assert lp.metric("labelproxy_wakes_total", **ids, result="ok") == 1
+    assert lp.metric("labelproxy_held_clients", **ids) == 0
+    assert (lp.metric("labelproxy_wake_duration_seconds_count") or 0) >= 1
+    assert not lp.metric("labelproxy_connections_rejected_total", **ids, reason="no_backend")
+    assert "woke container" in lp.log()
+
+
+def test_denied_client_and_bare_connect_wake_nothing_then_data_wakes_and_pause_sleeps(
+    lp: LabelproxyProcess, make: Make, dockerd: Any
+) -> None:
+    listen, target = free_port(), free_port()
+    labels = echo_labels("scan", listen, target, idle_timeout="1s", stop_method="pause",
+                         wake_on="data", **{"scan.allow": "127.0.0.2/32"})  # fmt: skip
+    container = make(labels, echo=target, start=False)  # created, never started: asleep
+    wait_for(lambda: wake_state(lp, "scan") == "asleep", what="the route bound, asleep")
+    ids = {"route": "scan", "listen": f"tcp://127.0.0.1:{listen}"}
+    # denied by the ACL: refused before anything else
+    with socket.create_connection(("127.0.0.1", listen), timeout=5.0) as denied:
+        denied.sendall(b"let me in")
+        with contextlib.suppress(ConnectionResetError):
+            assert denied.recv(1) == b""
+    wait_for(lambda: lp.metric("labelproxy_connections_rejected_total", **ids, reason="acl") == 1,
+             what="the denied client counted")  # fmt: skip
+    # admitted, but connects and closes without a byte: a port scan
+    with socket.create_connection(("127.0.0.1", listen), timeout=5.0,
+                                  source_address=("127.0.0.2", 0)):  # fmt: skip
+        wait_for(lambda: lp.metric("labelproxy_held_clients", **ids) == 1, what="held")
+    wait_for(lambda: lp.metric("labelproxy_connections_active", **ids) == 0
+             and lp.metric("labelproxy_held_clients", **ids) == 0,
+             what="the scan's connection over")  # fmt: skip
+    assert status(container) == "created"
+    assert not lp.metric("labelproxy_wakes_total", **ids, result="ok")
+    # the first byte wakes it; stop_method pause puts it to sleep again, a client unpauses it
+    assert roundtrip(listen, b"hello", source="127.0.0.2") == b"hello"
+    wait_for(lambda: status(container) == "paused", what="the idle container paused")
+    wait_for(lambda: wake_state(lp, "scan") == "asleep", what="the paused route asleep")
+    assert lp.metric("labelproxy_sleeps_total", **ids, method="pause") == 1
+    assert roundtrip(listen, b"again", source="127.0.0.2") == b"again"
+    assert lp.metric("labelproxy_wakes_total", **ids, result="ok") == 2
+
+
+def test_dependencies_start_first_and_held_clients_close_at_wake_timeout(
+    lp: LabelproxyProcess, make: Make
+) -> None:
+    listen, target = free_port(), free_port()
+    suffix = str(listen)
+    first = make({}, ["sleep", "600"], start=False, name=f"wake-dep-a-{suffix}")
+    second = make({}, ["sleep", "600"], start=False, name=f"wake-dep-b-{suffix}")
+    labels = echo_labels("never", listen, target, idle_timeout="1m", wake_timeout="1s",
+                         depends_on=f"wake-dep-a-{suffix},wake-dep-b-{suffix}")  # fmt: skip
+    main = make(labels, ["sleep", "600"], start=False)  # starts, never listens
+    wait_for(lambda: wake_state(lp, "never") == "asleep", what="the route asleep")
+    ids = {"route": "never", "listen": f"tcp://127.0.0.1:{listen}"}
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", listen), timeout=10.0) as held:
+        held.sendall(b"anyone?")
+        with contextlib.suppress(ConnectionResetError):
+            assert held.recv(1) == b""
+    assert 0.8 <= time.monotonic() - began < 8.0
+    wait_for(lambda: lp.metric("labelproxy_wakes_total", **ids, result="timeout") == 1,
+             what="the failed wake counted")  # fmt: skip
+    assert lp.metric("labelproxy_connections_rejected_total", **ids, reason="no_backend") == 1
+    started = []
+    for container in (first, second, main):
+        assert status(container) == "running"
+        started.append(container.attrs["State"]["StartedAt"])
+    assert started == sorted(started)  # in depends_on order, the container last
