@@ -33,10 +33,13 @@ from tests.support.lp import (
 pytestmark = pytest.mark.docker
 
 Make = Callable[..., Any]
-# a TCP (threaded, backlog 128) or UDP echo server on 127.0.0.1: `python3 -c ECHO PORT [udp]`
+# a TCP (threaded, backlog 128) or UDP echo server on 127.0.0.1, listening after a delay:
+# `python3 -c ECHO PORT tcp|udp DELAY`
 ECHO = """
 import socket, sys, threading
-port, udp = int(sys.argv[1]), sys.argv[2:] == ["udp"]
+import time
+port, udp, delay = int(sys.argv[1]), sys.argv[2] == "udp", float(sys.argv[3])
+time.sleep(delay)  # a program that takes a while to listen
 if udp:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", port))
@@ -72,11 +75,12 @@ def make(dockerd: Any, busybox_image: str, python_image: str) -> Iterator[Make]:
     made: list[Any] = []
 
     def create(labels: dict[str, str], command: list[str] | None = None, *, echo: int = 0,
-               udp: bool = False, start: bool = True, name: str | None = None) -> Any:  # fmt: skip
+               udp: bool = False, delay: float = 0.0, start: bool = True,
+               name: str | None = None) -> Any:  # fmt: skip
         image, argv = busybox_image, command
         if echo:
             image = python_image
-            argv = ["python3", "-c", ECHO, str(echo), *(["udp"] if udp else [])]
+            argv = ["python3", "-c", ECHO, str(echo), "udp" if udp else "tcp", str(delay)]
         container = client.containers.create(
             image, argv, labels=labels, name=name, init=True, network_mode="host"
         )
@@ -234,3 +238,59 @@ def test_dependencies_start_first_and_held_clients_close_at_wake_timeout(
         assert status(container) == "running"
         started.append(container.attrs["State"]["StartedAt"])
     assert started == sorted(started)  # in depends_on order, the container last
+
+
+def udp_labels(alias: str, listen: int, target: int, **extra: str) -> dict[str, str]:
+    labels = {
+        f"proxy.{alias}.port": f"{listen}:{target}", f"proxy.{alias}.bind": "127.0.0.1",
+        f"proxy.{alias}.scheme": "udp4", f"proxy.{alias}.idle_timeout": "1s",
+        f"proxy.{alias}.healthcheck": "send_expect", f"proxy.{alias}.healthcheck.send": "ping",
+        f"proxy.{alias}.healthcheck.expect": "ping",
+        f"proxy.{alias}.healthcheck.interval": "0.1s",
+    }  # fmt: skip
+    labels.update({f"proxy.{k}": v for k, v in extra.items()})
+    return labels
+
+
+def udp_roundtrip(port: int, payload: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5.0)
+        s.sendto(payload, ("127.0.0.1", port))
+        return s.recv(65535)
+
+
+def test_udp_datagrams_sent_while_asleep_are_answered_in_order_others_unaffected(
+    lp: LabelproxyProcess, make: Make
+) -> None:
+    listen, target = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    other, other_target = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    make(udp_labels("plain", other, other_target), echo=other_target, udp=True)
+    # asleep from the start; once started, its program takes 1.5 s to listen
+    container = make(udp_labels("game", listen, target, idle_timeout="1s"), echo=target,
+                     udp=True, delay=1.5, start=False)  # fmt: skip
+    wait_for(lambda: wake_state(lp, "game") == "asleep", what="the udp route asleep")
+    wait_for(lambda: udp_roundtrip(other, b"warm") == b"warm", what="the plain route")
+    ids = {"route": "game", "listen": f"udp://127.0.0.1:{listen}"}
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for n in range(5):
+            for i, c in enumerate(clients):
+                c.sendto(f"c{i} #{n}".encode(), ("127.0.0.1", listen))
+        wait_for(lambda: lp.metric("labelproxy_held_clients", **ids) == 2, what="both held")
+        # while the game wakes, the other route answers at once
+        began = time.monotonic()
+        assert udp_roundtrip(other, b"meanwhile") == b"meanwhile"
+        assert time.monotonic() - began < 0.5
+        assert lp.metric("labelproxy_held_clients", **ids) == 2  # still waking
+        for i, c in enumerate(clients):
+            c.settimeout(15.0)
+            got = [c.recv(65535) for _ in range(5)]
+            assert got == [f"c{i} #{n}".encode() for n in range(5)]
+    finally:
+        for c in clients:
+            c.close()
+    assert status(container) == "running"
+    assert lp.metric("labelproxy_wakes_total", **ids, result="ok") == 1
+    assert not lp.metric("labelproxy_udp_dropped_total", **ids, reason="limit")
+    # once the sessions expire (1 s) and nothing moves for idle_timeout, it sleeps again
+    wait_for(lambda: status(container) == "exited", what="the udp container asleep again")
