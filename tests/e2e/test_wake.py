@@ -12,10 +12,13 @@ each scenario to a few seconds.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -294,3 +297,62 @@ def test_udp_datagrams_sent_while_asleep_are_answered_in_order_others_unaffected
     assert not lp.metric("labelproxy_udp_dropped_total", **ids, reason="limit")
     # once the sessions expire (1 s) and nothing moves for idle_timeout, it sleeps again
     wait_for(lambda: status(container) == "exited", what="the udp container asleep again")
+
+
+# a read-only socket proxy, as tecnativa/docker-socket-proxy builds one from haproxy
+READ_ONLY_PROXY = """
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+frontend docker
+  bind 127.0.0.1:{port}
+  http-request deny if {{ method POST }}
+  default_backend engine
+backend engine
+  server engine {socket}
+"""
+
+
+@pytest.fixture
+def read_only_engine(dockerd: Any, tmp_path: Path) -> Iterator[str]:
+    """The private engine behind a haproxy that refuses every POST (403): its tcp:// URL."""
+    haproxy = shutil.which("haproxy") or pytest.skip("haproxy is not installed")
+    port = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(READ_ONLY_PROXY.format(port=port, socket=dockerd.socket_path))
+    proc = subprocess.Popen([haproxy, "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() or True,
+                 what="the socket proxy listening")  # fmt: skip
+        yield f"tcp://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_start_the_engine_refuses_closes_held_clients_and_shows_on_the_route(
+    read_only_engine: str, make: Make
+) -> None:
+    listen, target = free_port(), free_port()
+    labels = {k.replace("proxy.", "ro.", 1): v
+              for k, v in echo_labels("locked", listen, target, idle_timeout="1m").items()}
+    container = make(labels, echo=target, start=False)
+    env = {"LABELPROXY_DOCKER_HOST": read_only_engine, "LABELPROXY_LABEL_PREFIX": "ro"}
+    with labelproxy(env) as ro:
+        wait_for(lambda: wake_state(ro, "locked") == "asleep", what="the route asleep")
+        began = time.monotonic()
+        with socket.create_connection(("127.0.0.1", listen), timeout=10.0) as client:
+            client.sendall(b"wake up")
+            with contextlib.suppress(ConnectionResetError):
+                assert client.recv(1) == b""
+        assert time.monotonic() - began < 5.0  # at once, not at the 3 min wake_timeout
+        ids = {"route": "locked", "listen": f"tcp://127.0.0.1:{listen}"}
+        assert ro.metric("labelproxy_wakes_total", **ids, result="refused") == 1
+        route = ro.route("locked")
+        assert route is not None and "refused (HTTP 403)" in route["wake"]["error"]
+        assert "WAKE ON DEMAND FAILING" in format_routes(ro.routes())
+        assert "cannot wake container" in ro.log() and "ALLOW_START=1" in ro.log()
+    assert status(container) == "created"
