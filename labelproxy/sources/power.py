@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 _REFUSED = frozenset({401, 403, 405})
 _ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
 ALLOW_HINT = (
-    "the engine refused it: a socket proxy must allow POST on containers "
-    "(tecnativa/docker-socket-proxy: POST=1 CONTAINERS=1 ALLOW_START=1 ALLOW_STOP=1)"
+    "the engine refused it: a socket proxy must allow the container start/stop calls "
+    "(tecnativa/docker-socket-proxy: ALLOW_START=1 ALLOW_STOP=1, ALLOW_RESTARTS=1 for "
+    "stop_method kill, POST=1 for pause)"
 )
 
 

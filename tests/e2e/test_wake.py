@@ -27,6 +27,7 @@ from labelproxy.cli import format_routes
 from tests.support.baseimage import ensure_base_image
 from tests.support.lp import (
     LabelproxyProcess,
+    accepts,
     free_port,
     labelproxy,
     recv_all,
@@ -325,8 +326,7 @@ def read_only_engine(dockerd: Any, tmp_path: Path) -> Iterator[str]:
     proc = subprocess.Popen([haproxy, "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() or True,
-                 what="the socket proxy listening")  # fmt: skip
+        wait_for(lambda: accepts(port), what="the socket proxy listening")
         yield f"tcp://127.0.0.1:{port}"
     finally:
         proc.terminate()
