@@ -12,6 +12,7 @@ each scenario to a few seconds.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import socket
 import subprocess
@@ -109,6 +110,10 @@ def wake_state(lp: LabelproxyProcess, alias: str) -> str | None:
     return None if route is None or "wake" not in route else str(route["wake"]["state"])
 
 
+def shows(lp: LabelproxyProcess, alias: str, state: str) -> bool:
+    return wake_state(lp, alias) == state
+
+
 def echo_labels(alias: str, listen: int, target: int, **extra: str) -> dict[str, str]:
     labels = {
         f"proxy.{alias}.port": f"{listen}:{target}", f"proxy.{alias}.bind": "127.0.0.1",
@@ -180,6 +185,27 @@ def test_idle_container_sleeps_and_twenty_clients_wake_it_once_served_on_their_c
     assert (lp.metric("labelproxy_wake_duration_seconds_count") or 0) >= 1
     assert not lp.metric("labelproxy_connections_rejected_total", **ids, reason="no_backend")
     assert "woke container" in lp.log()
+
+
+def test_a_client_during_the_stop_waits_for_it_then_wakes_the_container(
+    lp: LabelproxyProcess, make: Make, dockerd: Any
+) -> None:
+    listen, target = free_port(), free_port()
+    labels = echo_labels("racy", listen, target, idle_timeout="1s", stop_timeout="2s")
+    # ignores SIGTERM: the stop takes its whole 2 s grace, then kills
+    command = ["sh", "-c", f"trap '' TERM; exec nc -ll -p {target} -e cat"]
+    container = make(labels, command)
+    wait_for(lambda: wake_state(lp, "racy") == "stopping", what="the idle container stopping")
+    since = time.time()
+    assert roundtrip(listen, b"not too late") == b"not too late"
+    ids = {"route": "racy", "listen": f"tcp://127.0.0.1:{listen}"}
+    assert lp.metric("labelproxy_sleeps_total", **ids, method="stop") == 1
+    assert lp.metric("labelproxy_wakes_total", **ids, result="ok") == 1
+    events = dockerd.client().api.events(
+        since=since, until=time.time() + 0.01, decode=True,
+        filters={"container": container.id, "event": ["die", "start"]},
+    )  # fmt: skip
+    assert [e["status"] for e in events] == ["die", "start"]  # the stop ended, then a start
 
 
 def test_denied_client_and_bare_connect_wake_nothing_then_data_wakes_and_pause_sleeps(
@@ -356,3 +382,27 @@ def test_a_start_the_engine_refuses_closes_held_clients_and_shows_on_the_route(
         assert "WAKE ON DEMAND FAILING" in format_routes(ro.routes())
         assert "cannot wake container" in ro.log() and "ALLOW_START=1" in ro.log()
     assert status(container) == "created"
+
+
+def test_restarting_labelproxy_wakes_nothing_and_stops_nothing(
+    dockerd: Any, make: Make
+) -> None:
+    awake_port, awake_target = free_port(), free_port()
+    asleep_port, asleep_target = free_port(), free_port()
+
+    def own(labels: dict[str, str]) -> dict[str, str]:
+        return {k.replace("proxy.", "rs.", 1): v for k, v in labels.items()}
+
+    running = make(own(echo_labels("up", awake_port, awake_target, idle_timeout="1m")),
+                   echo=awake_target)  # fmt: skip
+    stopped = make(own(echo_labels("down", asleep_port, asleep_target, idle_timeout="1m")),
+                   echo=asleep_target, start=False)  # fmt: skip
+    since = time.time()
+    env = {"LABELPROXY_DOCKER_HOST": dockerd.host, "LABELPROXY_LABEL_PREFIX": "rs"}
+    for _ in range(2):  # a start, then a restart
+        with labelproxy(env) as proc:
+            states = {"up": "ready", "down": "asleep"}
+            for alias, state in states.items():
+                wait_for(functools.partial(shows, proc, alias, state), what=f"{alias} {state}")
+    assert (status(running), status(stopped)) == ("running", "created")
+    assert starts(dockerd, stopped, since) == 0
