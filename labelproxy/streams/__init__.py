@@ -40,7 +40,8 @@ between the server and its connections), `accept`, `setup`, `dial`, `deadlines`,
 `pump`, `splice`, `loop`, `hold` (wait for a ready backend), `wakehold` (hold while the
 route's container wakes); `udp/`: `server`, `relay`, `batched`, `mmsg`, `session`,
 `sockets`, `wakequeue` (queue a new client's datagrams while its container wakes); `wakeup`
-(the `Waker` they ask: implemented by `sources.sleeper`, never imported here). (`pump` holds what was the relay's mixin and its direction state: the relay
+(the `Waker` they ask: implemented by `sources.sleeper`, never imported here). (`pump`
+holds what was the relay's mixin and its direction state: the relay
 is one class that drives a `Half` per direction; `owner` and `deadlines` are modules of
 their own so the server, the dial and the relay import each other in one direction only.)
 
