@@ -235,6 +235,8 @@ class Sleeper:
         if box is None:  # a client came before the first pass observed the container
             state: State = "asleep" if sleep.asleep else "awake"
             box = self._boxes[sleep.container_id] = _Box(sleep, {}, state, time.monotonic())
+            if sleep.asleep:
+                box.seen_asleep.set()
         if box.state == "stopping":
             box.pending = True
             if not box.trigger[0]:
