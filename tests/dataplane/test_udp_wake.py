@@ -2,20 +2,17 @@
 datagrams queue, bounded (the overflow dropped and counted `limit`), and go on in order once
 awake; at wake_timeout the held sessions close and what they queued counts `no_backend`.
 
-The waker here is the test's own `ManualWaker` (the process's one starts containers through
-Docker: tests/e2e/test_wake.py); routes run `serve_udp` on real loopback sockets, on both relay
+The waker here is the test's own `ManualWaker` (tests/support/waker.py; the process's one
+starts containers through Docker: tests/e2e/test_wake.py); routes run `serve_udp` on real loopback sockets, on both relay
 paths and both event loops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import anyio
 import pytest
 
-from labelproxy.spec import EdgePolicy, Sleep
-from labelproxy.streams.shared import SharedState
+from labelproxy.spec import Sleep
 from labelproxy.streams.udp.wakequeue import CLIENT_DATAGRAMS
 from tests.support.udp import (  # anyio_backend, relay_path: fixtures for every test
     anyio_backend,  # noqa: F401
@@ -26,45 +23,9 @@ from tests.support.udp import (  # anyio_backend, relay_path: fixtures for every
     udp_upstream,
     wait_until,
 )
+from tests.support.waker import ManualWaker, sleeping
 
 pytestmark = pytest.mark.anyio
-
-
-class ManualWaker:
-    """A `wakeup.Waker` the test wakes by hand."""
-
-    def __init__(self) -> None:
-        self.up = False
-        self.requests = 0
-        self.holding = 0
-        self.listeners: list[Callable[[str], None]] = []
-
-    def awake(self, container_id: str) -> bool:
-        return self.up
-
-    def failed(self, container_id: str) -> str:
-        return ""
-
-    def request(self, sleep: Sleep, *, route: str, listen: str) -> None:
-        self.requests += 1
-
-    def subscribe(self, listener: Callable[[str], None]) -> Callable[[], None]:
-        self.listeners.append(listener)
-        return lambda: self.listeners.remove(listener)
-
-    def held(self, route: str, listen: str, delta: int) -> None:
-        self.holding += delta
-
-    def wake(self) -> None:
-        self.up = True
-        for listener in list(self.listeners):
-            listener("c1")
-
-
-def sleeping(waker: ManualWaker) -> SharedState:
-    shared = SharedState.from_edge(EdgePolicy())
-    shared.waker = waker
-    return shared
 
 
 async def test_queued_datagrams_are_bounded_then_delivered_in_order_once_awake() -> None:
