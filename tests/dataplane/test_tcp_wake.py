@@ -39,22 +39,24 @@ async def test_held_clients_are_served_on_their_connection_and_the_cap_refuses_m
     monkeypatch.setattr(wakehold, "MAX_HELD", 2)
     waker = ManualWaker()
     sleep = Sleep("c1", "game", idle_timeout=60.0, wake_timeout=10.0)
-    async with upstream() as up:
-        async with running_route(tcp_spec(up.port, sleep=sleep), shared=sleeping(waker)) as live:
-            first, second = await connect(live), await connect(live)
-            await first.send(b"first")
-            await second.send(b"second")
-            await wait_for(lambda: waker.holding == 2)
-            extra = await connect(live)
-            async with extra:
-                assert await recv_until_eof(extra) == b""
-            await wait_for(lambda: live.counters.rejected["limit"] == 1)
-            assert up.peers == [] and waker.requests == 2  # held: nothing dialled yet
-            waker.wake()
-            async with first, second:
-                assert await recv_exactly(first, 5) == b"first"
-                assert await recv_exactly(second, 6) == b"second"
-            assert waker.holding == 0 and len(up.peers) == 2
+    async with (
+        upstream() as up,
+        running_route(tcp_spec(up.port, sleep=sleep), shared=sleeping(waker)) as live,
+    ):
+        first, second = await connect(live), await connect(live)
+        await first.send(b"first")
+        await second.send(b"second")
+        await wait_for(lambda: waker.holding == 2)
+        extra = await connect(live)
+        async with extra:
+            assert await recv_until_eof(extra) == b""
+        await wait_for(lambda: live.counters.rejected["limit"] == 1)
+        assert up.peers == [] and waker.requests == 2  # held: nothing dialled yet
+        waker.wake()
+        async with first, second:
+            assert await recv_exactly(first, 5) == b"first"
+            assert await recv_exactly(second, 6) == b"second"
+        assert waker.holding == 0 and len(up.peers) == 2
 
 
 async def test_wake_on_data_a_bare_connect_asks_for_no_wake() -> None:

@@ -3,8 +3,8 @@ datagrams queue, bounded (the overflow dropped and counted `limit`), and go on i
 awake; at wake_timeout the held sessions close and what they queued counts `no_backend`.
 
 The waker here is the test's own `ManualWaker` (tests/support/waker.py; the process's one
-starts containers through Docker: tests/e2e/test_wake.py); routes run `serve_udp` on real loopback sockets, on both relay
-paths and both event loops.
+starts containers through Docker: tests/e2e/test_wake.py); routes run `serve_udp` on real
+loopback sockets, on both relay paths and both event loops.
 """
 
 from __future__ import annotations
