@@ -22,20 +22,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 import anyio
 
+from labelproxy.spec import Backend
 from labelproxy.streams.addresses import literal_family
 from labelproxy.streams.hooks import ConnInfo
+from labelproxy.streams.live import LiveRoute
 from labelproxy.streams.udp.session import UdpSession
 from labelproxy.streams.udp.sockets import SockAddr, open_upstream
 from labelproxy.streams.wakeup import Waker
-
-if TYPE_CHECKING:
-    from labelproxy.streams.udp.relay import UdpRelay
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,30 @@ CLIENT_DATAGRAMS = 64
 CLIENT_BYTES = 256 * 1024
 ROUTE_DATAGRAMS = 4096
 ROUTE_BYTES = 4 * 1024 * 1024
+
+
+class UdpRelay(Protocol):
+    """What this module uses of `relay.UdpRelay` (which makes the `UdpWake`; a protocol, so
+    that the two modules do not import each other)."""
+
+    live: LiveRoute
+    loop: asyncio.AbstractEventLoop
+    sessions: dict[SockAddr, UdpSession]
+    resolving: int
+
+    def _spawn(self, factory: Callable[[], Coroutine[Any, Any, None]]) -> None: ...
+
+    def _attach(self, session: UdpSession, sock: socket.socket) -> None: ...
+
+    def _send_upstream(
+        self, session: UdpSession, sock: socket.socket, data: memoryview
+    ) -> None: ...
+
+    async def _resolve(self, session: UdpSession, backend: Backend) -> None: ...
+
+    def _refuse_loop(self, session: UdpSession, host: str) -> bool: ...
+
+    def close_session(self, session: UdpSession, reason: str) -> None: ...
 
 
 class UdpWake:
