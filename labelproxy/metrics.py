@@ -260,6 +260,21 @@ class Metrics:
         """Drop the series of the route on `key`: it is gone (not desired, not listening, not
         draining). Should it come back, its counters start again from zero."""
         self._routes.pop(key, None)
+        listen = str(key)
+        wake_series: tuple[tuple[Counter | Gauge, tuple[str, ...]], ...] = (
+            (self.wakes_total, ("route", "listen", "result")),
+            (self.sleeps_total, ("route", "listen", "method")),
+            (self.held_clients, ("route", "listen")),
+        )
+        for family, names in wake_series:  # wake on demand's series of this listen key
+            seen = {
+                tuple(sample.labels[n] for n in names)
+                for metric in family.collect()
+                for sample in metric.samples
+                if sample.labels.get("listen") == listen and all(n in sample.labels for n in names)
+            }
+            for values in seen:
+                family.remove(*values)
 
     def all_routes(self) -> Iterable[RouteCounters]:
         return tuple(self._routes.values())
