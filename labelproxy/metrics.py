@@ -239,6 +239,12 @@ class Metrics:
             ["route", "listen"],
             registry=self.registry,
         )
+        self.route_asleep = Gauge(
+            PREFIX + "route_asleep",
+            "1 while the route's container sleeps (asleep, stopping or waking), 0 while awake.",
+            ["route", "listen"],
+            registry=self.registry,
+        )
         self.registry.register(_LiveCollector(self))
 
     def route(self, alias: str, key: ListenKey) -> RouteCounters:
@@ -265,6 +271,7 @@ class Metrics:
             (self.wakes_total, ("route", "listen", "result")),
             (self.sleeps_total, ("route", "listen", "method")),
             (self.held_clients, ("route", "listen")),
+            (self.route_asleep, ("route", "listen")),
         )
         for family, names in wake_series:  # wake on demand's series of this listen key
             seen = {

@@ -183,6 +183,9 @@ class Sleeper:
     def _poll(self) -> None:
         now = time.monotonic()
         for box in list(self._boxes.values()):
+            asleep = 0 if box.state == "awake" else 1
+            for key, alias in box.keys.items():
+                self._metrics.route_asleep.labels(alias, str(key)).set(asleep)
             if box.state != "awake" or box.busy:
                 continue
             active, moved = self._activity(box)

@@ -91,6 +91,7 @@ def _metrics_with_one_route_each() -> set[str]:
     metrics.wakes_total.labels("web", "tcp://127.0.0.1:8080", "ok").inc()
     metrics.sleeps_total.labels("web", "tcp://127.0.0.1:8080", "stop").inc()
     metrics.held_clients.labels("web", "tcp://127.0.0.1:8080").set(0)
+    metrics.route_asleep.labels("web", "tcp://127.0.0.1:8080").set(0)
     metrics.wake_duration.observe(1.0)
     state = StateSnapshot(
         routes=(

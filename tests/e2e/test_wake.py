@@ -161,6 +161,7 @@ def test_idle_container_sleeps_and_twenty_clients_wake_it_once_served_on_their_c
     assert route is not None and route["state"] == "up" and route["bound"]
     assert "up (asleep)" in format_routes(lp.routes())
     assert lp.metric("labelproxy_sleeps_total", **ids, method="stop") == 1
+    wait_for(lambda: lp.metric("labelproxy_route_asleep", **ids) == 1, what="asleep gauge 1")
 
     since = time.time()
     answers: dict[int, bytes] = {}
@@ -185,6 +186,7 @@ def test_idle_container_sleeps_and_twenty_clients_wake_it_once_served_on_their_c
     assert (lp.metric("labelproxy_wake_duration_seconds_count") or 0) >= 1
     assert not lp.metric("labelproxy_connections_rejected_total", **ids, reason="no_backend")
     assert "woke container" in lp.log()
+    wait_for(lambda: lp.metric("labelproxy_route_asleep", **ids) == 0, what="asleep gauge 0")
 
 
 def test_a_client_during_the_stop_waits_for_it_then_wakes_the_container(
