@@ -89,3 +89,16 @@ def test_stopped_sleep_enabled_container_keeps_its_route_asleep(state: str) -> N
     assert spec.alias == "game" and spec.backends == ()
     assert spec.options.sleep is not None and spec.options.sleep.asleep
     assert desired.problems == ()
+
+
+def test_replicas_with_the_same_sleep_settings_are_no_conflict() -> None:
+    labels = {**BASE, "proxy.idle_timeout": "1m", "com.docker.compose.project": "p",
+              "com.docker.compose.service": "mc"}  # fmt: skip
+    first = ContainerView(id="a1", name="p-mc-1", created=1.0, labels=labels,
+                          network_mode="host", service="compose:p/mc")  # fmt: skip
+    second = ContainerView(id="b2", name="p-mc-2", created=2.0, labels=labels,
+                           network_mode="host", service="compose:p/mc")  # fmt: skip
+    desired = build_desired([first, second], CTX)
+    assert desired.problems == ()
+    [spec] = desired.routes.values()
+    assert spec.options.sleep is not None and spec.options.sleep.container_id == "a1"
