@@ -209,8 +209,10 @@ class Sleeper:
             try:
                 await self._power.sleep(sleep)
             except PowerError as exc:
+                again = box.error == str(exc)  # tried again after each idle_timeout: said once
                 box.state, box.idle_since, box.error = "awake", time.monotonic(), str(exc)
                 level = logging.ERROR if isinstance(exc, PowerRefusedError) else logging.WARNING
+                level = logging.DEBUG if again else level
                 logger.log(
                     level, "container %s: cannot put it to sleep: %s", sleep.container_name, exc,
                     extra={"container": sleep.container_name, "action": "sleep"},

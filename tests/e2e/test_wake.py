@@ -361,16 +361,24 @@ def read_only_engine(dockerd: Any, tmp_path: Path) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-def test_a_start_the_engine_refuses_closes_held_clients_and_shows_on_the_route(
+def test_a_start_or_stop_the_engine_refuses_shows_on_the_route_and_closes_held_clients(
     read_only_engine: str, make: Make
 ) -> None:
     listen, target = free_port(), free_port()
     labels = {k.replace("proxy.", "ro.", 1): v
               for k, v in echo_labels("locked", listen, target, idle_timeout="1m").items()}
     container = make(labels, echo=target, start=False)
+    idle_port, idle_target = free_port(), free_port()
+    running = make({k.replace("proxy.", "ro.", 1): v for k, v in echo_labels(
+        "awake", idle_port, idle_target, idle_timeout="1s").items()}, echo=idle_target)
     env = {"LABELPROXY_DOCKER_HOST": read_only_engine, "LABELPROXY_LABEL_PREFIX": "ro"}
     with labelproxy(env) as ro:
         wait_for(lambda: wake_state(ro, "locked") == "asleep", what="the route asleep")
+        # the idle one cannot be put to sleep: said on its route, it keeps running
+        wait_for(lambda: "stop refused (HTTP 403)" in ((ro.route("awake") or {}).get(
+            "wake") or {}).get("error", ""), what="the refused stop on the route")
+        assert wake_state(ro, "awake") == "ready" and status(running) == "running"
+        assert "cannot put it to sleep" in ro.log()
         began = time.monotonic()
         with socket.create_connection(("127.0.0.1", listen), timeout=10.0) as client:
             client.sendall(b"wake up")
