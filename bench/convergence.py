@@ -6,6 +6,8 @@
   issued; the container is killed and the listener seen gone before the next start.
 - initial sync: N labelled containers are running before labelproxy starts; measured from
   spawning labelproxy to `/readyz` 200 and to every one of the N listeners accepting.
+- wake on demand (`wakeup`): a sleeping route's first byte -> its echo, beside the bare
+  `docker start` -> listening of the same container.
 
 The routes relay to a port nothing listens on (a probe connection is refused upstream); the
 containers only need to run. The private engine comes from `tests/support/dockerd.py`.
@@ -25,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench import wakeup
 from bench.measure import Plan
 from bench.procs import BenchError, Children, free_port, tcp_accepts
 from bench.report import SECTIONS, Results
@@ -214,6 +217,13 @@ def run(
                           "start_call_accept_p99_ms": _pct(issued, 0.99)}  # fmt: skip
                 results.add(section=SECTION, target="labelproxy", rep=rep, values=values,
                             raw={"after_call_ms": after, "from_call_ms": issued})  # fmt: skip
+                wakes, bare = wakeup.measure(client, image, starts=plan.starts,
+                                             ports=_port_block(2), labelproxy=_labelproxy,
+                                             **common)  # fmt: skip
+                results.add(section=SECTION, target="labelproxy", rep=rep,
+                            values={"wake_echo_p50_ms": statistics.median(wakes),
+                                    "wake_start_listening_p50_ms": statistics.median(bare)},
+                            raw={"wake_ms": wakes, "bare_start_ms": bare})  # fmt: skip
             logger.info("convergence: creating %d labelled containers", plan.containers)
             ports = _create_many(client, image, plan.containers, dead_port)
             for rep in range(plan.reps):

@@ -132,6 +132,10 @@ SECTIONS: tuple[Section, ...] = (
             _m("start_accept_p50_ms", "start returned -> accepting, p50", "ms", higher=False),
             _m("start_accept_p99_ms", "start returned -> accepting, p99", "ms", higher=False),
             _m("start_call_accept_p99_ms", "start issued -> accepting, p99", "ms", higher=False),
+            _m("wake_echo_p50_ms", "wake: first byte to a sleeping route -> echo, p50", "ms",
+               higher=False),
+            _m("wake_start_listening_p50_ms",
+               "the same container: docker start issued -> listening, p50", "ms", higher=False),
             _m("sync_ready_s", "initial sync: spawn -> /readyz 200", "s", higher=False),
             _m(
                 "sync_accepting_s",

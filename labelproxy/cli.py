@@ -99,7 +99,7 @@ def format_routes(doc: dict[str, Any]) -> str:
                 r["route"],
                 r["listen"],
                 r["scheme"],
-                r["state"],
+                r["state"] + (f" ({r['wake']['state']})" if r.get("wake") else ""),
                 forwarding,
                 r.get("healthcheck", {}).get("healthcheck", "-"),
                 backends or "-",
@@ -123,6 +123,11 @@ def format_routes(doc: dict[str, Any]) -> str:
             lines.append(f"  {reason}: {shown}" + (f" and {more} more" if more > 0 else ""))
     if unready:
         lines += ["", "BACKENDS NOT READY", *unready]
+    wake_errors = [f"  {r['route']} {r['listen']} ({r['wake'].get('container')}): "
+                   f"{r['wake']['error']}" for r in doc.get("routes", [])
+                   if r.get("wake", {}).get("error")]  # fmt: skip
+    if wake_errors:
+        lines += ["", "WAKE ON DEMAND FAILING", *wake_errors]
     problems = doc.get("problems", [])
     if problems:
         lines.append("")

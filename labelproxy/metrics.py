@@ -219,6 +219,38 @@ class Metrics:
         self.build_info = Gauge(
             PREFIX + "build_info", "labelproxy version.", ["version"], registry=self.registry
         )
+        # wake on demand (sources.sleeper): per wake, per sleep, clients held meanwhile
+        self.wakes_total = Counter(
+            PREFIX + "wakes",
+            "Container wakes asked for by a route's clients, by result "
+            "(ok, timeout, error, refused).",
+            ["route", "listen", "result"],
+            registry=self.registry,
+        )
+        self.wake_duration = Histogram(
+            PREFIX + "wake_duration_seconds",
+            "Time from a wake's first client to a ready backend.",
+            buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.sleeps_total = Counter(
+            PREFIX + "sleeps",
+            "Idle containers put to sleep, by route and stop method.",
+            ["route", "listen", "method"],
+            registry=self.registry,
+        )
+        self.held_clients = Gauge(
+            PREFIX + "held_clients",
+            "Clients held (accepted, not read) while their route's container wakes.",
+            ["route", "listen"],
+            registry=self.registry,
+        )
+        self.route_asleep = Gauge(
+            PREFIX + "route_asleep",
+            "1 while the route's container sleeps (asleep, stopping or waking), 0 while awake.",
+            ["route", "listen"],
+            registry=self.registry,
+        )
         self.registry.register(_LiveCollector(self))
 
     def route(self, alias: str, key: ListenKey) -> RouteCounters:
@@ -251,6 +283,22 @@ class Metrics:
         """Drop the series of the route on `key`: it is gone (not desired, not listening, not
         draining). Should it come back, its counters start again from zero."""
         self._routes.pop(key, None)
+        listen = str(key)
+        wake_series: tuple[tuple[Counter | Gauge, tuple[str, ...]], ...] = (
+            (self.wakes_total, ("route", "listen", "result")),
+            (self.sleeps_total, ("route", "listen", "method")),
+            (self.held_clients, ("route", "listen")),
+            (self.route_asleep, ("route", "listen")),
+        )
+        for family, names in wake_series:  # wake on demand's series of this listen key
+            seen = {
+                tuple(sample.labels[n] for n in names)
+                for metric in family.collect()
+                for sample in metric.samples
+                if sample.labels.get("listen") == listen and all(n in sample.labels for n in names)
+            }
+            for values in seen:
+                family.remove(*values)
 
     def all_routes(self) -> Iterable[RouteCounters]:
         return tuple(self._routes.values())

@@ -37,6 +37,8 @@ from labelproxy.settings import Settings, split_host_port
 from labelproxy.sources.containers import ContainerView, DiscoveryContext
 from labelproxy.sources.desired import build_desired
 from labelproxy.sources.discovery import Discovery, docker_host_problem
+from labelproxy.sources.power import Power
+from labelproxy.sources.sleeper import Sleeper
 from labelproxy.sources.staticroutes import RoutesFileInput
 from labelproxy.spec import Problem
 
@@ -73,6 +75,11 @@ class Runtime:
         self.edge = settings.edge_policy()
         self.forwarding = Forwarding(mode=settings.forwarding, policy=self.edge)
         self.health = HealthChecker()
+        # wake on demand: sleep-enabled containers are started and stopped through the engine
+        self.sleeper: Sleeper | None = None
+        if settings.discovery_enabled:
+            power = Power(docker_host=settings.docker_host)
+            self.sleeper = Sleeper(power=power, health=self.health, metrics=self.metrics)
 
     # -- inputs --------------------------------------------------------------------------
     def wake(self) -> None:
@@ -118,6 +125,7 @@ class Runtime:
         return status.routes_snapshot(
             self.reconciler, self.inputs(), metrics=self.metrics, paths=self.forwarding,
             health=self.health.statuses(),
+            wake=self.sleeper.describe() if self.sleeper is not None else None,
         )  # fmt: skip
 
     def metrics_snapshot(self) -> MetricsDocument:
@@ -168,6 +176,7 @@ class Runtime:
                     on_listener_lost=self.wake,
                     health=self.health,
                 )
+                self.reconciler.shared.waker = self.sleeper
                 self.metrics.set_kernel_reader(self.forwarding.read_counters)
                 async with anyio.create_task_group() as inputs:
                     inputs.start_soon(self._cancel_on_stop, inputs.cancel_scope)
@@ -175,6 +184,8 @@ class Runtime:
                     inputs.start_soon(self.forwarding.serve)
                     self.routes_file.load()
                     inputs.start_soon(self.routes_file.watch)
+                    if self.sleeper is not None:
+                        await inputs.start(self.sleeper.serve)
                     if self.settings.discovery_enabled:
                         discovery = Discovery(
                             docker_host=self.settings.docker_host,
@@ -226,6 +237,8 @@ class Runtime:
                 for key, spec in desired.routes.items()
             })  # fmt: skip
             await self.reconciler.apply(desired)
+            if self.sleeper is not None:
+                self.sleeper.observe(desired.routes)
             if self.docker_seen:  # before that, an adopted table keeps forwarding as it did
                 await self.forwarding.apply(desired.routes, bound=self.reconciler.live)
             logger.debug(

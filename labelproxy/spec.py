@@ -32,6 +32,9 @@ RouteForwarding = Literal["auto", "relay"]
 # labelproxy may program nftables here, `relay` never, `kernel` requires it at start-up
 ForwardingMode = Literal["auto", "relay", "kernel"]
 ProblemKind = Literal["label", "conflict", "bind", "address", "loop"]
+# wake on demand (container level): how a sleeping container is put to sleep, what wakes it
+StopMethod = Literal["stop", "pause", "kill"]
+WakeOn = Literal["connect", "data"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -182,6 +185,28 @@ class Backend:
 
 
 @dataclass(frozen=True, slots=True)
+class Sleep:
+    """Wake on demand for the container behind a route (its container-level labels).
+
+    `container_id`/`container_name` name the container to start and stop (an asleep route has
+    no backend to name it); `asleep` is true while that container is stopped, exited or
+    paused (the route stays bound, with no backend). `depends_on` are started first, in
+    order. `idle_timeout`: seconds with no connection, no session and no byte before the
+    container is stopped with `stop_method`."""
+
+    container_id: str
+    container_name: str
+    idle_timeout: float
+    wake_timeout: float = 180.0
+    stop_method: StopMethod = "stop"
+    stop_timeout: float = 60.0
+    stop_signal: str = ""
+    depends_on: tuple[str, ...] = ()
+    wake_on: WakeOn = "connect"
+    asleep: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class RouteOptions:
     """Per-route behaviour. `None` means "use the global default from the settings"."""
 
@@ -194,6 +219,7 @@ class RouteOptions:
     load_balance: LoadBalance = "round_robin"
     forwarding: RouteForwarding = "auto"
     healthcheck: HealthCheck = field(default_factory=HealthCheck)
+    sleep: Sleep | None = None  # wake on demand (`Sleep`); None: the container never sleeps
 
 
 @dataclass(frozen=True, slots=True)

@@ -182,6 +182,7 @@ def routes_snapshot(
     metrics: Metrics,
     paths: PathView | None = None,
     health: Mapping[ListenKey, RouteHealth] | None = None,
+    wake: Mapping[ListenKey, Mapping[str, Any]] | None = None,
 ) -> RoutesSnapshot:
     """The /routes document as a snapshot, cheap enough to take on the event loop: the frozen
     specs, each route's live state and a copy of its counters. Building the JSON
@@ -199,6 +200,9 @@ def routes_snapshot(
                       c.udp_sessions_active, c.dial_errors)  # fmt: skip
             rejected = c.rejected.copy()
             shown = {**dict(zip(_COUNTERS, values, strict=True)), "rejected": rejected}
+            forwarding = paths.route_document(key, shown) if paths is not None else {}
+            if wake is not None and key in wake:  # wake on demand: asleep, waking, ready
+                forwarding = {**forwarding, "wake": dict(wake[key])}
             rows.append((
                 spec,
                 lv.spec if lv is not None else None,
@@ -206,7 +210,7 @@ def routes_snapshot(
                 bind_problems.get(key) if bind_problems else None,
                 values,
                 rejected,
-                paths.route_document(key, shown) if paths is not None else {},
+                forwarding,
                 health.get(key) if health is not None else None,
             ))  # fmt: skip
     return RoutesSnapshot(

@@ -118,6 +118,8 @@ def eligible(spec: RouteSpec, *, policy: EdgePolicy) -> Verdict:
         )
     if options.load_balance not in KERNEL_BALANCERS:
         return relay(f"load_balance {options.load_balance} needs per-connection state")
+    if options.sleep is not None:
+        return relay("wake on demand (idle_timeout at container level) needs the relay")
     unknown = _unknown_option(options)
     if unknown is not None:
         return relay(unknown)

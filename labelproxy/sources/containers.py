@@ -55,11 +55,19 @@ class ContainerView:
     networks: Mapping[str, str] = field(default_factory=dict)
     ports: tuple[PortBinding, ...] = ()
     service: str = ""
+    # the engine's state: `running`; a sleep-enabled container is listed stopped too
+    # (`exited`, `created`, `paused`): its routes stay bound, asleep (`sources.sleeplabels`)
+    state: str = "running"
+
+    @property
+    def running(self) -> bool:
+        """True while the container runs (not stopped, exited or paused)."""
+        return self.state == "running"
 
     @property
     def ready(self) -> bool:
-        """False while Docker's health check says `starting` or `unhealthy`."""
-        return self.health not in UNREADY_HEALTH
+        """False while Docker's health check says `starting` or `unhealthy`, or asleep."""
+        return self.running and self.health not in UNREADY_HEALTH
 
     def protocols_of(self, port: int) -> frozenset[Transport]:
         """The protocols under which container port `port` is exposed or published."""

@@ -265,9 +265,19 @@ def _listener_of(
 
 def _same_options(a: RouteOptions, b: RouteOptions) -> bool:
     """Replicas agree on options; a check that differs only because one replica's image has
-    a Docker HEALTHCHECK (`docker`) and the other's not (the default) is no disagreement."""
+    a Docker HEALTHCHECK (`docker`) and the other's not (the default) is no disagreement, nor
+    are wake-on-demand settings that differ only in the container they name (the route's
+    sleep is the first container's)."""
     if a == b:
         return True
+    if a.sleep is not None and b.sleep is not None:  # one container each: same settings?
+        mine = dataclasses.replace(
+            b.sleep, container_id=a.sleep.container_id,
+            container_name=a.sleep.container_name, asleep=a.sleep.asleep,
+        )  # fmt: skip
+        b = dataclasses.replace(b, sleep=mine)
+        if a == b:
+            return True
     if "docker" in (a.healthcheck.kind, b.healthcheck.kind):
         return dataclasses.replace(a, healthcheck=b.healthcheck) == b
     return False

@@ -82,13 +82,18 @@ class ListMemo:
 def list_running(
     client: Any, known: ListMemo, *, label_prefix: str
 ) -> tuple[tuple[ContainerView, ...], ListMemo]:
-    """Worker thread: list the running containers and build their views from the list alone;
+    """Worker thread: list the running containers (and the sleep-enabled ones that are not:
+    asleep) and build their views from the list alone;
     inspect only the few the list cannot describe exactly (`needing_details`), once each."""
     summaries: dict[str, Mapping[str, Any]] = {}
     views: dict[str, ContainerView] = {}
     fresh = ListMemo()
     details = fresh.details
-    for summary in client.api.containers(filters={"status": "running"}):
+    listed = list(client.api.containers(filters={"status": "running"}))
+    # sleep-enabled containers that are stopped or paused: their routes stay bound, asleep
+    asleep = client.api.containers(all=True, filters={"label": f"{label_prefix}.idle_timeout"})
+    listed += [s for s in asleep if s.get("State") != "running"]
+    for summary in listed:
         cid = str(summary.get("Id"))
         summaries[cid] = summary
         if cid in known.details:

@@ -81,6 +81,7 @@ def view_from_summary(
         networks=_networks(settings.get("Networks") or {}),
         ports=_sorted_ports(ports),
         service=service_of(labels),
+        state=str(summary.get("State") or "running"),
     )
 
 
@@ -167,6 +168,7 @@ def view_from_attrs(attrs: Mapping[str, Any]) -> ContainerView:
         networks=networks,
         ports=_port_bindings(settings.get("Ports") or {}, config.get("ExposedPorts") or {}),
         service=service_of(labels),
+        state=str(state.get("Status") or "running"),
     )
 
 

@@ -27,6 +27,7 @@ GoDoxy rules above, reads best in one place; the field syntax (`fields`) and the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from labelproxy.sources.fields import (
     scheme_problem,
 )
 from labelproxy.sources.resolve import AddressError, resolve_target
+from labelproxy.sources.sleeplabels import SLEEP_LABELS, parse_sleep
 from labelproxy.spec import (
     Backend,
     ListenKey,
@@ -53,6 +55,7 @@ from labelproxy.spec import (
     RouteOptions,
     RouteSpec,
     Scheme,
+    Sleep,
     default_bind,
 )
 from labelproxy.spec import transport_of as transport_of_scheme
@@ -64,7 +67,7 @@ __all__ = [
     "parse_route_fields",
 ]  # fmt: skip
 
-CONTAINER_LABELS = ("aliases", "exclude", "network")
+CONTAINER_LABELS = ("aliases", "exclude", "network", *SLEEP_LABELS)
 # GoDoxy labels that make no sense for an L4 proxy: ignored, with their dotted sub-fields.
 GODOXY_ROUTE_FIELDS = frozenset(
     {
@@ -76,10 +79,7 @@ GODOXY_ROUTE_FIELDS = frozenset(
         "no_loading_page",
     }
 )  # fmt: skip
-GODOXY_CONTAINER_LABELS = frozenset(
-    {"idle_timeout", "wake_timeout", "stop_method", "stop_timeout", "stop_signal",
-     "start_endpoint", "depends_on", "no_loading_page"}
-)  # fmt: skip
+GODOXY_CONTAINER_LABELS = frozenset({"start_endpoint", "no_loading_page"})
 
 Sourced = dict[str, tuple[str, str]]  # field -> (full label key, value)
 
@@ -118,6 +118,12 @@ def declare_container(
         except ValueError as exc:
             message = f"{exc}; the container is skipped"
             return (), (Problem("label", "", view.name, key, value, message),)
+    sleep, sleep_problems = parse_sleep(
+        view.labels, prefix=prefix, container_id=view.id, name=view.name, running=view.running
+    )
+    if not view.running and sleep is None:  # only a sleep-enabled container routes asleep
+        return (), ()
+    problems.extend(sleep_problems)
     network = ours["network"][1].strip() if "network" in ours else None
     network_label = ours["network"][0] if "network" in ours else prefix + "network"
     grouped = _group(ours, prefix=prefix, name=view.name)
@@ -145,7 +151,7 @@ def declare_container(
             specs, found = _alias_specs(
                 view, ctx, route, network=network, network_label=network_label, labels=merged
             )
-            declared.extend(specs)
+            declared.extend(specs if sleep is None else [_with_sleep(d, sleep) for d in specs])
             problems.extend(found)
     return tuple(declared), tuple(problems)
 
@@ -331,6 +337,13 @@ def _alias_specs(
         for (key, value, message), ports in failed.items()
     ]  # fmt: skip
     return declared, problems
+
+
+def _with_sleep(declared: Declared, sleep: Sleep) -> Declared:
+    """`declared` with the container's wake-on-demand settings in its options."""
+    spec = declared.spec
+    options = dataclasses.replace(spec.options, sleep=sleep)
+    return dataclasses.replace(declared, spec=dataclasses.replace(spec, options=options))
 
 
 def _default_scheme(view: ContainerView, target_port: int) -> Scheme:

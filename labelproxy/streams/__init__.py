@@ -37,13 +37,17 @@ our own listeners), `proxyproto` (PROXY v1/v2 framing), `addresses` (the one par
 IPv4-mapped unwrapping of addresses), `sockets` (binding by family, accept back-off, shared
 with the HTTP endpoints), `accesslog`, `drain`; `tcp/`: `server`, `owner` (the one contract
 between the server and its connections), `accept`, `setup`, `dial`, `deadlines`, `relay`,
-`pump`, `splice`, `loop`; `udp/`: `server`, `relay`, `batched`, `mmsg`, `session`,
-`sockets`. (`pump` holds what was the relay's mixin and its direction state: the relay
+`pump`, `splice`, `loop`, `hold` (wait for a ready backend), `wakehold` (hold while the
+route's container wakes); `udp/`: `server`, `relay`, `batched`, `mmsg`, `session`,
+`sockets`, `wakequeue` (queue a new client's datagrams while its container wakes); `wakeup`
+(the `Waker` they ask: implemented by `sources.sleeper`, never imported here). (`pump`
+holds what was the relay's mixin and its direction state: the relay
 is one class that drives a `Half` per direction; `owner` and `deadlines` are modules of
 their own so the server, the dial and the relay import each other in one direction only.)
 
 Room to grow, each one new module plugged in at one place:
-- Hold (wake a sleeping container, or wait up to the connect timeout for a ready backend):
+- Hold (wake a sleeping container: `tcp/wakehold.py`; wait up to the connect timeout for a
+  ready backend: `tcp/hold.py`):
   a `dial.Step` that parks the `Connector` (its client fd stays open and counted; a drain
   waits for it, a shutdown aborts it) and calls `proceed()` when a backend is ready;
   listed in `tcp.server.TcpServer._steps_of` for the routes that want it. UDP holds

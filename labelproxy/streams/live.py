@@ -55,6 +55,8 @@ _LATE_REFUSALS: dict[str, RejectReason] = {
     "no_backend": "no_backend",
     "loop": "loop",
     "proxy_header": "proxy_header",
+    "wake_timeout": "no_backend",  # held while its container woke, which never became ready
+    "limit": "limit",  # beyond the clients held while a container wakes
 }
 
 

@@ -15,6 +15,7 @@ to every `LiveRoute`:
   next until the descriptors run out. The check costs a dict membership test per dial.
 - `listener_counters`, `forget_listener`: the own series of a listener shared by routes
   chosen by name (`tcp.names`: its refusals before a route is chosen).
+- `waker`: wake on demand (`wakeup.Waker`, None: off): held clients of sleeping containers.
 - `health`: the process's `HealthChecker` (None: every backend of a spec is in its pool, as
   in tests that run a route alone): which backends are ready, read lock-free per pick.
 """
@@ -41,6 +42,7 @@ from labelproxy.streams.hooks import CapHook, ConnInfo
 
 if TYPE_CHECKING:
     from labelproxy.health.checker import HealthChecker
+    from labelproxy.streams.wakeup import Waker
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +201,9 @@ class SharedState:
         # its socket's key, and their end; the reconciler plugs in `Metrics.listener`/`forget`
         self.listener_counters: Callable[[ListenKey], RouteCounters] = _listener_counters
         self.forget_listener: Callable[[ListenKey], None] = _forget_nothing
+        # wake on demand (`wakeup.Waker`), set by whoever runs the sleeper; None: no route
+        # is held for a wake (its clients are served or refused as the pool says)
+        self.waker: Waker | None = None
 
     @classmethod
     def from_edge(cls, edge: EdgePolicy, *, health: HealthChecker | None = None) -> SharedState:

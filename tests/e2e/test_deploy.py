@@ -88,6 +88,11 @@ def _metrics_with_one_route_each() -> set[str]:
     metrics.docker_events_total.labels("start").inc()
     metrics.reloads_total.labels("ok").inc()
     metrics.reconcile_duration.observe(0.01)
+    metrics.wakes_total.labels("web", "tcp://127.0.0.1:8080", "ok").inc()
+    metrics.sleeps_total.labels("web", "tcp://127.0.0.1:8080", "stop").inc()
+    metrics.held_clients.labels("web", "tcp://127.0.0.1:8080").set(0)
+    metrics.route_asleep.labels("web", "tcp://127.0.0.1:8080").set(0)
+    metrics.wake_duration.observe(1.0)
     state = StateSnapshot(
         routes=(
             RouteState("web", "tcp", "tcp://127.0.0.1:8080", "127.0.0.1:8081", True, 100),

@@ -57,6 +57,7 @@ from labelproxy.streams.tcp.hold import Hold
 from labelproxy.streams.tcp.owner import Owned
 from labelproxy.streams.tcp.setup import Found, HeaderRefusedError, set_up
 from labelproxy.streams.tcp.splice import PipePool, splice_supported
+from labelproxy.streams.tcp.wakehold import WakeHold
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,11 @@ class TcpServer:
         )
         if self.hold is not None:
             live.updated.append(functools.partial(loop.submit, self.hold.wake))
+        # (data loop) clients held while the route's container wakes; only with a waker
+        waker = live.shared.waker
+        self.wake = None if waker is None else WakeHold(loop, self.deadlines, live.spec.key, waker)
+        if self.wake is not None:
+            live.updated.append(self.wake.recheck)
 
     @property
     def active(self) -> int:
@@ -163,14 +169,19 @@ class TcpServer:
     async def run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         live = self.live
         health, hold = live.shared.health, self.hold
-        unsubscribe = None
+        unsubscribe = []
         if health is not None and hold is not None:
-            unsubscribe = health.subscribe(hold.on_change)
+            unsubscribe.append(health.subscribe(hold.on_change))
+        waker, wake = live.shared.waker, self.wake
+        if waker is not None and wake is not None:
+            unsubscribe.append(waker.subscribe(wake.recheck))
+            if health is not None:
+                unsubscribe.append(health.subscribe(wake.recheck))
         try:
             await self._run(task_status)
         finally:
-            if unsubscribe is not None:
-                unsubscribe()
+            for undo in unsubscribe:
+                undo()
 
     async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         live = self.live
@@ -328,8 +339,12 @@ class TcpServer:
     def _steps_of(self, spec: RouteSpec) -> tuple[Step, ...]:
         """The steps a new connection of `spec` takes before its backend is picked
         (`dial.Step`): the hold for a ready backend (`hold.Hold`) when the process checks
-        health. A wake-on-demand hold or a peek (ClientHello) is listed here too."""
-        return () if self.hold is None else (self.hold.step,)
+        health, after the hold while its container wakes (`wakehold.WakeHold`) for a
+        sleep-enabled route. A peek (ClientHello) is listed here too."""
+        steps: tuple[Step, ...] = () if self.hold is None else (self.hold.step,)
+        if self.wake is not None and spec.options.sleep is not None:
+            steps = (self.wake.step, *steps)
+        return steps
 
     # -- what the connections tell (owner.Owner, data loop) ----------------------------------
     def handed_over(self, old: Owned, new: Owned) -> None:
@@ -342,6 +357,8 @@ class TcpServer:
         self.conns.discard(owned)
         if self.hold is not None:
             self.hold.forget(owned)
+        if self.wake is not None:
+            self.wake.forget(owned)
         conn = owned.conn
         self.live.release(conn)
         log_closed(conn, listen=self._listen)

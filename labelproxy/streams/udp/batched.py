@@ -137,8 +137,12 @@ class BatchedUdpRelay(UdpRelay):
             errors = 0
             pending = session.pending
             view, size = self._arena.view, self._arena.slot_bytes
+            wake = self.wake
+            held = wake is not None and session in wake.held
             for i in range(start, end):
-                if pending is not None and len(pending) < PENDING_LIMIT:
+                if held and wake is not None:  # its container wakes (`wakequeue`)
+                    wake.queue(session, view[i * size : i * size + lens[i]])
+                elif pending is not None and len(pending) < PENDING_LIMIT:
                     pending.append(bytes(view[i * size : i * size + lens[i]]))
                 else:
                     errors += 1

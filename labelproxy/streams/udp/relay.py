@@ -46,6 +46,7 @@ from labelproxy.streams.udp.sockets import (
     local_address_towards,
     open_upstream,
 )
+from labelproxy.streams.udp.wakequeue import UdpWake
 
 logger = logging.getLogger(__name__)
 
@@ -84,18 +85,25 @@ class UdpRelay:
         self.drain = Drain(loop)
         self.resolving = 0  # tasks resolving a backend's name
         self._expiry: asyncio.Handle | None = None
+        # sessions held while the route's container wakes (`wakequeue`); only with a waker
+        waker = live.shared.waker
+        self.wake = None if waker is None else UdpWake(self, waker)
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         self.loop.add_reader(self.listener.fileno(), self._on_client_readable)
         self._listening = True
         self._expiry = self.loop.call_soon(self._expire_idle_sessions)
+        if self.wake is not None:
+            self.wake.start()
 
     def stop_listening(self) -> None:
         """Stop reading and close the listening socket: the port is free afterwards."""
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        if self.wake is not None:
+            self.wake.close()
         if self._listening:
             self._listening = False
             self.loop.remove_reader(self.listener.fileno())
@@ -128,6 +136,8 @@ class UdpRelay:
             now = time.monotonic()
             earliest = now + idle
             for session in list(self.sessions.values()):
+                if session.conn.backend is None:  # held for a wake: wake_timeout is its own
+                    continue
                 deadline = session.last_active + idle
                 if deadline <= now:
                     self.close_session(session, "idle")
@@ -143,8 +153,8 @@ class UdpRelay:
         """The route's spec changed: end sessions whose backend left it (see udp.py)."""
         self._spec_seen = spec = self.live.spec
         current = set(spec.backends)
-        for session in list(self.sessions.values()):
-            if session.conn.backend not in current:
+        for session in list(self.sessions.values()):  # (a session held for a wake has none)
+            if session.conn.backend is not None and session.conn.backend not in current:
                 self.close_session(session, "backend_gone")
 
     def _open_session(self, addr: SockAddr) -> UdpSession | None:
@@ -159,6 +169,9 @@ class UdpRelay:
         if live.admit(conn) is not None:
             logger.debug("udp datagram from %s refused on %s", client, live.spec.key)
             return None
+        wake = self.wake
+        if wake is not None and not wake.ready():  # its container sleeps: queue, wake it
+            return wake.hold(conn, addr)
         backend = live.pick_backend(client[0])
         if backend is None:
             conn.close_reason = "no_backend"
@@ -261,6 +274,8 @@ class UdpRelay:
         session.closed = True
         if self.sessions.get(session.addr) is session:
             del self.sessions[session.addr]
+        if self.wake is not None and session.conn.backend is None:
+            self.wake.forget(session)
         if session.sock is not None:
             self.loop.remove_reader(session.sock.fileno())
             session.sock.close()
@@ -331,6 +346,9 @@ class UdpRelay:
         session.last_active = now
         sock = session.sock
         if sock is None:
+            wake = self.wake
+            if wake is not None and session in wake.held:
+                return wake.queue(session, data)
             if session.pending is not None and len(session.pending) < PENDING_LIMIT:
                 session.pending.append(bytes(data))
                 return False
