@@ -32,15 +32,17 @@ import logging
 import resource
 import time
 from collections.abc import Collection, Container, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 
-from labelproxy.kernel.engine import ApplyResult, KernelEngine, RouteCounters
 from labelproxy.routelog import log_runs
 from labelproxy.routepath import NOT_BOUND, RoutePath, kernel_path, with_kernel_counters
 from labelproxy.spec import EdgePolicy, ForwardingMode, ListenKey, RouteSpec
+
+if TYPE_CHECKING:  # the engine (and pyroute2, ~20 MB) is loaded only when it is used
+    from labelproxy.kernel.engine import ApplyResult, KernelEngine, RouteCounters
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +76,11 @@ class Forwarding:
         self.engine: KernelEngine | None = None
         self.unavailable = "LABELPROXY_FORWARDING=relay"
         if mode != "relay":
-            self.engine = engine or KernelEngine(policy=policy)
+            if engine is None:
+                from labelproxy.kernel.engine import KernelEngine  # noqa: PLC0415
+
+                engine = KernelEngine(policy=policy)
+            self.engine = engine
             self.unavailable = ""
         self.failed = ""  # the last apply's error, until one succeeds
         self._paths: dict[ListenKey, RoutePath] = {}

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from labelproxy.kernel.engine import RouteCounters, RouteState
+if TYPE_CHECKING:
+    from labelproxy.kernel.engine import RouteCounters, RouteState
 
 logger = logging.getLogger(__name__)
 
