@@ -8,7 +8,8 @@ only from worker threads (every engine call is blocking), one call at a time:
     forwarding = Forwarding(mode=settings.forwarding, policy=edge)
     forwarding.probe()                  # before the event loop: `kernel` mode fails start-up
     await forwarding.start()            # adopts the table a previous run left (cuts nothing)
-    await forwarding.apply(desired, bound=reconciler.live)   # after each reconcile pass
+    await forwarding.withdraw(desired)  # each pass, before listeners stop: removed routes
+    await forwarding.apply(desired, bound=reconciler.live)   # after the listeners: all
     forwarding.read_counters(listens)   # at scrape time, on the exposition's worker thread
     await forwarding.serve()            # cuts the flows of removed routes at their deadline
     await forwarding.shutdown(drain_timeout=...)   # stop, drain, remove the table
@@ -84,6 +85,7 @@ class Forwarding:
             self.unavailable = ""
         self.failed = ""  # the last apply's error, until one succeeds
         self._paths: dict[ListenKey, RoutePath] = {}
+        self._given: dict[ListenKey, RouteSpec] = {}  # the routes the kernel forwards now
         self._logged: dict[ListenKey, str] = {}  # what the log last said of each route
         # made on the event loop (`start`): set when the drain deadlines may have changed
         self._deadlines_changed: anyio.Event | None = None
@@ -129,6 +131,25 @@ class Forwarding:
             self._disable(f"cannot read labelproxy's nftables table: {exc}")
 
     # -- each pass -----------------------------------------------------------------------
+    async def withdraw(self, desired: Mapping[ListenKey, RouteSpec]) -> None:
+        """Before the listeners of a pass are stopped: the kernel stops taking new flows for
+        the routes that are no longer desired (their established flows drain), so no flow is
+        forwarded for a port labelproxy no longer holds. The other routes stay as they are
+        (a changed route keeps its old version until `apply`). Nothing to withdraw: no-op."""
+        engine = self.engine
+        keep = [spec for key, spec in self._given.items() if key in desired]
+        if engine is None or self._lock is None or len(keep) == len(self._given):
+            return
+        async with self._lock:
+            try:
+                result = await anyio.to_thread.run_sync(engine.apply, keep)
+            except Exception as exc:  # `apply` after the listeners tries again
+                logger.debug("kernel forwarding: withdrawing removed routes failed: %s", exc)
+                return
+        self._given = {key: spec for key, spec in self._given.items() if key in result.routes}
+        if self._deadlines_changed is not None:
+            self._deadlines_changed.set()
+
     async def apply(self, desired: Mapping[ListenKey, RouteSpec],
                     *, bound: Container[ListenKey]) -> None:
         """Give the kernel every route it may carry (one transaction), note each route's
@@ -157,6 +178,7 @@ class Forwarding:
                 logger.info("kernel forwarding: the table is up to date again",
                             extra={"action": "forwarding"})
             self.failed = ""
+            self._given = {spec.key: spec for spec in candidates if spec.key in result.routes}
             for key in desired:
                 state = result.routes.get(key)
                 if state is not None:

@@ -225,8 +225,10 @@ class Runtime:
                 key: HealthTarget(spec.options.healthcheck, spec.backends, route=spec.alias)
                 for key, spec in desired.routes.items()
             })  # fmt: skip
-            await self.reconciler.apply(desired)
             if self.docker_seen:  # before that, an adopted table keeps forwarding as it did
+                await self.forwarding.withdraw(desired.routes)  # stop before start
+            await self.reconciler.apply(desired)
+            if self.docker_seen:
                 await self.forwarding.apply(desired.routes, bound=self.reconciler.live)
             logger.debug(
                 "reconciled %d routes in %.1f ms",
