@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -37,12 +38,18 @@ def w(shared: KernelWorld) -> Iterator[KernelWorld]:
     shared.cleanup_test()
 
 
-def on_path(lp: NsLabelproxy, alias: str, path: str = "kernel") -> dict[str, object]:
-    """Wait until route `alias` is up on `path`; its /routes entry."""
-    def found() -> dict[str, object] | None:
+def on_path(lp: NsLabelproxy, alias: str, path: str = "kernel") -> dict[str, Any]:
+    """Wait until route `alias` is up on `path` with every backend ready (active checks pass
+    about a second after a start) and, on the kernel path, in the kernel's pool; its /routes
+    entry."""
+    def found() -> dict[str, Any] | None:
         route = lp.route(alias)
-        return route if route and route["state"] == "up" and route["forwarding"] == path \
-            else None  # fmt: skip
+        if not route or route["state"] != "up" or route["forwarding"] != path:
+            return None
+        backends = [b["address"] for b in route["backends"] if b["ready"]]
+        if len(backends) != len(route["backends"]):
+            return None
+        return route if path != "kernel" or route["kernel"]["backends"] == backends else None
     return wait_for(found, timeout=30, what=f"route {alias} up on the {path} path\n{lp.log()}")
 
 
@@ -301,8 +308,11 @@ def test_the_image_run_as_compose_runs_it_forwards_in_the_kernel(
             return None
         found = {r["route"]: r for r in json.loads(reply["body"])["routes"]}
         # up, and through the first kernel apply (which follows the listeners' start)
+        # and their backends ready (checked), the kernel route's in the kernel's pool
         return found if {"own", "wide"} <= set(found) and all(
             r["state"] == "up" and r["forwarding_reason"] != "not applied to the kernel yet"
+            and all(b["ready"] for b in r["backends"])
+            and (r["forwarding"] != "kernel" or r["kernel"]["backends"])
             for r in found.values()) else None  # fmt: skip
 
     logs = proxy.logs
