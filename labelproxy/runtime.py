@@ -34,7 +34,8 @@ import anyio.to_thread
 from labelproxy import __version__, status
 from labelproxy.forwarding import Forwarding, KernelUnavailableError
 from labelproxy.health.checker import HealthChecker
-from labelproxy.health.views import HealthTarget, StateChange
+from labelproxy.health.targets import health_targets
+from labelproxy.health.views import StateChange
 from labelproxy.http import HttpState, serve_http
 from labelproxy.metrics import Metrics, MetricsDocument
 from labelproxy.reconciler import Reconciler
@@ -179,6 +180,8 @@ class Runtime:
                     on_listener_lost=self.wake,
                     health=self.health,
                 )
+                # a check does not dial labelproxy's own listeners (a loop), as the relay does not
+                self.health.own = self.reconciler.shared.own.lookup
                 self.metrics.set_kernel_reader(self.forwarding.read_counters)
                 async with anyio.create_task_group() as inputs:
                     inputs.start_soon(self._cancel_on_stop, inputs.cancel_scope)
@@ -252,10 +255,7 @@ class Runtime:
         began = time.monotonic()
         # every route (passive ejection needs the unchecked ones too), before the
         # listeners get the new specs: a new backend enters a pool only once ready
-        self.health.set_targets({
-            key: HealthTarget(spec.options.healthcheck, spec.backends, route=spec.alias)
-            for key, spec in desired.routes.items()
-        })  # fmt: skip
+        self.health.set_targets(health_targets(desired.routes))  # a range checked once
         if self.docker_seen:  # before that, an adopted table keeps forwarding as it did
             await self.forwarding.withdraw(desired.routes)  # stop before start
         await self.reconciler.apply(desired)

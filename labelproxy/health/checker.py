@@ -37,7 +37,7 @@ import anyio
 import anyio.abc
 import anyio.from_thread
 
-from labelproxy.health.probes import probe
+from labelproxy.health.probes import OwnLookup, ProbeResult, probe
 from labelproxy.health.state import BackendState, PassivePolicy
 from labelproxy.health.views import (
     BackendStatus,
@@ -63,6 +63,7 @@ class _Route:
     watchers: dict[Backend, _Watcher] = field(default_factory=dict)
     results: dict[Result, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
     ejections: int = 0
+    follows: ListenKey | None = None  # a port of a range: the route whose checks it takes
 
 
 @dataclass(eq=False, slots=True)
@@ -102,6 +103,10 @@ class HealthChecker:
         self._tg: anyio.abc.TaskGroup | None = None
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._loop_thread: int | None = None
+        # route -> its backend -> the (route, backend) pairs of the ports of its range that
+        # take that backend's check results (`HealthTarget.follows`)
+        self._mirrors: dict[ListenKey, dict[Backend, tuple[tuple[ListenKey, Backend], ...]]] = {}
+        self.own: OwnLookup | None = None  # labelproxy's own listeners: never checked
 
     # -- lifecycle and targets (event-loop thread) ------------------------------------------
     async def serve(
@@ -134,7 +139,24 @@ class HealthChecker:
             for key, target in targets.items():
                 changes.extend(self._apply(key, target, wall=wall))
                 self._publish(key)
+            self._mirrors = self._mirror_map()
         self._notify(changes)
+
+    def _mirror_map(self) -> dict[ListenKey, dict[Backend, tuple[tuple[ListenKey, Backend], ...]]]:
+        """For each checked backend, the backends of the ports of its range that follow it
+        (the same container and host, the same offset from the listen port)."""
+        found: dict[ListenKey, dict[Backend, list[tuple[ListenKey, Backend]]]] = {}
+        for key, route in self._routes.items():
+            leader = self._routes.get(route.follows) if route.follows is not None else None
+            if leader is None or route.follows is None:
+                continue
+            by_owner = {_owner(route.follows, b): b for b in leader.order}
+            mirrors = found.setdefault(route.follows, {})
+            for backend in route.order:
+                checked = by_owner.get(_owner(key, backend))
+                if checked is not None:
+                    mirrors.setdefault(checked, []).append((key, backend))
+        return {key: {b: tuple(pairs) for b, pairs in m.items()} for key, m in found.items()}
 
     def _apply(self, key: ListenKey, target: HealthTarget, *, wall: float) -> list[StateChange]:
         route = self._routes.get(key)
@@ -143,6 +165,11 @@ class HealthChecker:
         changes: list[StateChange] = []
         old = route.check
         route.route, route.check, route.order = target.route, target.check, target.backends
+        if target.follows != route.follows:
+            route.follows = target.follows
+            for task in route.watchers.values():
+                task.scope.cancel()
+            route.watchers.clear()
         keep = set(target.backends)
         for backend in [b for b in route.states if b not in keep]:
             del route.states[backend]
@@ -165,7 +192,8 @@ class HealthChecker:
         return changes
 
     def _watch(self, key: ListenKey, route: _Route, backend: Backend) -> None:
-        if self._tg is None or not route.check.active or backend in route.watchers:
+        if (self._tg is None or not route.check.active or backend in route.watchers
+                or route.follows is not None):
             return
         watcher = route.watchers[backend] = _Watcher()
         self._tg.start_soon(self._run_checks, key, route, backend, watcher)
@@ -186,7 +214,8 @@ class HealthChecker:
                 check = route.check
                 async with self._limiter:
                     result = await probe(
-                        check, host=backend.host, port=backend.port, transport=key.transport
+                        check, host=backend.host, port=backend.port, transport=key.transport,
+                        own=self.own,
                     )
                 with self._lock:
                     state = route.states.get(backend)
@@ -196,14 +225,35 @@ class HealthChecker:
                     reason = state.record_check(
                         result.result, result.detail, check, now=time.monotonic(), wall=time.time()
                     )
-                    change = None
+                    changes: list[StateChange] = []
                     if reason is not None:
-                        change = self._change(key, route, backend, state, reason)
+                        changes.append(self._change(key, route, backend, state, reason))
                         self._publish(key)
+                    mirrored = self._record_mirrors(key, backend, result, check)
                     delay = self._delay(check, state)
-                if change is not None:
-                    self._notify([change])
+                self._notify(changes)
+                if mirrored:  # the other ports of a range: one line each way, not one each
+                    self._notify(mirrored, log=False)
+                    _log_range(mirrored)
                 delay *= random.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def _record_mirrors(
+        self, key: ListenKey, backend: Backend, result: ProbeResult, check: HealthCheck
+    ) -> list[StateChange]:
+        """(lock held) The other ports of a range take the check of its first port."""
+        changes: list[StateChange] = []
+        detail = f"{result.detail} (checked on {backend})"
+        now, wall = time.monotonic(), time.time()
+        for other_key, other in self._mirrors.get(key, {}).get(backend, ()):
+            route = self._routes.get(other_key)
+            state = route.states.get(other) if route is not None else None
+            if route is None or state is None:
+                continue
+            reason = state.record_check(result.result, detail, check, now=now, wall=wall)
+            if reason is not None:
+                changes.append(self._change(other_key, route, other, state, reason))
+                self._publish(other_key)
+        return changes
 
     def _delay(self, check: HealthCheck, state: BackendState) -> float:
         if state.checked and not state.up and not state.ever_up:
@@ -339,16 +389,41 @@ class HealthChecker:
     ) -> StateChange:
         return StateChange(key, route.route, backend, state.ready, state.phase, reason)
 
-    def _notify(self, changes: list[StateChange]) -> None:
+    def _notify(self, changes: list[StateChange], *, log: bool = True) -> None:
         for change in changes:
             extra = log_context(change.key, change.route, change.backend, change.phase)
             extra["reason"] = change.reason
-            if change.ready:
-                logger.info("backend ready", extra=extra)
-            else:
-                logger.warning("backend not ready", extra=extra)
+            if log:
+                _log_change(change, extra)
             for listener in list(self._listeners):
                 try:
                     listener(change)
                 except Exception:
                     logger.exception("health listener failed", extra=extra)
+
+
+def _owner(key: ListenKey, backend: Backend) -> tuple[str, str, str, int]:
+    """What matches a backend across the ports of a range: its container and host, and its
+    port's offset from the listen port."""
+    return backend.host, backend.container_id, backend.container_name, backend.port - key.port
+
+
+def _log_change(change: StateChange, extra: dict[str, object]) -> None:
+    if change.ready:
+        logger.info("backend ready", extra=extra)
+    else:
+        logger.warning("backend not ready", extra=extra)
+
+
+def _log_range(changes: list[StateChange]) -> None:
+    """The ports of a range that took their first port's check: one line per direction."""
+    for ready in (True, False):
+        group = [c for c in changes if c.ready == ready]
+        if not group:
+            continue
+        first = group[0]
+        ports = sorted(c.key.port for c in group)
+        extra = log_context(first.key, first.route, first.backend, first.phase)
+        extra["listen"] = f"{first.key.transport}://{first.key.bind}:{ports[0]}-{ports[-1]}"
+        extra["reason"] = f"{first.reason} ({len(group)} ports of a range)"
+        _log_change(first, extra)

@@ -24,6 +24,9 @@ class HealthTarget:
     check: HealthCheck
     backends: tuple[Backend, ...]
     route: str = ""
+    # a port of a range other than its first: not checked itself, its backends take the
+    # results of the same container's backend on the range's first port (`follows`)
+    follows: ListenKey | None = None
 
 
 @dataclass(frozen=True, slots=True)
