@@ -8,8 +8,11 @@
     checker.report_dial_success(key, backend)                             # any thread
     await checker.wait_ready(key, timeout=5.0)      # event-loop thread
 
-Scheduling: one task per checked backend (none for `none`/`docker` routes), at most one check
-in flight each, all under one `CapacityLimiter(max_concurrent)`. A backend still `starting` is
+Scheduling: the default check (`tcp`, IP-literal backends) of every backend runs from one task,
+`tcpbatch.TcpBatch` (checks due together start together; one epoll collects them); other
+checks run from one task per checked backend (none for `none`/`docker` routes, nor for the
+ports of a range that follow its first port, see `targets`). At most one check is in flight per
+backend, all under one `CapacityLimiter(max_concurrent)`. A backend still `starting` is
 checked every `min(interval, starting_interval)`, others every `interval`, each wait spread by
 +-`jitter`; a new backend's first check comes within `jitter x` its first wait. When an
 ejection runs out, a checked backend is checked at once.
@@ -39,12 +42,16 @@ import anyio.from_thread
 
 from labelproxy.health.probes import OwnLookup, ProbeResult, probe
 from labelproxy.health.state import BackendState, PassivePolicy
+from labelproxy.health.targets import range_owner
+from labelproxy.health.tcpbatch import TcpBatch, TcpJob, batchable
 from labelproxy.health.views import (
     BackendStatus,
     HealthTarget,
     RouteHealth,
     StateChange,
+    log_change,
     log_context,
+    log_range,
 )
 from labelproxy.healthcheck import RESULTS, HealthCheck, Result
 from labelproxy.spec import Backend, ListenKey
@@ -60,7 +67,7 @@ class _Route:
     check: HealthCheck
     order: tuple[Backend, ...] = ()  # the target's order, kept by the published pool
     states: dict[Backend, BackendState] = field(default_factory=dict)
-    watchers: dict[Backend, _Watcher] = field(default_factory=dict)
+    watchers: dict[Backend, _Watcher | TcpJob] = field(default_factory=dict)
     results: dict[Result, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
     ejections: int = 0
     follows: ListenKey | None = None  # a port of a range: the route whose checks it takes
@@ -107,6 +114,9 @@ class HealthChecker:
         # take that backend's check results (`HealthTarget.follows`)
         self._mirrors: dict[ListenKey, dict[Backend, tuple[tuple[ListenKey, Backend], ...]]] = {}
         self.own: OwnLookup | None = None  # labelproxy's own listeners: never checked
+        # the default checks (`tcp`, IP literals) of every backend, from one task
+        self._batch = TcpBatch(limiter=self._limiter, on_results=self._batch_results,
+                               own=lambda: self.own)
 
     # -- lifecycle and targets (event-loop thread) ------------------------------------------
     async def serve(
@@ -115,6 +125,7 @@ class HealthChecker:
         """Run the checks until cancelled; `started` once targets can be checked."""
         async with anyio.from_thread.BlockingPortal() as portal, anyio.create_task_group() as tg:
             self._tg, self._portal, self._loop_thread = tg, portal, threading.get_ident()
+            tg.start_soon(self._batch.run)
             try:
                 with self._lock:
                     for key, route in self._routes.items():
@@ -150,10 +161,10 @@ class HealthChecker:
             leader = self._routes.get(route.follows) if route.follows is not None else None
             if leader is None or route.follows is None:
                 continue
-            by_owner = {_owner(route.follows, b): b for b in leader.order}
+            by_owner = {range_owner(route.follows, b): b for b in leader.order}
             mirrors = found.setdefault(route.follows, {})
             for backend in route.order:
-                checked = by_owner.get(_owner(key, backend))
+                checked = by_owner.get(range_owner(key, backend))
                 if checked is not None:
                     mirrors.setdefault(checked, []).append((key, backend))
         return {key: {b: tuple(pairs) for b, pairs in m.items()} for key, m in found.items()}
@@ -195,6 +206,14 @@ class HealthChecker:
         if (self._tg is None or not route.check.active or backend in route.watchers
                 or route.follows is not None):
             return
+        if batchable(route.check, backend):
+            state = route.states.get(backend)
+            if state is None:
+                return
+            job = route.watchers[backend] = self._batch.job(key, route, backend, route.check)
+            self._batch.schedule(
+                job, self._delay(route.check, state) * self.jitter * random.random())
+            return
         watcher = route.watchers[backend] = _Watcher()
         self._tg.start_soon(self._run_checks, key, route, backend, watcher)
 
@@ -217,34 +236,69 @@ class HealthChecker:
                         check, host=backend.host, port=backend.port, transport=key.transport,
                         own=self.own,
                     )
+                changes: list[StateChange] = []
+                mirrored: list[StateChange] = []
                 with self._lock:
-                    state = route.states.get(backend)
-                    if state is None or self._routes.get(key) is not route:
-                        return
-                    route.results[result.result] += 1
-                    reason = state.record_check(
-                        result.result, result.detail, check, now=time.monotonic(), wall=time.time()
-                    )
-                    changes: list[StateChange] = []
-                    if reason is not None:
-                        changes.append(self._change(key, route, backend, state, reason))
-                        self._publish(key)
-                    mirrored = self._record_mirrors(key, backend, result, check)
-                    delay = self._delay(check, state)
-                self._notify(changes)
-                if mirrored:  # the other ports of a range: one line each way, not one each
-                    self._notify(mirrored, log=False)
-                    _log_range(mirrored)
-                delay *= random.uniform(1 - self.jitter, 1 + self.jitter)
+                    found = self._record(key, route, backend, result, check,
+                                         changes=changes, mirrored=mirrored)
+                self._announce(changes, mirrored)
+                if found is None:
+                    return
+                delay = found * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def _batch_results(self, done: list[tuple[TcpJob, ProbeResult]]) -> None:
+        """The results of a batch of `tcp` checks (`TcpBatch`), recorded under one lock;
+        each job that stays is scheduled again."""
+        changes: list[StateChange] = []
+        mirrored: list[StateChange] = []
+        with self._lock:
+            for job, result in done:
+                delay = self._record(job.key, job.route, job.backend, result, job.check,
+                                     changes=changes, mirrored=mirrored)
+                if delay is None:
+                    job.cancel()
+                else:
+                    self._batch.schedule(
+                        job, delay * random.uniform(1 - self.jitter, 1 + self.jitter))
+        self._announce(changes, mirrored)
+
+    def _record(
+        self, key: ListenKey, route: _Route, backend: Backend, result: ProbeResult,
+        check: HealthCheck, *, changes: list[StateChange], mirrored: list[StateChange],
+    ) -> float | None:
+        """(lock held) Count one check's result, noting readiness changes; the delay to the
+        backend's next check, or None when it left its route."""
+        state = route.states.get(backend)
+        if state is None or self._routes.get(key) is not route:
+            return None
+        route.results[result.result] += 1
+        reason = state.record_check(
+            result.result, result.detail, check, now=time.monotonic(), wall=time.time()
+        )
+        if reason is not None:
+            changes.append(self._change(key, route, backend, state, reason))
+            self._publish(key)
+        mirrored.extend(self._record_mirrors(key, backend, result, check))
+        return self._delay(check, state)
+
+    def _announce(self, changes: list[StateChange], mirrored: list[StateChange]) -> None:
+        self._notify(changes)
+        if mirrored:  # the other ports of a range: one line each way, not one each
+            self._notify(mirrored, log=False)
+            log_range(mirrored, log=logger)
 
     def _record_mirrors(
         self, key: ListenKey, backend: Backend, result: ProbeResult, check: HealthCheck
     ) -> list[StateChange]:
         """(lock held) The other ports of a range take the check of its first port."""
         changes: list[StateChange] = []
+        mirrors = self._mirrors.get(key)
+        followers = mirrors.get(backend, ()) if mirrors else ()
+        if not followers:
+            return changes
         detail = f"{result.detail} (checked on {backend})"
         now, wall = time.monotonic(), time.time()
-        for other_key, other in self._mirrors.get(key, {}).get(backend, ()):
+        for other_key, other in followers:
             route = self._routes.get(other_key)
             state = route.states.get(other) if route is not None else None
             if route is None or state is None:
@@ -394,36 +448,10 @@ class HealthChecker:
             extra = log_context(change.key, change.route, change.backend, change.phase)
             extra["reason"] = change.reason
             if log:
-                _log_change(change, extra)
+                log_change(change, extra, log=logger)
             for listener in list(self._listeners):
                 try:
                     listener(change)
                 except Exception:
                     logger.exception("health listener failed", extra=extra)
 
-
-def _owner(key: ListenKey, backend: Backend) -> tuple[str, str, str, int]:
-    """What matches a backend across the ports of a range: its container and host, and its
-    port's offset from the listen port."""
-    return backend.host, backend.container_id, backend.container_name, backend.port - key.port
-
-
-def _log_change(change: StateChange, extra: dict[str, object]) -> None:
-    if change.ready:
-        logger.info("backend ready", extra=extra)
-    else:
-        logger.warning("backend not ready", extra=extra)
-
-
-def _log_range(changes: list[StateChange]) -> None:
-    """The ports of a range that took their first port's check: one line per direction."""
-    for ready in (True, False):
-        group = [c for c in changes if c.ready == ready]
-        if not group:
-            continue
-        first = group[0]
-        ports = sorted(c.key.port for c in group)
-        extra = log_context(first.key, first.route, first.backend, first.phase)
-        extra["listen"] = f"{first.key.transport}://{first.key.bind}:{ports[0]}-{ports[-1]}"
-        extra["reason"] = f"{first.reason} ({len(group)} ports of a range)"
-        _log_change(first, extra)

@@ -145,7 +145,7 @@ def _expect_judge(check: HealthCheck, *, datagram: bool) -> Callable[[bytes], Ve
 
 
 @functools.lru_cache(maxsize=4096)
-def _literal_family(host: str) -> int | None:
+def literal_family(host: str) -> int | None:
     """AF_INET/AF_INET6 for an IP literal (zone allowed), None for a host name."""
     try:
         version = ipaddress.ip_address(host.split("%", 1)[0]).version
@@ -159,7 +159,7 @@ async def _address(
 ) -> tuple[int, tuple[Any, ...]]:
     """(family, sockaddr): an IP literal at once, a host name through `anyio.getaddrinfo`;
     `_CheckFailedError` when `own` says the address is one of labelproxy's listeners."""
-    family = _literal_family(host)
+    family = literal_family(host)
     if family is not None:
         found: tuple[int, tuple[Any, ...]] = (family, (host, port))
     else:

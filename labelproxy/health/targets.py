@@ -39,9 +39,9 @@ def health_targets(routes: Mapping[ListenKey, RouteSpec]) -> dict[ListenKey, Hea
         if len(members) < 2:
             continue
         first = min(members, key=lambda spec: spec.key.port)
-        owners = {_owner(first.key, b) for b in first.backends}
+        owners = {range_owner(first.key, b) for b in first.backends}
         for spec in members:
-            if spec is first or not all(_owner(spec.key, b) in owners for b in spec.backends):
+            if spec is first or not all(range_owner(spec.key, b) in owners for b in spec.backends):
                 continue
             targets[spec.key] = HealthTarget(
                 spec.options.healthcheck, spec.backends, route=spec.alias, follows=first.key
@@ -49,6 +49,6 @@ def health_targets(routes: Mapping[ListenKey, RouteSpec]) -> dict[ListenKey, Hea
     return targets
 
 
-def _owner(key: ListenKey, backend: Backend) -> tuple[str, str, str, int]:
+def range_owner(key: ListenKey, backend: Backend) -> tuple[str, str, str, int]:
     """What matches a backend across the ports of a range (as `checker` matches them)."""
     return backend.host, backend.container_id, backend.container_name, backend.port - key.port
