@@ -90,12 +90,14 @@ def test_a_thousand_kernel_routes_are_applied_and_scraped_in_under_a_second(
     wait_for(all_kernel, timeout=60, what=f"1,000 kernel routes\n{lp.log()}")
     ready = time.monotonic() - began
     w.serve("tcp", 30500)
+    w.serve("tcp", 30000)  # a range is checked on its first port: every port follows it
 
     def in_pool() -> bool:  # its check passes `rise` times, then the kernel's pool has it
         doc = next(r for r in lp.routes()["routes"] if r["listen"] == "tcp://0.0.0.0:20500")
         return bool(doc["kernel"]["backends"] == ["127.0.0.1:30500"])
 
-    wait_for(in_pool, timeout=30, what="the served backend in the kernel's pool")
+    wait_for(in_pool, timeout=30,
+             what=f"the served backend in the kernel's pool\n{lp.log()[-3000:]}")
     reply = w.remote.call("connect", host=HOST_V4, port=20500)
     assert w.remote.call("echo", conn=reply["conn"]) == {"ok": True}
     scrapes = []
