@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             upstream=upstream,
             repo=REPO,
             labelproxy_cmd=labelproxy_cmd,
+            server=tools.server,
         )
         running = start_targets(ctx, targets, results)
         notes = {t.name: t.note for t in running}

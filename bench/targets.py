@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import netns
+from bench import checked, netns
 from bench.procs import (
     BenchError,
     Children,
@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 PEERS = ("haproxy", "nginx", "socat")
 DEFAULT_TARGETS = ("direct", "haproxy", "nginx", "socat", "labelproxy")
 KERNEL_TARGET = "labelproxy-kernel"
+CHECKED_TARGET = checked.CHECKED_TARGET  # the relay with 1,000 checked idle routes beside
 # run only when named in --targets; never a peer ("vs best peer" compares with PEERS only)
-REFERENCE_TARGETS = ("pyfloor", KERNEL_TARGET)
+REFERENCE_TARGETS = ("pyfloor", KERNEL_TARGET, CHECKED_TARGET)
 ALL_TARGETS = DEFAULT_TARGETS + REFERENCE_TARGETS
 PYFLOOR = Path(__file__).resolve().parent / "tools" / "pyfloor.py"
 START_TIMEOUT = 30.0
@@ -68,6 +69,7 @@ class StartContext:
     upstream: dict[str, int]
     repo: Path
     labelproxy_cmd: list[str]
+    server: Path | None = None  # the C server (`bench/tools/lpserver.c`), for extra sinks
 
 
 def _listen_ports(*, udp: bool = True) -> dict[str, int]:
@@ -236,18 +238,37 @@ def wait_ready_endpoint(http_port: int, *, deadline: float, alive: Callable[[], 
         time.sleep(0.02)
 
 
-def start_labelproxy(ctx: StartContext, *, kernel: bool = False) -> Target:
-    name = KERNEL_TARGET if kernel else "labelproxy"
+def relay_connection_cap() -> int:
+    """The global connection cap the bench gives labelproxy: two descriptors a connection
+    under the open-files limit its children inherit, less 1,024 for the control plane.
+    The automatic cap keeps more in reserve (a quarter of seven eighths: 4,375 under a
+    20,000 limit), below the 5,000 connections the memory section holds."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, (soft - 1024) // 2)
+
+
+def start_labelproxy(ctx: StartContext, *, kernel: bool = False,
+                     with_checks: bool = False) -> Target:
+    name = KERNEL_TARGET if kernel else CHECKED_TARGET if with_checks else "labelproxy"
     if kernel and not netns.inside():
         raise BenchError(f"{name} programs nftables: run the bench with --netns")
     ports = _listen_ports()
     if not kernel:
         ports[SNI_ROUTE] = free_port()
     routes_file = ctx.workdir / f"{name}-routes.yaml"
-    routes_file.write_text(labelproxy_routes_yaml(ports=ports, upstream=ctx.upstream))
+    routes = labelproxy_routes_yaml(ports=ports, upstream=ctx.upstream)
+    if with_checks:
+        if ctx.server is None:
+            raise BenchError(f"{name} needs the bench's C server for its check sink")
+        routes += checked.routes_yaml(sink_port=checked.start_sink(ctx.children, ctx.server))
+    routes_file.write_text(routes)
     http_port = free_port()
     env = labelproxy_env(routes_file=routes_file, http_port=http_port, docker_host="none")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ctx.repo), env.get("PYTHONPATH")]))
+    cap = relay_connection_cap()
+    env["LABELPROXY_MAX_CONNECTIONS"] = str(cap)
     if kernel:
         env["LABELPROXY_FORWARDING"] = "kernel"
     proc = ctx.children.start(ctx.labelproxy_cmd, name=name, env=env, cwd=ctx.repo)
@@ -259,7 +280,12 @@ def start_labelproxy(ctx: StartContext, *, kernel: bool = False) -> Target:
     status, body = http_get(http_port, "/routes")
     logger.debug("%s /routes %s: %s", name, status, body[:500])
     note = ("run as a user runs it (python -m labelproxy, a routes file); metrics and an "
-            "allow-all ACL on")
+            f"allow-all ACL on; LABELPROXY_MAX_CONNECTIONS={cap} (two descriptors a "
+            "connection under the bench's open-files limit)")
+    if with_checks:
+        checked.wait_checked(lambda: http_get(http_port, "/routes", timeout=5.0),
+                             deadline=time.monotonic() + START_TIMEOUT)
+        note += "; " + checked.NOTE
     if kernel:
         paths = {r.get("forwarding") for r in json.loads(body or b"{}").get("routes", [])}
         if paths != {"kernel"}:
@@ -273,6 +299,10 @@ def start_labelproxy(ctx: StartContext, *, kernel: bool = False) -> Target:
 
 def start_labelproxy_kernel(ctx: StartContext) -> Target:
     return start_labelproxy(ctx, kernel=True)
+
+
+def start_labelproxy_checked(ctx: StartContext) -> Target:
+    return start_labelproxy(ctx, with_checks=True)
 
 
 def start_pyfloor(ctx: StartContext) -> Target:
@@ -298,6 +328,7 @@ STARTERS: dict[str, Callable[[StartContext], Target]] = {
     "labelproxy": start_labelproxy,
     "pyfloor": start_pyfloor,
     KERNEL_TARGET: start_labelproxy_kernel,
+    CHECKED_TARGET: start_labelproxy_checked,
 }
 
 

@@ -8,7 +8,9 @@ only from worker threads (every engine call is blocking), one call at a time:
     forwarding = Forwarding(mode=settings.forwarding, policy=edge)
     forwarding.probe()                  # before the event loop: `kernel` mode fails start-up
     await forwarding.start()            # adopts the table a previous run left (cuts nothing)
-    await forwarding.apply(desired, bound=reconciler.live)   # after each reconcile pass
+    await forwarding.withdraw(desired)  # each pass, before listeners stop: removed routes
+    await forwarding.apply(desired, bound=reconciler.live,   # after the listeners: all,
+                           ready=health.is_ready)        # pools of their ready backends
     forwarding.read_counters(listens)   # at scrape time, on the exposition's worker thread
     await forwarding.serve()            # cuts the flows of removed routes at their deadline
     await forwarding.shutdown(drain_timeout=...)   # stop, drain, remove the table
@@ -21,6 +23,12 @@ kernel: its port may be someone else's. `LABELPROXY_FORWARDING`: `relay` never b
 engine; `auto` uses it when `probe()` says nftables is usable here (else every route is on the
 relay, with the reason, logged once); `kernel` stops start-up when it is not.
 
+A kernel route's pool is its backends that `ready(key, backend)` says are ready (the health
+checker's view: active checks, Docker health, passive ejections), as the relay's pool is; with
+none ready the kernel rejects its new flows (`no_backend`). The runtime applies again when a
+backend's readiness changes, so a backend that fails its check leaves the `numgen` map and
+returns once it passes (established flows keep going: conntrack holds their translation).
+
 The kernel's table is applied only once the Docker engine has been listed (the runtime calls
 `apply` from then on): until then an adopted table goes on forwarding what it forwarded, so a
 restart does not cut or refuse the flows of routes that have not been rediscovered yet.
@@ -28,21 +36,26 @@ restart does not cut or refuse the flows of routes that have not been rediscover
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import time
-from collections.abc import Collection, Container, Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Container, Mapping
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 
-from labelproxy.kernel.engine import ApplyResult, KernelEngine, RouteCounters
 from labelproxy.routelog import log_runs
 from labelproxy.routepath import NOT_BOUND, RoutePath, kernel_path, with_kernel_counters
-from labelproxy.spec import EdgePolicy, ForwardingMode, ListenKey, RouteSpec
+from labelproxy.spec import Backend, EdgePolicy, ForwardingMode, ListenKey, RouteSpec
+
+if TYPE_CHECKING:  # the engine (and pyroute2, ~20 MB) is loaded only when it is used
+    from labelproxy.kernel.engine import ApplyResult, KernelEngine, RouteCounters
 
 logger = logging.getLogger(__name__)
+
+Ready = Callable[[ListenKey, Backend], bool]
 
 CUT_RETRY = 5.0  # after a failed conntrack cut
 ROUTES_COUNTERS_AGE = 1.0  # /routes asks for a fresh kernel reading when its own is older
@@ -53,10 +66,12 @@ class KernelUnavailableError(Exception):
     """`LABELPROXY_FORWARDING=kernel` and nftables cannot be used here (one line)."""
 
 
-def _timed_apply(engine: KernelEngine, specs: list[RouteSpec]) -> tuple[ApplyResult, float]:
-    """`engine.apply(specs)` and the CPU it took (this thread's and the `nft` it ran)."""
+def _timed_apply(engine: KernelEngine, specs: list[RouteSpec],
+                 ready: Ready | None) -> tuple[ApplyResult, float]:
+    """`engine.apply(specs, ready=ready)` and the CPU it took (this thread's and the `nft`
+    it ran)."""
     began = time.thread_time() + _children_cpu()
-    result = engine.apply(specs)
+    result = engine.apply(specs, ready=ready)
     return result, time.thread_time() + _children_cpu() - began
 
 
@@ -74,10 +89,16 @@ class Forwarding:
         self.engine: KernelEngine | None = None
         self.unavailable = "LABELPROXY_FORWARDING=relay"
         if mode != "relay":
-            self.engine = engine or KernelEngine(policy=policy)
+            if engine is None:
+                from labelproxy.kernel.engine import KernelEngine  # noqa: PLC0415
+
+                engine = KernelEngine(policy=policy)
+            self.engine = engine
             self.unavailable = ""
         self.failed = ""  # the last apply's error, until one succeeds
         self._paths: dict[ListenKey, RoutePath] = {}
+        self._given: dict[ListenKey, RouteSpec] = {}  # the routes the kernel forwards now
+        self._ready: Ready | None = None  # the readiness the last `apply` was given
         self._logged: dict[ListenKey, str] = {}  # what the log last said of each route
         # made on the event loop (`start`): set when the drain deadlines may have changed
         self._deadlines_changed: anyio.Event | None = None
@@ -123,11 +144,32 @@ class Forwarding:
             self._disable(f"cannot read labelproxy's nftables table: {exc}")
 
     # -- each pass -----------------------------------------------------------------------
+    async def withdraw(self, desired: Mapping[ListenKey, RouteSpec]) -> None:
+        """Before the listeners of a pass are stopped: the kernel stops taking new flows for
+        the routes that are no longer desired (their established flows drain), so no flow is
+        forwarded for a port labelproxy no longer holds. The other routes stay as they are
+        (a changed route keeps its old version until `apply`). Nothing to withdraw: no-op."""
+        engine = self.engine
+        keep = [spec for key, spec in self._given.items() if key in desired]
+        if engine is None or self._lock is None or len(keep) == len(self._given):
+            return
+        async with self._lock:
+            try:
+                result = await anyio.to_thread.run_sync(
+                    functools.partial(engine.apply, keep, ready=self._ready))
+            except Exception as exc:  # `apply` after the listeners tries again
+                logger.debug("kernel forwarding: withdrawing removed routes failed: %s", exc)
+                return
+        self._given = {key: spec for key, spec in self._given.items() if key in result.routes}
+        if self._deadlines_changed is not None:
+            self._deadlines_changed.set()
+
     async def apply(self, desired: Mapping[ListenKey, RouteSpec],
-                    *, bound: Container[ListenKey]) -> None:
-        """Give the kernel every route it may carry (one transaction), note each route's
-        path and log the changes. A refused transaction leaves the kernel as it was:
-        `failed` says why, and the runtime retries on a later pass."""
+                    *, bound: Container[ListenKey], ready: Ready | None = None) -> None:
+        """Give the kernel every route it may carry (one transaction), each with the
+        backends `ready` accepts (all without it), note each route's path and log the
+        changes. A refused transaction leaves the kernel as it was: `failed` says why, and
+        the runtime retries on a later pass."""
         engine = self.engine
         paths: dict[ListenKey, RoutePath] = {}
         if engine is None:
@@ -135,12 +177,13 @@ class Forwarding:
             paths = dict.fromkeys(desired, relay)
         else:
             candidates = [spec for key, spec in desired.items() if key in bound]
+            self._ready = ready
             assert self._lock is not None and self._deadlines_changed is not None, "start first"
             began = time.monotonic()
             async with self._lock:
                 try:
                     result, cpu = await anyio.to_thread.run_sync(_timed_apply, engine,
-                                                                 candidates)
+                                                                 candidates, ready)
                 except Exception as exc:
                     self._apply_failed(exc, desired)
                     return
@@ -151,6 +194,7 @@ class Forwarding:
                 logger.info("kernel forwarding: the table is up to date again",
                             extra={"action": "forwarding"})
             self.failed = ""
+            self._given = {spec.key: spec for spec in candidates if spec.key in result.routes}
             for key in desired:
                 state = result.routes.get(key)
                 if state is not None:
@@ -174,7 +218,7 @@ class Forwarding:
             old = self._paths.get(key)
             if old is not None and old.forwarding == "kernel":
                 paths[key] = RoutePath("kernel", note, old.client_address_hidden,
-                                       old.families, old.uncovered, old.mark)
+                                       old.families, old.uncovered, old.mark, old.pool)
             else:
                 paths[key] = RoutePath("relay", note)
         self._paths = paths

@@ -83,7 +83,14 @@ def configure_logging(*, level: str, fmt: str, stream: TextIO | None = None) -> 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # docker-py's HTTP stack and pyroute2's netlink (conntrack, route lookups of the kernel
-    # path: a line per message) are chatty at DEBUG; keep them at WARNING.
-    for noisy in ("urllib3", "docker", "pyroute2"):
+    # docker-py's HTTP stack is chatty at DEBUG; keep it at WARNING unless asked otherwise.
+    for noisy in ("urllib3", "docker"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # so is pyroute2's netlink (the kernel path: a line per message), which resets its own
+    # logger's level when it is imported (later, and only for the kernel path): a filter
+    handler.addFilter(_quiet_pyroute2)
+
+
+def _quiet_pyroute2(record: logging.LogRecord) -> bool:
+    """False for pyroute2's records below WARNING."""
+    return record.levelno >= logging.WARNING or not record.name.startswith("pyroute2")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from labelproxy.kernel.engine import RouteCounters, RouteState
+if TYPE_CHECKING:
+    from labelproxy.kernel.engine import RouteCounters, RouteState
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class RoutePath:
     families: tuple[str, ...] = ()
     uncovered: tuple[str, ...] = ()
     mark: int | None = None
+    pool: tuple[str, ...] = ()  # kernel: the backends new flows go to (its ready ones)
 
     def document(self) -> dict[str, Any]:
         """The route's fields on /routes."""
@@ -41,7 +43,8 @@ class RoutePath:
         }
         if self.forwarding == "kernel":
             doc["kernel"] = {"families": list(self.families), "uncovered": list(self.uncovered),
-                             "mark": f"{self.mark:#010x}" if self.mark is not None else None}
+                             "mark": f"{self.mark:#010x}" if self.mark is not None else None,
+                             "backends": list(self.pool)}
         return doc
 
     def describe(self) -> str:
@@ -56,7 +59,7 @@ class RoutePath:
 def kernel_path(state: RouteState) -> RoutePath:
     """The path of a route the kernel forwards, from the engine's state of it."""
     return RoutePath("kernel", "", state.client_address_hidden, tuple(state.families),
-                     tuple(state.uncovered), state.mark)
+                     tuple(state.uncovered), state.mark, tuple(str(b) for b in state.pool))
 
 
 def with_kernel_counters(counters: Mapping[str, Any], kernel: RouteCounters, *, udp: bool,

@@ -5,7 +5,9 @@ adopt the kernel table a previous run left, start discovery (engine down is retr
 fatal) and the routes-file watcher, apply the first snapshot (then /readyz says 200).
 serve: every input change (a Docker snapshot, a routes-file reload, a listener lost, a bind
 retry) wakes one reconcile loop, which builds the whole desired state and applies it to the
-listeners and then to the kernel; inputs are coalesced, the latest wins.
+listeners and then to the kernel; inputs are coalesced, the latest wins. A backend whose
+readiness changes (health checks, ejections) makes the kernel's pools follow at once, without
+a whole pass (the relay's pools read the checker directly).
 shutdown: the first SIGTERM/SIGINT stops accepting everywhere (listeners closed, kernel routes
 taking no new flow) and drains live connections and forwarded flows until
 `LABELPROXY_DRAIN_TIMEOUT`, then cancels what is left, removes the kernel table and exits 0; a
@@ -14,6 +16,8 @@ second signal exits at once (the kernel table stays, and the next start adopts i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import gc
 import logging
@@ -21,6 +25,7 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable
 
 import anyio
 import anyio.abc
@@ -29,7 +34,8 @@ import anyio.to_thread
 from labelproxy import __version__, status
 from labelproxy.forwarding import Forwarding, KernelUnavailableError
 from labelproxy.health.checker import HealthChecker
-from labelproxy.health.views import HealthTarget
+from labelproxy.health.targets import health_targets
+from labelproxy.health.views import StateChange
 from labelproxy.http import HttpState, serve_http
 from labelproxy.metrics import Metrics, MetricsDocument
 from labelproxy.reconciler import Reconciler
@@ -40,7 +46,7 @@ from labelproxy.sources.discovery import Discovery, docker_host_problem
 from labelproxy.sources.power import Power
 from labelproxy.sources.sleeper import Sleeper
 from labelproxy.sources.staticroutes import RoutesFileInput
-from labelproxy.spec import Problem
+from labelproxy.spec import Backend, DesiredState, ListenKey, Problem, RouteSpec
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +86,9 @@ class Runtime:
         if settings.discovery_enabled:
             power = Power(docker_host=settings.docker_host)
             self.sleeper = Sleeper(power=power, health=self.health, metrics=self.metrics)
+        self._routes: dict[ListenKey, RouteSpec] | None = None  # the last pass's routes
+        self._pass_lock: anyio.Lock | None = None  # a pass, or a refresh of kernel pools
+        self._pools_changed: anyio.Event | None = None
 
     # -- inputs --------------------------------------------------------------------------
     def wake(self) -> None:
@@ -147,6 +156,7 @@ class Runtime:
         host, port = split_host_port(self.settings.http_addr)
         self._changed = anyio.Event()
         self._stop_requested = anyio.Event()
+        self._pass_lock, self._pools_changed = anyio.Lock(), anyio.Event()
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._watch_signals)
             state = HttpState(
@@ -168,6 +178,8 @@ class Runtime:
                 raise StartupError(str(exc)) from None
             # before the listeners: a route's pool is its ready backends from the start
             await outer.start(self.health.serve)
+            if self.forwarding.engine is not None:  # the kernel's pools follow readiness
+                self.health.subscribe(self._health_listener(asyncio.get_running_loop()))
             async with anyio.create_task_group() as listeners:
                 self.reconciler = Reconciler(
                     metrics=self.metrics,
@@ -177,11 +189,14 @@ class Runtime:
                     health=self.health,
                 )
                 self.reconciler.shared.waker = self.sleeper
+                # a check does not dial labelproxy's own listeners (a loop), as the relay does not
+                self.health.own = self.reconciler.shared.own.lookup
                 self.metrics.set_kernel_reader(self.forwarding.read_counters)
                 async with anyio.create_task_group() as inputs:
                     inputs.start_soon(self._cancel_on_stop, inputs.cancel_scope)
                     inputs.start_soon(self._retry_binds)
                     inputs.start_soon(self.forwarding.serve)
+                    inputs.start_soon(self._refresh_kernel_pools)
                     self.routes_file.load()
                     inputs.start_soon(self.routes_file.watch)
                     if self.sleeper is not None:
@@ -229,23 +244,9 @@ class Runtime:
                 static_problems=self.routes_file.static.problems,
             ))  # fmt: skip
             self._log_problem_changes(desired.problems)
-            began = time.monotonic()
-            # every route (passive ejection needs the unchecked ones too), before the
-            # listeners get the new specs: a new backend enters a pool only once ready
-            self.health.set_targets({
-                key: HealthTarget(spec.options.healthcheck, spec.backends, route=spec.alias)
-                for key, spec in desired.routes.items()
-            })  # fmt: skip
-            await self.reconciler.apply(desired)
-            if self.sleeper is not None:
-                self.sleeper.observe(desired.routes)
-            if self.docker_seen:  # before that, an adopted table keeps forwarding as it did
-                await self.forwarding.apply(desired.routes, bound=self.reconciler.live)
-            logger.debug(
-                "reconciled %d routes in %.1f ms",
-                len(desired.routes),
-                (time.monotonic() - began) * 1000,
-            )
+            assert self._pass_lock is not None
+            async with self._pass_lock:
+                await self._apply(desired)
             if not self.applied_once and self.docker_seen:
                 self.applied_once = True
                 # what startup built (modules, settings, clients) lives as long as the
@@ -258,6 +259,58 @@ class Runtime:
                     extra={"action": "ready"},
                 )
                 task_status.started()
+
+    async def _apply(self, desired: DesiredState) -> None:
+        """One pass: health targets, kernel withdrawals, listeners, then the kernel."""
+        assert self.reconciler is not None
+        began = time.monotonic()
+        # every route (passive ejection needs the unchecked ones too), before the
+        # listeners get the new specs: a new backend enters a pool only once ready
+        self.health.set_targets(health_targets(desired.routes))  # a range checked once
+        if self.docker_seen:  # before that, an adopted table keeps forwarding as it did
+            await self.forwarding.withdraw(desired.routes)  # stop before start
+        await self.reconciler.apply(desired)
+        if self.sleeper is not None:
+            self.sleeper.observe(desired.routes)
+        if self.docker_seen:
+            self._routes = dict(desired.routes)
+            await self.forwarding.apply(desired.routes, bound=self.reconciler.live,
+                                        ready=self._backend_ready)
+        logger.debug(
+            "reconciled %d routes in %.1f ms",
+            len(desired.routes),
+            (time.monotonic() - began) * 1000,
+        )
+
+    def _backend_ready(self, key: ListenKey, backend: Backend) -> bool:
+        """A kernel pool's member: ready as the relay's pools see it."""
+        return self.health.is_ready(key, backend) or not self.health.tracks(key)
+
+    def _health_listener(
+        self, aloop: asyncio.AbstractEventLoop
+    ) -> Callable[[StateChange], None]:
+        def listener(change: StateChange) -> None:  # on the thread of the change
+            with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+                aloop.call_soon_threadsafe(self._on_health_change, change)
+
+        return listener
+
+    def _on_health_change(self, change: StateChange) -> None:
+        """On the event loop: a backend's readiness changed; the kernel's pools follow."""
+        if self._pools_changed is not None:
+            self._pools_changed.set()
+
+    async def _refresh_kernel_pools(self) -> None:
+        """Until cancelled: give the kernel the last pass's routes again, with the pools
+        readiness makes of them now, when it changed (coalesced; never within a pass)."""
+        while True:
+            assert self._pools_changed is not None and self._pass_lock is not None
+            await self._pools_changed.wait()
+            self._pools_changed = anyio.Event()
+            async with self._pass_lock:
+                if self._routes is not None and self.reconciler is not None:
+                    await self.forwarding.apply(self._routes, bound=self.reconciler.live,
+                                                ready=self._backend_ready)
 
     def _log_problem_changes(self, problems: tuple[Problem, ...]) -> None:
         """Log each problem once when it appears and once when it is gone (not every pass)."""

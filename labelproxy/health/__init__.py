@@ -11,6 +11,9 @@ contract and lives beside `spec` in `labelproxy.healthcheck`, which imports noth
 - `state`: one backend's rise/fall and ejection state machine (pure).
 - `views`: `HealthTarget` (input), `StateChange`, `BackendStatus`, `RouteHealth` (output).
 - `checker`: `HealthChecker`, the scheduler and the API the data plane reads.
+- `tcpbatch`: `TcpBatch`, the default `tcp` checks of every backend from one task.
+- `targets`: `health_targets(routes)`, the checker's targets, a port range checked on its first
+  port (the others `follow` it).
 
 Wiring (a later stage):
 - fields/labels/routesfile: names with `config.owns_field(name)` go to

@@ -8,8 +8,11 @@
     checker.report_dial_success(key, backend)                             # any thread
     await checker.wait_ready(key, timeout=5.0)      # event-loop thread
 
-Scheduling: one task per checked backend (none for `none`/`docker` routes), at most one check
-in flight each, all under one `CapacityLimiter(max_concurrent)`. A backend still `starting` is
+Scheduling: the default check (`tcp`, IP-literal backends) of every backend runs from one task,
+`tcpbatch.TcpBatch` (checks due together start together; one epoll collects them); other
+checks run from one task per checked backend (none for `none`/`docker` routes, nor for the
+ports of a range that follow its first port, see `targets`). At most one check is in flight per
+backend, all under one `CapacityLimiter(max_concurrent)`. A backend still `starting` is
 checked every `min(interval, starting_interval)`, others every `interval`, each wait spread by
 +-`jitter`; a new backend's first check comes within `jitter x` its first wait. When an
 ejection runs out, a checked backend is checked at once.
@@ -37,14 +40,18 @@ import anyio
 import anyio.abc
 import anyio.from_thread
 
-from labelproxy.health.probes import probe
+from labelproxy.health.probes import OwnLookup, ProbeResult, probe
 from labelproxy.health.state import BackendState, PassivePolicy
+from labelproxy.health.targets import range_owner
+from labelproxy.health.tcpbatch import TcpBatch, TcpJob, batchable
 from labelproxy.health.views import (
     BackendStatus,
     HealthTarget,
     RouteHealth,
     StateChange,
+    log_change,
     log_context,
+    log_range,
 )
 from labelproxy.healthcheck import RESULTS, HealthCheck, Result
 from labelproxy.spec import Backend, ListenKey
@@ -60,9 +67,10 @@ class _Route:
     check: HealthCheck
     order: tuple[Backend, ...] = ()  # the target's order, kept by the published pool
     states: dict[Backend, BackendState] = field(default_factory=dict)
-    watchers: dict[Backend, _Watcher] = field(default_factory=dict)
+    watchers: dict[Backend, _Watcher | TcpJob] = field(default_factory=dict)
     results: dict[Result, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
     ejections: int = 0
+    follows: ListenKey | None = None  # a port of a range: the route whose checks it takes
 
 
 @dataclass(eq=False, slots=True)
@@ -102,6 +110,13 @@ class HealthChecker:
         self._tg: anyio.abc.TaskGroup | None = None
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._loop_thread: int | None = None
+        # route -> its backend -> the (route, backend) pairs of the ports of its range that
+        # take that backend's check results (`HealthTarget.follows`)
+        self._mirrors: dict[ListenKey, dict[Backend, tuple[tuple[ListenKey, Backend], ...]]] = {}
+        self.own: OwnLookup | None = None  # labelproxy's own listeners: never checked
+        # the default checks (`tcp`, IP literals) of every backend, from one task
+        self._batch = TcpBatch(limiter=self._limiter, on_results=self._batch_results,
+                               own=lambda: self.own)
 
     # -- lifecycle and targets (event-loop thread) ------------------------------------------
     async def serve(
@@ -110,6 +125,7 @@ class HealthChecker:
         """Run the checks until cancelled; `started` once targets can be checked."""
         async with anyio.from_thread.BlockingPortal() as portal, anyio.create_task_group() as tg:
             self._tg, self._portal, self._loop_thread = tg, portal, threading.get_ident()
+            tg.start_soon(self._batch.run)
             try:
                 with self._lock:
                     for key, route in self._routes.items():
@@ -134,7 +150,24 @@ class HealthChecker:
             for key, target in targets.items():
                 changes.extend(self._apply(key, target, wall=wall))
                 self._publish(key)
+            self._mirrors = self._mirror_map()
         self._notify(changes)
+
+    def _mirror_map(self) -> dict[ListenKey, dict[Backend, tuple[tuple[ListenKey, Backend], ...]]]:
+        """For each checked backend, the backends of the ports of its range that follow it
+        (the same container and host, the same offset from the listen port)."""
+        found: dict[ListenKey, dict[Backend, list[tuple[ListenKey, Backend]]]] = {}
+        for key, route in self._routes.items():
+            leader = self._routes.get(route.follows) if route.follows is not None else None
+            if leader is None or route.follows is None:
+                continue
+            by_owner = {range_owner(route.follows, b): b for b in leader.order}
+            mirrors = found.setdefault(route.follows, {})
+            for backend in route.order:
+                checked = by_owner.get(range_owner(key, backend))
+                if checked is not None:
+                    mirrors.setdefault(checked, []).append((key, backend))
+        return {key: {b: tuple(pairs) for b, pairs in m.items()} for key, m in found.items()}
 
     def _apply(self, key: ListenKey, target: HealthTarget, *, wall: float) -> list[StateChange]:
         route = self._routes.get(key)
@@ -143,6 +176,11 @@ class HealthChecker:
         changes: list[StateChange] = []
         old = route.check
         route.route, route.check, route.order = target.route, target.check, target.backends
+        if target.follows != route.follows:
+            route.follows = target.follows
+            for task in route.watchers.values():
+                task.scope.cancel()
+            route.watchers.clear()
         keep = set(target.backends)
         for backend in [b for b in route.states if b not in keep]:
             del route.states[backend]
@@ -165,7 +203,16 @@ class HealthChecker:
         return changes
 
     def _watch(self, key: ListenKey, route: _Route, backend: Backend) -> None:
-        if self._tg is None or not route.check.active or backend in route.watchers:
+        if (self._tg is None or not route.check.active or backend in route.watchers
+                or route.follows is not None):
+            return
+        if batchable(route.check, backend):
+            state = route.states.get(backend)
+            if state is None:
+                return
+            job = route.watchers[backend] = self._batch.job(key, route, backend, route.check)
+            self._batch.schedule(
+                job, self._delay(route.check, state) * self.jitter * random.random())
             return
         watcher = route.watchers[backend] = _Watcher()
         self._tg.start_soon(self._run_checks, key, route, backend, watcher)
@@ -186,24 +233,81 @@ class HealthChecker:
                 check = route.check
                 async with self._limiter:
                     result = await probe(
-                        check, host=backend.host, port=backend.port, transport=key.transport
+                        check, host=backend.host, port=backend.port, transport=key.transport,
+                        own=self.own,
                     )
+                changes: list[StateChange] = []
+                mirrored: list[StateChange] = []
                 with self._lock:
-                    state = route.states.get(backend)
-                    if state is None or self._routes.get(key) is not route:
-                        return
-                    route.results[result.result] += 1
-                    reason = state.record_check(
-                        result.result, result.detail, check, now=time.monotonic(), wall=time.time()
-                    )
-                    change = None
-                    if reason is not None:
-                        change = self._change(key, route, backend, state, reason)
-                        self._publish(key)
-                    delay = self._delay(check, state)
-                if change is not None:
-                    self._notify([change])
-                delay *= random.uniform(1 - self.jitter, 1 + self.jitter)
+                    found = self._record(key, route, backend, result, check,
+                                         changes=changes, mirrored=mirrored)
+                self._announce(changes, mirrored)
+                if found is None:
+                    return
+                delay = found * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def _batch_results(self, done: list[tuple[TcpJob, ProbeResult]]) -> None:
+        """The results of a batch of `tcp` checks (`TcpBatch`), recorded under one lock;
+        each job that stays is scheduled again."""
+        changes: list[StateChange] = []
+        mirrored: list[StateChange] = []
+        with self._lock:
+            for job, result in done:
+                delay = self._record(job.key, job.route, job.backend, result, job.check,
+                                     changes=changes, mirrored=mirrored)
+                if delay is None:
+                    job.cancel()
+                else:
+                    self._batch.schedule(
+                        job, delay * random.uniform(1 - self.jitter, 1 + self.jitter))
+        self._announce(changes, mirrored)
+
+    def _record(
+        self, key: ListenKey, route: _Route, backend: Backend, result: ProbeResult,
+        check: HealthCheck, *, changes: list[StateChange], mirrored: list[StateChange],
+    ) -> float | None:
+        """(lock held) Count one check's result, noting readiness changes; the delay to the
+        backend's next check, or None when it left its route."""
+        state = route.states.get(backend)
+        if state is None or self._routes.get(key) is not route:
+            return None
+        route.results[result.result] += 1
+        reason = state.record_check(
+            result.result, result.detail, check, now=time.monotonic(), wall=time.time()
+        )
+        if reason is not None:
+            changes.append(self._change(key, route, backend, state, reason))
+            self._publish(key)
+        mirrored.extend(self._record_mirrors(key, backend, result, check))
+        return self._delay(check, state)
+
+    def _announce(self, changes: list[StateChange], mirrored: list[StateChange]) -> None:
+        self._notify(changes)
+        if mirrored:  # the other ports of a range: one line each way, not one each
+            self._notify(mirrored, log=False)
+            log_range(mirrored, log=logger)
+
+    def _record_mirrors(
+        self, key: ListenKey, backend: Backend, result: ProbeResult, check: HealthCheck
+    ) -> list[StateChange]:
+        """(lock held) The other ports of a range take the check of its first port."""
+        changes: list[StateChange] = []
+        mirrors = self._mirrors.get(key)
+        followers = mirrors.get(backend, ()) if mirrors else ()
+        if not followers:
+            return changes
+        detail = f"{result.detail} (checked on {backend})"
+        now, wall = time.monotonic(), time.time()
+        for other_key, other in followers:
+            route = self._routes.get(other_key)
+            state = route.states.get(other) if route is not None else None
+            if route is None or state is None:
+                continue
+            reason = state.record_check(result.result, detail, check, now=now, wall=wall)
+            if reason is not None:
+                changes.append(self._change(other_key, route, other, state, reason))
+                self._publish(other_key)
+        return changes
 
     def _delay(self, check: HealthCheck, state: BackendState) -> float:
         if state.checked and not state.up and not state.ever_up:
@@ -339,16 +443,15 @@ class HealthChecker:
     ) -> StateChange:
         return StateChange(key, route.route, backend, state.ready, state.phase, reason)
 
-    def _notify(self, changes: list[StateChange]) -> None:
+    def _notify(self, changes: list[StateChange], *, log: bool = True) -> None:
         for change in changes:
             extra = log_context(change.key, change.route, change.backend, change.phase)
             extra["reason"] = change.reason
-            if change.ready:
-                logger.info("backend ready", extra=extra)
-            else:
-                logger.warning("backend not ready", extra=extra)
+            if log:
+                log_change(change, extra, log=logger)
             for listener in list(self._listeners):
                 try:
                     listener(change)
                 except Exception:
                     logger.exception("health listener failed", extra=extra)
+

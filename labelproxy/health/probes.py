@@ -15,6 +15,10 @@ TCP data loop shares). A UDP socket is connected, so a port with nothing behind 
 once on the ICMP "port unreachable" (ECONNREFUSED) instead of waiting out the timeout. Host
 names are resolved by `anyio.getaddrinfo` (a worker thread), IP literals directly. Each probe
 closes its socket before returning, also when cancelled (a backend that left).
+
+Loops: a backend whose address (a host name, resolved for each check) is one of labelproxy's
+own listeners is not dialled, as the relay does not dial it: the check fails at once with a
+`loop:` detail, and no check traffic goes round the loop.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ logger = logging.getLogger(__name__)
 
 _UDP_BUFFER = 65535
 
+# (transport, IP address, port) -> the listener of labelproxy's own a dial there lands on,
+# or None (`streams.shared.OwnListeners.lookup`, handed over by the runtime)
+OwnLookup = Callable[[Transport, str, int], object | None]
+
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
@@ -66,8 +74,12 @@ class _CheckFailedError(Exception):
     """A check failed for a reason given by the message (not an OSError)."""
 
 
-async def probe(check: HealthCheck, *, host: str, port: int, transport: Transport) -> ProbeResult:
-    """Run `check` once against `host:port`; never raises except on cancellation."""
+async def probe(
+    check: HealthCheck, *, host: str, port: int, transport: Transport, own: OwnLookup | None = None
+) -> ProbeResult:
+    """Run `check` once against `host:port`; never raises except on cancellation. With
+    `own`, an address it names as one of labelproxy's own listeners is not dialled: the
+    check fails at once with a `loop:` detail (a check must not go round a loop)."""
     if not check.active:
         raise ValueError(f"healthcheck={check.kind} has no probe")
     started = time.monotonic()
@@ -75,7 +87,7 @@ async def probe(check: HealthCheck, *, host: str, port: int, transport: Transpor
     result: Result = "timeout"
     with anyio.move_on_after(check.timeout):
         try:
-            detail = await _run(check, host=host, port=port, transport=transport)
+            detail = await _run(check, host=host, port=port, transport=transport, own=own)
             result = "pass"
         except _CheckFailedError as exc:
             detail, result = str(exc), "fail"
@@ -102,10 +114,12 @@ def describe_os_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def _run(check: HealthCheck, *, host: str, port: int, transport: Transport) -> str:
+async def _run(
+    check: HealthCheck, *, host: str, port: int, transport: Transport, own: OwnLookup | None
+) -> str:
     """The detail of a passed check; raises `_CheckFailedError`/`OSError` for a failed one."""
     if check.kind == "tcp":
-        (await _connect(host, port)).close()
+        (await _connect(host, port, own)).close()
         return "connected"
     if check.kind == "send_expect":
         exchange = Exchange(check.send, _expect_judge(check, datagram=transport == "udp"))
@@ -114,8 +128,8 @@ async def _run(check: HealthCheck, *, host: str, port: int, transport: Transport
         exchange = exchange_for(check.kind, host=host, port=port, transport=transport)
         farewell = MQTT_DISCONNECT if check.kind == "mqtt" else b""
     if transport == "udp":
-        return await _udp_exchange(exchange, host=host, port=port)
-    return await _tcp_exchange(exchange, host=host, port=port, farewell=farewell)
+        return await _udp_exchange(exchange, host=host, port=port, own=own)
+    return await _tcp_exchange(exchange, host=host, port=port, farewell=farewell, own=own)
 
 
 def _expect_judge(check: HealthCheck, *, datagram: bool) -> Callable[[bytes], Verdict | None]:
@@ -131,7 +145,7 @@ def _expect_judge(check: HealthCheck, *, datagram: bool) -> Callable[[bytes], Ve
 
 
 @functools.lru_cache(maxsize=4096)
-def _literal_family(host: str) -> int | None:
+def literal_family(host: str) -> int | None:
     """AF_INET/AF_INET6 for an IP literal (zone allowed), None for a host name."""
     try:
         version = ipaddress.ip_address(host.split("%", 1)[0]).version
@@ -140,20 +154,32 @@ def _literal_family(host: str) -> int | None:
     return socket.AF_INET if version == 4 else socket.AF_INET6
 
 
-async def _address(host: str, port: int, kind: socket.SocketKind) -> tuple[int, tuple[Any, ...]]:
-    """(family, sockaddr): an IP literal at once, a host name through `anyio.getaddrinfo`."""
-    family = _literal_family(host)
+async def _address(
+    host: str, port: int, kind: socket.SocketKind, own: OwnLookup | None
+) -> tuple[int, tuple[Any, ...]]:
+    """(family, sockaddr): an IP literal at once, a host name through `anyio.getaddrinfo`;
+    `_CheckFailedError` when `own` says the address is one of labelproxy's listeners."""
+    family = literal_family(host)
     if family is not None:
-        return family, (host, port)
-    infos = await anyio.getaddrinfo(host, port, type=kind)
-    if not infos:
-        raise _CheckFailedError(f"{host} did not resolve")
-    return infos[0][0], infos[0][4]
+        found: tuple[int, tuple[Any, ...]] = (family, (host, port))
+    else:
+        infos = await anyio.getaddrinfo(host, port, type=kind)
+        if not infos:
+            raise _CheckFailedError(f"{host} did not resolve")
+        found = infos[0][0], infos[0][4]
+    if own is not None:
+        transport: Transport = "tcp" if kind == socket.SOCK_STREAM else "udp"
+        listener = own(transport, str(found[1][0]), port)
+        if listener is not None:
+            raise _CheckFailedError(
+                f"loop: {host}:{port} is labelproxy's own listener {listener} (not dialled)"
+            )
+    return found
 
 
-async def _connect(host: str, port: int) -> socket.socket:
+async def _connect(host: str, port: int, own: OwnLookup | None) -> socket.socket:
     """A connected non-blocking TCP socket (the caller closes it)."""
-    family, address = await _address(host, port, socket.SOCK_STREAM)
+    family, address = await _address(host, port, socket.SOCK_STREAM, own)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -178,8 +204,10 @@ async def _send_all(sock: socket.socket, data: bytes) -> None:
             await anyio.wait_writable(sock)
 
 
-async def _tcp_exchange(exchange: Exchange, *, host: str, port: int, farewell: bytes) -> str:
-    with await _connect(host, port) as sock:
+async def _tcp_exchange(
+    exchange: Exchange, *, host: str, port: int, farewell: bytes, own: OwnLookup | None
+) -> str:
+    with await _connect(host, port, own) as sock:
         await _send_all(sock, exchange.request)
         answer = b""
         while True:
@@ -206,8 +234,10 @@ async def _tcp_exchange(exchange: Exchange, *, host: str, port: int, farewell: b
             return verdict.detail
 
 
-async def _udp_exchange(exchange: Exchange, *, host: str, port: int) -> str:
-    family, address = await _address(host, port, socket.SOCK_DGRAM)
+async def _udp_exchange(
+    exchange: Exchange, *, host: str, port: int, own: OwnLookup | None
+) -> str:
+    family, address = await _address(host, port, socket.SOCK_DGRAM, own)
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
         sock.connect(address)

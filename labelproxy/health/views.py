@@ -9,12 +9,15 @@ context fields of a health log line.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from labelproxy.health.state import BackendState, Phase
 from labelproxy.healthcheck import HealthCheck, Result
 from labelproxy.spec import Backend, ListenKey
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +27,9 @@ class HealthTarget:
     check: HealthCheck
     backends: tuple[Backend, ...]
     route: str = ""
+    # a port of a range other than its first: not checked itself, its backends take the
+    # results of the same container's backend on the range's first port (`follows`)
+    follows: ListenKey | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,3 +123,25 @@ class RouteHealth:
     @property
     def ready(self) -> tuple[Backend, ...]:
         return tuple(b.backend for b in self.backends if b.ready)
+
+
+def log_change(change: StateChange, extra: dict[str, object], *, log: logging.Logger) -> None:
+    """The one line of a readiness change (on the checker's logger, `log`)."""
+    if change.ready:
+        log.info("backend ready", extra=extra)
+    else:
+        log.warning("backend not ready", extra=extra)
+
+
+def log_range(changes: list[StateChange], *, log: logging.Logger) -> None:
+    """The ports of a range that took their first port's check: one line per direction."""
+    for ready in (True, False):
+        group = [c for c in changes if c.ready == ready]
+        if not group:
+            continue
+        first = group[0]
+        ports = sorted(c.key.port for c in group)
+        extra = log_context(first.key, first.route, first.backend, first.phase)
+        extra["listen"] = f"{first.key.transport}://{first.key.bind}:{ports[0]}-{ports[-1]}"
+        extra["reason"] = f"{first.reason} ({len(group)} ports of a range)"
+        log_change(first, extra, log=log)

@@ -34,8 +34,8 @@ IPFamily = Literal["ipv4", "ipv6"]
 
 # RouteOptions fields the kernel path understands; anything else with a non-default value
 # means relay. `connect_timeout` is listed because it is harmless (nothing to dial);
-# `healthcheck` is listed for now: kernel pools follow Docker's health (as the desired state
-# gives it), not the active checks, which only the relay's pools honour so far.
+# `healthcheck` because the kernel's pools are the backends the health checker says are ready
+# (`KernelEngine.apply(..., ready=)`), as the relay's are.
 KNOWN_OPTIONS = frozenset(
     {
         "healthcheck",

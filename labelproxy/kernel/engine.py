@@ -34,6 +34,7 @@ while the engine is down - reaches the relay instead of a closed port).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -55,13 +56,23 @@ from labelproxy.kernel.nft import Nft
 from labelproxy.kernel.routerules import COUNTED_SETS, Fragment, chain_digest
 from labelproxy.kernel.ruleset import build
 from labelproxy.kernel.transaction import delete_table, transaction
-from labelproxy.spec import EdgePolicy, ListenKey, RouteSpec
+from labelproxy.spec import Backend, EdgePolicy, ListenKey, RouteSpec
 
 logger = logging.getLogger(__name__)
 
 LOCALNET_SLOT = 0  # registry entry recording that this engine switched route_localnet on
 _NO_CHAIN = Chain("none", None)
 MAX_COUNT = 2**32 - 1  # ct count and timeout policies hold 32 bits: a larger cap is no cap
+
+Ready = Callable[[ListenKey, Backend], bool]  # is this backend of this route ready?
+
+
+def ready_pool(spec: RouteSpec, ready: Ready | None) -> RouteSpec:
+    """`spec` with only the backends `ready` accepts (`spec` itself when all are)."""
+    if ready is None:
+        return spec
+    kept = tuple(b for b in spec.backends if ready(spec.key, b))
+    return spec if len(kept) == len(spec.backends) else dataclasses.replace(spec, backends=kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +88,7 @@ class RouteState:
     client_address_hidden: bool
     limit: int | None
     idle_timeout: int | None
+    pool: tuple[Backend, ...] = ()  # the backends new flows go to (the ready ones)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,13 +191,13 @@ class KernelEngine:
             return outcome
 
     def _plan(self, spec: RouteSpec, verdict: Verdict, slot: int,
-              paths: host.PathCache) -> KernelRoute:
+              paths: host.PathCache, ready: Ready | None) -> KernelRoute:
         limit = spec.connection_limit(udp_default=self.policy.udp_max_sessions)
         idle = spec.options.idle_timeout
         if idle is None and spec.transport == "udp":
             idle = self.policy.udp_idle_timeout
         return KernelRoute(
-            spec=spec,
+            spec=ready_pool(spec, ready),
             slot=slot,
             families=verdict.families,
             masquerade=any(not paths.returns_here(b.host) for b in spec.backends),
@@ -193,8 +205,11 @@ class KernelEngine:
             idle_timeout=min(MAX_COUNT, max(1, math.ceil(idle))) if idle is not None else None,
         )
 
-    def apply(self, specs: Iterable[RouteSpec]) -> ApplyResult:
-        """Make the kernel forward exactly `specs` (those it can; the others are refused).
+    def apply(self, specs: Iterable[RouteSpec], *, ready: Ready | None = None) -> ApplyResult:
+        """Make the kernel forward exactly `specs` (those it can; the others are refused),
+        each with the backends `ready(key, backend)` accepts (all without it). Whether a
+        route is the kernel's, its families and masquerading are judged on all its backends,
+        so a route's path does not change with its backends' health.
 
         Raises `NftError` (or `OSError`) when the kernel refuses the change; the table and
         the engine's state are then as they were, and the next `apply` tries again.
@@ -226,7 +241,7 @@ class KernelEngine:
                     slots[identity] = next(free, 0)
                     if not slots[identity]:
                         raise RuntimeError(f"more than {MAX_SLOT} kernel routes")
-                routes[identity] = self._plan(spec, verdict, slots[identity], paths)
+                routes[identity] = self._plan(spec, verdict, slots[identity], paths, ready)
             self._commit(routes)
             for identity in set(self._slots) - set(wanted):
                 logger.debug("kernel route %s removed: draining until its deadline", identity,
@@ -285,7 +300,7 @@ class KernelEngine:
                 key=route.key, alias=route.spec.alias, slot=route.slot, mark=route.mark,
                 families=route.families, uncovered=verdict.uncovered,
                 client_address_hidden=route.masquerade, limit=route.limit,
-                idle_timeout=route.idle_timeout,
+                idle_timeout=route.idle_timeout, pool=route.spec.backends,
             )
         return states
 

@@ -184,3 +184,36 @@ async def test_a_udp_loop_through_a_host_name_is_dropped(
 @pytest.fixture
 def anyio_backend() -> Any:
     return ("asyncio", {"use_uvloop": True})
+
+
+def test_a_health_check_does_not_go_round_a_loop(process: Any) -> None:
+    """With the default check on, the same loop: the checks of a's backend (b's listener)
+    and b's (a's) are not dialled, the backends say why, and no listener sees a check."""
+    scheme, bind = loopback_of("localhost")
+    port_a, port_b = free_port(), free_port()
+    route = {"scheme": scheme, "bind": bind, "host": "localhost",
+             "healthcheck.interval": "0.2s", "connect_timeout": "0.3s"}
+    lp = process({"a": {**route, "port": f"{port_a}:{port_b}"},
+                  "b": {**route, "port": f"{port_b}:{port_a}"}})  # fmt: skip
+
+    def backend(alias: str) -> dict[str, Any]:
+        doc = lp.route(alias)
+        assert doc is not None
+        found: dict[str, Any] = doc["backends"][0]
+        return found
+
+    wait_for(lambda: metric_sum(lp, "labelproxy_health_checks_total", result="fail") >= 6,
+             what="three checks of each route")  # fmt: skip
+    for alias, other in (("a", port_b), ("b", port_a)):
+        state = backend(alias)
+        assert state["ready"] is False, state
+        assert state["last_error"].startswith(
+            f"loop: localhost:{other} is labelproxy's own listener"), state
+    assert metric_sum(lp, "labelproxy_connections_total") == 0  # no check reached a listener
+    assert metric_sum(lp, "labelproxy_health_checks_total", result="pass") == 0
+    # a client: no ready backend, so refused after connect_timeout, and nothing dialled
+    with socket.create_connection((bind, port_a), timeout=5.0) as client:
+        assert closed_without_data(client)
+    assert metric_sum(lp, "labelproxy_connections_rejected_total", route="a",
+                      reason="no_backend") == 1
+    assert metric_sum(lp, "labelproxy_connections_total", route="b") == 0

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -37,12 +38,18 @@ def w(shared: KernelWorld) -> Iterator[KernelWorld]:
     shared.cleanup_test()
 
 
-def on_path(lp: NsLabelproxy, alias: str, path: str = "kernel") -> dict[str, object]:
-    """Wait until route `alias` is up on `path`; its /routes entry."""
-    def found() -> dict[str, object] | None:
+def on_path(lp: NsLabelproxy, alias: str, path: str = "kernel") -> dict[str, Any]:
+    """Wait until route `alias` is up on `path` with every backend ready (active checks pass
+    about a second after a start) and, on the kernel path, in the kernel's pool; its /routes
+    entry."""
+    def found() -> dict[str, Any] | None:
         route = lp.route(alias)
-        return route if route and route["state"] == "up" and route["forwarding"] == path \
-            else None  # fmt: skip
+        if not route or route["state"] != "up" or route["forwarding"] != path:
+            return None
+        backends = [b["address"] for b in route["backends"] if b["ready"]]
+        if len(backends) != len(route["backends"]):
+            return None
+        return route if path != "kernel" or route["kernel"]["backends"] == backends else None
     return wait_for(found, timeout=30, what=f"route {alias} up on the {path} path\n{lp.log()}")
 
 
@@ -154,12 +161,13 @@ def test_a_route_removed_mid_transfer_drains_and_is_cut_at_the_deadline(w: Kerne
     on_path(lp, "gone")
     conn = connect(w, HOST_V4, 8301)
 
+    removed = time.monotonic()  # the drain deadline is at least this plus 4 s
     container.remove(force=True)
-    removed = time.monotonic()
     wait_for(lambda: lp.route("gone") is None, what="route gone from /routes")
-    # /routes shows the desired state; the relay's listener closes in the same pass, just after
-    wait_for(lambda: w.remote.call("connect", host=HOST_V4, port=8301) == {"error": "refused"},
-             timeout=5, what="new flows refused once the route is gone")  # fmt: skip
+    wait_for(lambda: "route down" in lp.log(), what="the route's listener closed")
+    # the kernel stopped taking new flows before the listener closed (stop before start):
+    # from here on nothing takes a new connection on the port
+    assert w.remote.call("connect", host=HOST_V4, port=8301) == {"error": "refused"}
     # the established flow goes on (through conntrack) until the drain deadline...
     while time.monotonic() - removed < 3.0:
         assert w.remote.call("echo", conn=conn, size=20_000) == {"ok": True}
@@ -300,8 +308,11 @@ def test_the_image_run_as_compose_runs_it_forwards_in_the_kernel(
             return None
         found = {r["route"]: r for r in json.loads(reply["body"])["routes"]}
         # up, and through the first kernel apply (which follows the listeners' start)
+        # and their backends ready (checked), the kernel route's in the kernel's pool
         return found if {"own", "wide"} <= set(found) and all(
             r["state"] == "up" and r["forwarding_reason"] != "not applied to the kernel yet"
+            and all(b["ready"] for b in r["backends"])
+            and (r["forwarding"] != "kernel" or r["kernel"]["backends"])
             for r in found.values()) else None  # fmt: skip
 
     logs = proxy.logs

@@ -11,12 +11,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.kernelworld import KernelWorld, world
 from tests.support.lp import wait_for, write_routes
-from tests.support.netns import HOST_V4, ROOT
+from tests.support.netns import CLIENT_V4, HOST_V4, ROOT
 from tests.support.nslp import NO_NET_ADMIN, READ_ONLY_SYSCTLS
 
 pytestmark = pytest.mark.slow
@@ -89,6 +90,14 @@ def test_a_thousand_kernel_routes_are_applied_and_scraped_in_under_a_second(
     wait_for(all_kernel, timeout=60, what=f"1,000 kernel routes\n{lp.log()}")
     ready = time.monotonic() - began
     w.serve("tcp", 30500)
+    w.serve("tcp", 30000)  # a range is checked on its first port: every port follows it
+
+    def in_pool() -> bool:  # its check passes `rise` times, then the kernel's pool has it
+        doc = next(r for r in lp.routes()["routes"] if r["listen"] == "tcp://0.0.0.0:20500")
+        return bool(doc["kernel"]["backends"] == ["127.0.0.1:30500"])
+
+    wait_for(in_pool, timeout=30,
+             what=f"the served backend in the kernel's pool\n{lp.log()[-3000:]}")
     reply = w.remote.call("connect", host=HOST_V4, port=20500)
     assert w.remote.call("echo", conn=reply["conn"]) == {"ok": True}
     scrapes = []
@@ -100,8 +109,9 @@ def test_a_thousand_kernel_routes_are_applied_and_scraped_in_under_a_second(
     assert len(samples) == 2000
     assert 'labelproxy_connections_total{listen="tcp://0.0.0.0:20500",route="many"} 1.0' in text
     log = lp.log_path.read_text()
-    [(wall, cpu)] = re.findall(r"kernel: 1000 routes forwarded, 0 refused, applied in ([\d.]+) "
-                               r"ms \(CPU ([\d.]+) ms\)", log)
+    # the first apply (the pool refreshes that follow the checks are logged alike)
+    (wall, cpu), *_ = re.findall(r"kernel: 1000 routes forwarded, 0 refused, applied in "
+                                 r"([\d.]+) ms \(CPU ([\d.]+) ms\)", log)
     print(f"\n1,000 kernel routes: ready (bound, applied) in {ready:.2f}s, the apply {wall} ms "
           f"wall / {cpu} ms CPU; /metrics " + ", ".join(f"{w:.3f}s wall / {c:.3f}s CPU"
                                                         for w, c in scrapes))
@@ -133,7 +143,13 @@ def test_where_route_localnet_cannot_be_switched_on_the_routes_needing_it_stay_o
     })  # fmt: skip
     before = w.host.call("sysctl", name="net.ipv4.conf.all.route_localnet")
     lp = w.labelproxy(static(routes), without=READ_ONLY_SYSCTLS)
-    doc = {r["route"]: r for r in lp.routes()["routes"]}
+
+    def checked() -> dict[str, dict[str, Any]] | None:  # both backends' checks passed
+        found = {r["route"]: r for r in lp.routes()["routes"]}
+        up = all(b["ready"] for r in found.values() for b in r["backends"])
+        return found if up and found["own"].get("kernel", {}).get("backends") else None
+
+    doc = wait_for(checked, what="both routes' backends ready")
     assert doc["own"]["forwarding"] == "kernel"
     assert (doc["wide"]["forwarding"], doc["wide"]["forwarding_reason"]) == (
         "relay", "remote clients of the loopback backend 127.0.0.1:9801 need "
@@ -146,3 +162,69 @@ def test_where_route_localnet_cannot_be_switched_on_the_routes_needing_it_stay_o
     assert (w.peers(wide), w.peers(own)) == (["127.0.0.1"], ["127.0.0.1"])
     assert w.kernel_routes() == ["tcp://127.0.0.1:8802 own"]
     assert w.host.call("sysctl", name="net.ipv4.conf.all.route_localnet") == before == "0"
+
+
+def test_a_backend_failing_its_check_leaves_the_kernel_pool_and_returns_after_rise(
+    w: KernelWorld, tmp_path: Path
+) -> None:
+    """Kernel pools follow the active checks as the relay's do: a backend that stops
+    listening leaves the nftables pool within fall x interval (new flows all go to the other),
+    comes back after `rise` passes, and a route with no ready backend refuses new flows."""
+    interval, fall, rise = 0.3, 2, 2
+    first, second = w.serve("tcp", 9901), w.serve("tcp", 9902)
+    a, b = "127.0.0.1:9901", "127.0.0.1:9902"
+    routes = tmp_path / "routes.yaml"
+    write_routes(routes, {"pool": {
+        "scheme": "tcp4", "port": "8901", "hosts": [a, b],
+        "healthcheck.interval": f"{interval}s", "healthcheck.fall": str(fall),
+        "healthcheck.rise": str(rise),
+    }})  # fmt: skip
+    lp = w.labelproxy(static(routes))
+
+    def pool() -> list[str]:
+        route = lp.route("pool")
+        assert route is not None and route["forwarding"] == "kernel", route
+        found: list[str] = route["kernel"]["backends"]
+        return found
+
+    def remote_flows(server: int) -> int:
+        counts: dict[str, int] = w.host.call("peer_counts", server=server)
+        return counts.get(CLIENT_V4, 0)  # the checks come from 127.0.0.1
+
+    def connect_times(n: int) -> None:
+        for _ in range(n):
+            reply = w.remote.call("connect", host=HOST_V4, port=8901)
+            assert "conn" in reply, reply
+            assert w.remote.call("echo", conn=reply["conn"]) == {"ok": True}
+            w.remote.call("close", conn=reply["conn"])
+
+    wait_for(lambda: pool() == [a, b], what=f"both backends in the kernel pool\n{lp.log()}")
+    connect_times(4)
+    assert remote_flows(first) > 0 and remote_flows(second) > 0  # round robin: both used
+
+    w.host.call("unserve", server=second)  # stops listening
+    began = time.monotonic()
+    wait_for(lambda: pool() == [a], timeout=10, what="the stopped backend out of the pool")
+    # fall failed checks, the one in flight, then one nft transaction (and /routes polling)
+    assert time.monotonic() - began < fall * interval * 1.1 + interval + 1.0
+    down = next(x for x in lp.route("pool")["backends"] if x["address"] == b)  # type: ignore[index]
+    assert down["state"] == "down" and "refused" in down["last_error"].lower(), down
+    before = remote_flows(first)
+    connect_times(4)  # all to the one left (a flow to the stopped one would be refused)
+    assert remote_flows(first) == before + 4
+
+    again = w.serve("tcp", 9902)  # listens again
+    began = time.monotonic()
+    wait_for(lambda: pool() == [a, b], timeout=10, what="the backend back after rise passes")
+    assert time.monotonic() - began >= (rise - 1) * interval * 0.9
+    connect_times(4)
+    assert remote_flows(again) > 0
+
+    # no ready backend: the kernel refuses new flows, counted as no_backend
+    w.host.call("unserve", server=first)
+    w.host.call("unserve", server=again)
+    wait_for(lambda: pool() == [], timeout=10, what="an empty kernel pool")
+    assert w.remote.call("connect", host=HOST_V4, port=8901) == {"error": "refused"}
+    assert lp.metric("labelproxy_connections_rejected_total", route="pool",
+                     listen="tcp://0.0.0.0:8901", reason="no_backend") == 1
+    assert "backend not ready" in lp.log()

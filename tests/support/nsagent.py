@@ -11,6 +11,7 @@ so the engine's code never runs in the pytest process or the host's namespace.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
@@ -78,6 +79,7 @@ class Server:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.peers: list[str] = []
+        self.counts: dict[str, int] = {}  # peer address -> connections (datagrams) from it
         self.accepted = 0
         self.lock = threading.Lock()
         if transport == "tcp":
@@ -90,12 +92,22 @@ class Server:
     def _note(self, peer: str) -> None:
         with self.lock:
             self.accepted += 1
+            self.counts[peer] = self.counts.get(peer, 0) + 1
             if peer not in self.peers:
                 self.peers.append(peer)
 
+    def close(self) -> None:
+        """Stop listening (a TCP server's port then refuses)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop
+        self.sock.close()
+
     def _accept_loop(self) -> None:
         while True:
-            conn, addr = self.sock.accept()
+            try:
+                conn, addr = self.sock.accept()
+            except OSError:  # closed
+                return
             self._note(str(addr[0]))
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
@@ -137,6 +149,16 @@ class Agent:
         srv: Server = self.objects[server]
         with srv.lock:
             return {"peers": list(srv.peers), "accepted": srv.accepted}
+
+    def op_peer_counts(self, server: int) -> dict[str, int]:
+        """Connections (datagrams) per client address."""
+        srv: Server = self.objects[server]
+        with srv.lock:
+            return dict(srv.counts)
+
+    def op_unserve(self, server: int) -> None:
+        srv: Server = self.objects.pop(server)
+        srv.close()
 
     def op_reserve(self, transport: str, bind: str, port: int, v6only: bool = False) -> int:
         kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM

@@ -162,6 +162,20 @@ def test_summary_has_one_row_per_measurement_with_labelproxy_ratios() -> None:
     ]  # medians; the best peer is nginx; metrics labelproxy has no sample for are left out
 
 
+def test_summary_compares_the_relay_with_and_without_checked_routes() -> None:
+    """`labelproxy-checked` (the relay plus 1,000 idle routes with default checks) gets its
+    own column and a ratio to the plain relay of the same run."""
+    results = Results(targets=["direct", "haproxy", "labelproxy", "labelproxy-checked"])
+    for target, rate in {"direct": 300.0, "haproxy": 100.0, "labelproxy": 80.0,
+                         "labelproxy-checked": 76.0}.items():
+        results.add(section="short_conns", target=target, rep=0,
+                    values={"short_conns_per_s": rate}, raw={})
+    lines = render_summary(results, ["short_conns"])
+    assert lines[0] == ("| measurement | direct | HAProxy | labelproxy | labelproxy-checked | "
+                        "vs HAProxy | vs best peer | with 1,000 checked routes vs without |")
+    assert lines[2].endswith("| 300 | 100 | **80.0** | **76.0** | 0.80x | 0.80x | 0.95x |")
+
+
 def test_the_kernel_target_runs_beside_the_relay_in_a_namespace_of_the_benchs_own(
     tmp_path: Path,
 ) -> None:
