@@ -57,6 +57,7 @@ from labelproxy.sources.labels import LabelFacts
 logger = logging.getLogger(__name__)
 
 CONTAINER_ACTIONS = (
+    "create",  # a sleep-enabled container created and not started is asleep: its routes bind
     "start", "die", "stop", "kill", "destroy", "pause", "unpause", "rename", "health_status",
 )  # fmt: skip
 NETWORK_ACTIONS = ("connect", "disconnect")  # a container joined or left a network
