@@ -148,7 +148,7 @@ def varint(value: int) -> bytes:
             return bytes(out)
 
 
-def read_varint(data: bytes, pos: int) -> tuple[int, int] | None:
+def read_varint(data: bytes | bytearray, pos: int) -> tuple[int, int] | None:
     """(value, position after it), or None when `data` ends inside it; ValueError if > 5 bytes."""
     value = 0
     for shift in range(5):

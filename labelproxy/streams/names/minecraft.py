@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 
+from labelproxy.health.protocols import read_varint
 from labelproxy.streams.names.hello import PeekError
 
 logger = logging.getLogger(__name__)
@@ -26,16 +27,12 @@ NEXT_STATES = frozenset({1, 2, 3})
 
 
 def _varint(buf: bytes | bytearray, pos: int, what: str) -> tuple[int, int] | None:
-    """(value, position after it) of a VarInt (at most 5 bytes), None when cut short."""
-    value = 0
-    for i in range(5):
-        if pos + i >= len(buf):
-            return None
-        byte = buf[pos + i]
-        value |= (byte & 0x7F) << (7 * i)
-        if not byte & 0x80:
-            return value, pos + i + 1
-    raise PeekError(f"Minecraft handshake with an overlong VarInt ({what})")
+    """(value, position after it) of a VarInt (at most 5 bytes, as the health probe reads
+    them: signed 32 bits), None when cut short."""
+    try:
+        return read_varint(buf, pos)
+    except ValueError:
+        raise PeekError(f"Minecraft handshake with an overlong VarInt ({what})") from None
 
 
 def _need(found: tuple[int, int] | None, what: str) -> tuple[int, int]:
@@ -75,7 +72,7 @@ def address(packet: bytes) -> str:
         raise PeekError(f"Minecraft packet id {packet_id}, expected a handshake (0)")
     _, pos = _need(_varint(packet, pos, "protocol version"), "protocol version")
     size, pos = _need(_varint(packet, pos, "address length"), "address length")
-    if size > MAX_ADDRESS or pos + size + 2 > len(packet):
+    if not 0 <= size <= MAX_ADDRESS or pos + size + 2 > len(packet):
         raise PeekError("Minecraft handshake with a bad server address length")
     raw = packet[pos : pos + size]
     state, end = _need(_varint(packet, pos + size + 2, "next state"), "next state")
