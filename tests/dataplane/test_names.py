@@ -11,7 +11,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
@@ -21,7 +21,7 @@ from anyio.to_thread import run_sync
 
 from labelproxy.metrics import Metrics
 from labelproxy.reconciler import Reconciler
-from labelproxy.spec import Backend, DesiredState, EdgePolicy, ListenKey, RouteSpec
+from labelproxy.spec import Backend, DesiredState, EdgePolicy, ListenKey, RouteSpec, Sleep
 from tests.support.lp import free_port
 from tests.support.minecraft import McUpstream, mc_login, mc_status
 from tests.support.names import (
@@ -36,6 +36,7 @@ from tests.support.names import (
     two_records,
 )
 from tests.support.tcp import wait_for
+from tests.support.waker import ManualWaker
 
 pytestmark = pytest.mark.anyio
 
@@ -198,6 +199,38 @@ async def test_minecraft_hostnames_reach_their_servers(caplog: pytest.LogCapture
             await wait_for(lambda: len(logged()) == 3)
             assert logged() == {("one", "one.mc.test"), ("two", "Two.MC.test."),
                                 ("two", "two.mc.test")}  # fmt: skip
+    finally:
+        one.close()
+        two.close()
+
+
+async def test_a_sleeping_game_server_behind_a_shared_port_wakes_on_its_handshake() -> None:
+    """`wake_on: data` on a route chosen by name: the handshake the shared listener read is
+    the data that wakes the container (the client then waits for an answer and sends
+    nothing more); only the named route's container is asked, and its client is served on
+    the same connection once awake."""
+    waker = ManualWaker()
+    one, two = McUpstream("server one"), McUpstream("server two")
+    try:
+        async with world({}, {"one": one.port, "two": two.port}) as w:
+            w.rec.shared.waker = waker
+            sleep = Sleep("c1", "game-one", idle_timeout=60.0, wake_timeout=10.0,
+                          wake_on="data")  # fmt: skip
+            sleepy = w.spec("one", ("one.mc.test",), "one")
+            sleepy = replace(sleepy, options=replace(sleepy.options, sleep=sleep))
+            await w.serve(sleepy, w.spec("two", ("two.mc.test",), "two"))
+            async with anyio.create_task_group() as tg:
+                answers: list[str] = []
+
+                async def ask() -> None:
+                    answers.append(await run_sync(mc_status, w.port, "one.mc.test"))
+
+                tg.start_soon(ask)
+                await wait_for(lambda: waker.requests == 1)
+                assert one.addresses == []  # held: nothing dialled while it sleeps
+                assert await run_sync(mc_status, w.port, "two.mc.test") == "server two"
+                waker.wake()
+            assert answers == ["server one"] and waker.holding == 0
     finally:
         one.close()
         two.close()

@@ -108,6 +108,7 @@ class Connector:
         "done",
         "owner",
         "prefix",
+        "read",
         "sniff",
     )
 
@@ -120,6 +121,7 @@ class Connector:
         *,
         prefix: bytes,
         sniff: bool,
+        read: bool = False,
         steps: tuple[Step, ...] = (),
     ) -> None:
         self.owner = owner
@@ -129,6 +131,7 @@ class Connector:
         self._steps = steps
         self._order: list[tuple[Backend, Address | None]] | None = None
         self.prefix = prefix
+        self.read = read  # the client sent data already read (a peeked name, PROXY sniff)
         self.sniff = sniff
         self._sock: _socket.socket | None = None
         self._started = 0.0

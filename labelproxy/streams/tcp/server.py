@@ -324,8 +324,9 @@ class TcpServer:
         version = live.spec.options.proxy_protocol
         prefix = build_header(version, source, dest) + rest if version is not None else rest
         connector = Connector(
-            self, client, conn, addrs, prefix=prefix, sniff=sniff, steps=self._steps
-        )
+            self, client, conn, addrs, prefix=prefix, sniff=sniff, read=bool(rest),
+            steps=self._steps,
+        )  # fmt: skip
         self.conns.add(connector)
         connector.proceed()
 

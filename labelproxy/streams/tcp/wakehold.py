@@ -87,7 +87,10 @@ class WakeHold:
         entry = self.held[connector] = _Held(self, connector, sleep)
         self._deadlines.add(entry, sleep.wake_timeout)
         self._waker.held(conn.route, str(self._key), 1)
-        if sleep.wake_on == "data" and not self._waker.awake(sleep.container_id):
+        # `wake_on: data`: wait for a byte, unless one came already (a name a shared
+        # listener read, data after a PROXY header): then the client has sent data
+        if (sleep.wake_on == "data" and not connector.read
+                and not self._waker.awake(sleep.container_id)):  # fmt: skip
             entry.watching = True
             self._loop.add(connector.client, entry, EPOLLIN | EPOLLRDHUP)
         else:
