@@ -154,8 +154,8 @@ def test_a_route_removed_mid_transfer_drains_and_is_cut_at_the_deadline(w: Kerne
     on_path(lp, "gone")
     conn = connect(w, HOST_V4, 8301)
 
+    removed = time.monotonic()  # before the call: labelproxy may see the removal before it returns
     container.remove(force=True)
-    removed = time.monotonic()
     wait_for(lambda: lp.route("gone") is None, what="route gone from /routes")
     # /routes shows the desired state; the relay's listener closes in the same pass, just after
     wait_for(lambda: w.remote.call("connect", host=HOST_V4, port=8301) == {"error": "refused"},
