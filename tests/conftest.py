@@ -6,7 +6,8 @@ removes it at the end; `busybox_image` (session) builds `labelproxy-test/busybox
 the test, removes every container (and network) the test created. When `dockerd` is not
 installed, tests that need it are skipped with the reason, or fail when the env var CI is set.
 A test that starts an engine of its own asks for `dockerd_available` (the same checks, no engine).
-Tests that use either are marked `docker` automatically (`pytest -m "not docker"`).
+Tests that use either are marked `docker` automatically (`pytest -m "not docker"`). On
+xdist workers the files of slow directories are handed out first (`WORKER_ORDER`).
 """
 
 from __future__ import annotations
@@ -43,10 +44,22 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"no private Docker engine: {reason}")
 
 
+# On two workers (tests/run: pytest-xdist, a file per worker at a time) the directories of long
+# files go first, so the last files handed out are short ones and no worker idles at the end.
+WORKER_ORDER = ("kernel", "tooling", "e2e", "dataplane", "unit")
+
+
+def _worker_rank(item: pytest.Item) -> int:
+    parts = item.nodeid.split("/")
+    return WORKER_ORDER.index(parts[1]) if len(parts) > 2 and parts[1] in WORKER_ORDER else 0
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if DOCKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.docker)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=_worker_rank)  # stable: files and tests keep their order within
 
 
 @pytest.fixture(scope="module")

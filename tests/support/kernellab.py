@@ -23,13 +23,15 @@ class KernelLab:
                  **policy: Any) -> None:
         self.topology = topology
         self.policy = {"drain_timeout": drain_timeout, **policy}
-        self.host = topology.agent(topology.host)
-        self.remote = topology.agent(topology.client)
-        self.engine = self.start_engine()
+        self.host, self.remote, engine = topology.start_agents(
+            topology.host, topology.client, topology.host)
+        self.engine = self._started(engine)
 
     def start_engine(self) -> Agent:
         """A new engine agent in the host namespace, started (`engine_start`)."""
-        engine = self.topology.agent(self.topology.host)
+        return self._started(self.topology.agent(self.topology.host))
+
+    def _started(self, engine: Agent) -> Agent:
         self.outcome = engine.call("engine_start", policy=dict(self.policy))
         return engine
 

@@ -34,8 +34,7 @@ class KernelWorld:
     def __init__(self, topology: Topology, engine: PrivateDockerd | None) -> None:
         self.topology = topology
         self.engine = engine
-        self.host = topology.agent(topology.host)
-        self.remote = topology.agent(topology.client)
+        self.host, self.remote = topology.start_agents(topology.host, topology.client)
         self.client = engine.client() if engine is not None else None
         self.image = build_busybox_image(self.client) if self.client is not None else ""
         self.started: list[NsLabelproxy] = []

@@ -139,7 +139,7 @@ class LabelproxyProcess:
             {
                 "LABELPROXY_HTTP_ADDR": f"127.0.0.1:{self.http_port}",
                 "LABELPROXY_LOG_LEVEL": "debug",
-                "LABELPROXY_DRAIN_TIMEOUT": "5s",
+                "LABELPROXY_DRAIN_TIMEOUT": "1s",  # a test about draining sets its own
                 # never nftables in the host's namespace (tests/support/hostguard.py)
                 "LABELPROXY_FORWARDING": "relay",
             }

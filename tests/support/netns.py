@@ -14,7 +14,8 @@ behind a gateway (they would not).
 
 `Topology.agent(ns)` starts a `tests.support.nsagent` process inside a namespace
 (`ip netns exec`) and returns an `Agent` whose `call(op, **args)` sends one command and waits
-(with a deadline) for its answer. Engines, servers and clients all run in such agents.
+(with a deadline) for its answer. Engines, servers and clients all run in such agents;
+`Topology.start_agents(ns, ...)` starts several side by side.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _ip(*args: str) -> None:
 class Agent:
     """A `tests.support.nsagent` process in one namespace."""
 
-    def __init__(self, netns: str) -> None:
+    def __init__(self, netns: str, *, wait: bool = True) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.netns = netns
         self.proc = subprocess.Popen(
@@ -83,6 +84,11 @@ class Agent:
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait (with a deadline) for the agent's first line: it is ready for commands."""
         self._wait_line(CALL_TIMEOUT)
 
     def _read(self) -> None:
@@ -198,6 +204,15 @@ class Topology:
         agent = Agent(netns)
         self.agents.append(agent)
         return agent
+
+    def start_agents(self, *netns: str) -> list[Agent]:
+        """A new agent in each of these namespaces, started side by side (their Python
+        start-ups overlap), each ready when this returns; killed when the topology closes."""
+        started = [Agent(ns, wait=False) for ns in netns]
+        self.agents.extend(started)
+        for agent in started:
+            agent.wait_ready()
+        return started
 
     def close(self) -> None:
         """Kill the agents, then delete the namespaces this topology created (only those)."""

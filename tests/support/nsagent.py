@@ -25,11 +25,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from labelproxy.kernel.engine import KernelEngine
 from labelproxy.spec import EdgePolicy
 from tests.support.kernelspec import route_spec
+
+if TYPE_CHECKING:  # imported by engine_start: pyroute2 takes a third of an agent's start-up
+    from labelproxy.kernel.engine import KernelEngine
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +266,7 @@ class Agent:
         return self.engine
 
     def op_engine_start(self, policy: dict[str, Any]) -> str:
+        from labelproxy.kernel.engine import KernelEngine  # noqa: PLC0415
         allow = tuple(ipaddress.ip_network(n) for n in policy.pop("allow", ()))
         deny = tuple(ipaddress.ip_network(n) for n in policy.pop("deny", ()))
         engine = self.engine = KernelEngine(policy=EdgePolicy(allow=allow, deny=deny, **policy))
