@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import docker
 import docker.errors
@@ -27,6 +27,7 @@ from tests.support.dockerd import (
     build_busybox_image,
     missing_requirements,
 )
+from tests.support.lp import LabelproxyProcess
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.docker)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         items.sort(key=_worker_rank)  # stable: files and tests keep their order within
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that ran a labelproxy process (an `lp` fixture) reports that process's
+    log tail: the cause of a failure seen only in CI is then in CI's output."""
+    report = yield
+    if report.failed:
+        lp = getattr(item, "funcargs", {}).get("lp")
+        if isinstance(lp, LabelproxyProcess):
+            with contextlib.suppress(Exception):
+                report.sections.append(("labelproxy log (tail)", lp.log()[-6000:]))
+    return report
 
 
 @pytest.fixture(scope="module")
