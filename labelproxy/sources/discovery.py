@@ -92,8 +92,11 @@ def list_running(
     details = fresh.details
     listed = list(client.api.containers(filters={"status": "running"}))
     # sleep-enabled containers that are stopped or paused: their routes stay bound, asleep
+    # (by ID, whatever their state now: one woken between the two calls is in neither
+    # list's "running" view and would look gone, its route torn down under held clients)
     asleep = client.api.containers(all=True, filters={"label": f"{label_prefix}.idle_timeout"})
-    listed += [s for s in asleep if s.get("State") != "running"]
+    running = {s.get("Id") for s in listed}
+    listed += [s for s in asleep if s.get("Id") not in running]
     for summary in listed:
         cid = str(summary.get("Id"))
         summaries[cid] = summary

@@ -161,11 +161,12 @@ def test_idle_container_sleeps_and_twenty_clients_wake_it_once_served_on_their_c
     # the spec without backends follows the engine's die event: until then /routes says
     # "pending" (desired and live specs differ), then up, bound, asleep
     def bound_asleep() -> bool:
-        route = lp.route("sleepy")
-        return route is not None and route["state"] == "up" and bool(route["bound"])
+        doc = lp.routes()
+        route = next((r for r in doc["routes"] if r["route"] == "sleepy"), None)
+        return (route is not None and route["state"] == "up" and bool(route["bound"])
+                and "up (asleep)" in format_routes(doc))  # fmt: skip
 
-    wait_for(bound_asleep, what="the asleep route still up and bound")
-    assert "up (asleep)" in format_routes(lp.routes())
+    wait_for(bound_asleep, what="the asleep route still up and bound, `routes` says so")
     assert lp.metric("labelproxy_sleeps_total", **ids, method="stop") == 1
     wait_for(lambda: lp.metric("labelproxy_route_asleep", **ids) == 1, what="asleep gauge 1")
 
