@@ -284,10 +284,17 @@ class TcpEcho:
             except OSError:
                 return
 
-    def close(self) -> None:
+    def stop_listening(self) -> None:
+        """Close the listening socket only (new connections are refused); connections
+        already accepted are served to their end, as a program that stops listening does.
+        The socket closes before the accept thread's timeout runs out: no connection waits
+        in the backlog meanwhile, to be reset by the close (a client would see an error)."""
         self._stop.set()
-        self._thread.join(timeout=5)
         self.sock.close()
+        self._thread.join(timeout=5)
+
+    def close(self) -> None:
+        self.stop_listening()
         for conn in self._conns:
             with suppress(OSError):
                 conn.close()
