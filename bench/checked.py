@@ -1,7 +1,9 @@
-"""`labelproxy-checked`: the relay target with 1,000 more routes, idle, each with the default
-active check, to show what checks cost the relay (issue 12: 1,000 routes with default checks
-must not move the benchmark's relay figures). Its rows sit beside `labelproxy`'s in the same
-run (same routes, same settings, started the same way): the difference is the checks.
+"""`labelproxy-checked` and `labelproxy-routes`: the relay target with 1,000 more routes, idle,
+each with the default active check (`-checked`) or with checks off (`-routes`), to show what
+checks cost the relay (issue 12: 1,000 routes with default checks must not move the benchmark's
+relay figures). Their rows sit beside `labelproxy`'s in the same run (same routes, same
+settings, started the same way): `-routes` vs `labelproxy` is what 1,000 more routes cost,
+`-checked` vs `-routes` what their checks cost.
 
 The 1,000 routes (`idle-0` ... `idle-999`, tcp4 on 127.0.0.1, consecutive listen ports) all
 have one backend, a C echo server of their own (`check-sink`, not an upstream the loads use),
@@ -25,10 +27,13 @@ from bench.procs import BenchError, Children, read_line
 logger = logging.getLogger(__name__)
 
 CHECKED_TARGET = "labelproxy-checked"
+ROUTES_TARGET = "labelproxy-routes"
 CHECKED_ROUTES = 1000
 NOTE = (f"the labelproxy target plus {CHECKED_ROUTES:,} idle routes with the default active "
         "check (tcp connect every 5 s each, ~200 checks/s, to a sink of their own); measured "
         "once all are up and ready")
+ROUTES_NOTE = (f"the labelproxy target plus {CHECKED_ROUTES:,} idle routes with checks off "
+               "(`healthcheck: none`, to a sink of their own); measured once all are up")
 
 
 def start_sink(children: Children, server: Path) -> int:
@@ -63,12 +68,14 @@ def free_run(count: int) -> int:
     raise BenchError(f"no run of {count} consecutive free ports for {CHECKED_TARGET}")
 
 
-def routes_yaml(*, sink_port: int) -> str:
-    """The idle routes, as lines of the routes file's `routes:` mapping."""
+def routes_yaml(*, sink_port: int, checks: bool = True) -> str:
+    """The idle routes, as lines of the routes file's `routes:` mapping: with the default
+    check, or with `healthcheck: none`."""
     first = free_run(CHECKED_ROUTES)
+    off = "" if checks else ", healthcheck: none"
     return "".join(
         f'  idle-{i}: {{scheme: tcp4, bind: 127.0.0.1, port: "{first + i}:{sink_port}", '
-        "host: 127.0.0.1}\n"
+        f"host: 127.0.0.1{off}}}\n"
         for i in range(CHECKED_ROUTES)
     )
 

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 PEERS = ("haproxy", "nginx", "socat")
 KERNEL = "labelproxy-kernel"  # labelproxy with nftables forwarding (bench --netns)
 CHECKED = "labelproxy-checked"  # the relay with 1,000 idle routes with default checks beside
+ROUTES = "labelproxy-routes"  # the relay with 1,000 idle routes, checks off, beside
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,12 +231,14 @@ def render_summary(results: Results, sections: list[str]) -> list[str]:
     best peer instead."""
     names = {"direct": "direct", "haproxy": "HAProxy", "nginx": "nginx", "socat": "socat"}
     targets = results.targets
-    ours_all = [t for t in ("labelproxy", KERNEL, CHECKED) if t in targets]
+    ours_all = [t for t in ("labelproxy", KERNEL, ROUTES, CHECKED) if t in targets]
     with_kernel = KERNEL in targets
     ratio_titles = (
         ["relay vs direct", "kernel vs direct", "relay vs best peer", "kernel vs best peer"]
         if with_kernel else ["vs HAProxy", "vs best peer"]
     )  # fmt: skip
+    if ROUTES in targets:  # what 1,000 idle routes cost the relay, in this run
+        ratio_titles.append("with 1,000 unchecked routes vs without")
     if CHECKED in targets:  # what 1,000 checked idle routes cost the relay, in this run
         ratio_titles.append("with 1,000 checked routes vs without")
     out = [
@@ -273,6 +276,8 @@ def render_summary(results: Results, sections: list[str]) -> list[str]:
                           ratio("labelproxy", best), ratio(KERNEL, best)]
             else:
                 ratios = [ratio("labelproxy", medians.get("haproxy")), ratio("labelproxy", best)]
+            if ROUTES in targets:
+                ratios.append(ratio(ROUTES, medians.get("labelproxy")))
             if CHECKED in targets:
                 ratios.append(ratio(CHECKED, medians.get("labelproxy")))
             out.append(f"| {title} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")

@@ -42,8 +42,9 @@ PEERS = ("haproxy", "nginx", "socat")
 DEFAULT_TARGETS = ("direct", "haproxy", "nginx", "socat", "labelproxy")
 KERNEL_TARGET = "labelproxy-kernel"
 CHECKED_TARGET = checked.CHECKED_TARGET  # the relay with 1,000 checked idle routes beside
+ROUTES_TARGET = checked.ROUTES_TARGET  # the relay with 1,000 unchecked idle routes beside
 # run only when named in --targets; never a peer ("vs best peer" compares with PEERS only)
-REFERENCE_TARGETS = ("pyfloor", KERNEL_TARGET, CHECKED_TARGET)
+REFERENCE_TARGETS = ("pyfloor", KERNEL_TARGET, ROUTES_TARGET, CHECKED_TARGET)
 ALL_TARGETS = DEFAULT_TARGETS + REFERENCE_TARGETS
 PYFLOOR = Path(__file__).resolve().parent / "tools" / "pyfloor.py"
 START_TIMEOUT = 30.0
@@ -249,9 +250,12 @@ def relay_connection_cap() -> int:
     return max(1, (soft - 1024) // 2)
 
 
-def start_labelproxy(ctx: StartContext, *, kernel: bool = False,
+def start_labelproxy(ctx: StartContext, *, kernel: bool = False, idle_routes: bool = False,
                      with_checks: bool = False) -> Target:
-    name = KERNEL_TARGET if kernel else CHECKED_TARGET if with_checks else "labelproxy"
+    """The relay (or with `kernel` the kernel path); with `idle_routes` 1,000 idle routes
+    beside, with the default check when `with_checks`."""
+    name = (KERNEL_TARGET if kernel else
+            (CHECKED_TARGET if with_checks else ROUTES_TARGET) if idle_routes else "labelproxy")
     if kernel and not netns.inside():
         raise BenchError(f"{name} programs nftables: run the bench with --netns")
     ports = _listen_ports()
@@ -259,10 +263,11 @@ def start_labelproxy(ctx: StartContext, *, kernel: bool = False,
         ports[SNI_ROUTE] = free_port()
     routes_file = ctx.workdir / f"{name}-routes.yaml"
     routes = labelproxy_routes_yaml(ports=ports, upstream=ctx.upstream)
-    if with_checks:
+    if idle_routes:
         if ctx.server is None:
-            raise BenchError(f"{name} needs the bench's C server for its check sink")
-        routes += checked.routes_yaml(sink_port=checked.start_sink(ctx.children, ctx.server))
+            raise BenchError(f"{name} needs the bench's C server for its idle routes' sink")
+        routes += checked.routes_yaml(sink_port=checked.start_sink(ctx.children, ctx.server),
+                                      checks=with_checks)
     routes_file.write_text(routes)
     http_port = free_port()
     env = labelproxy_env(routes_file=routes_file, http_port=http_port, docker_host="none")
@@ -282,10 +287,10 @@ def start_labelproxy(ctx: StartContext, *, kernel: bool = False,
     note = ("run as a user runs it (python -m labelproxy, a routes file); metrics and an "
             f"allow-all ACL on; LABELPROXY_MAX_CONNECTIONS={cap} (two descriptors a "
             "connection under the bench's open-files limit)")
-    if with_checks:
+    if idle_routes:
         checked.wait_checked(lambda: http_get(http_port, "/routes", timeout=5.0),
                              deadline=time.monotonic() + START_TIMEOUT)
-        note += "; " + checked.NOTE
+        note += "; " + (checked.NOTE if with_checks else checked.ROUTES_NOTE)
     if kernel:
         paths = {r.get("forwarding") for r in json.loads(body or b"{}").get("routes", [])}
         if paths != {"kernel"}:
@@ -302,7 +307,11 @@ def start_labelproxy_kernel(ctx: StartContext) -> Target:
 
 
 def start_labelproxy_checked(ctx: StartContext) -> Target:
-    return start_labelproxy(ctx, with_checks=True)
+    return start_labelproxy(ctx, idle_routes=True, with_checks=True)
+
+
+def start_labelproxy_routes(ctx: StartContext) -> Target:
+    return start_labelproxy(ctx, idle_routes=True)
 
 
 def start_pyfloor(ctx: StartContext) -> Target:
@@ -329,6 +338,7 @@ STARTERS: dict[str, Callable[[StartContext], Target]] = {
     "pyfloor": start_pyfloor,
     KERNEL_TARGET: start_labelproxy_kernel,
     CHECKED_TARGET: start_labelproxy_checked,
+    ROUTES_TARGET: start_labelproxy_routes,
 }
 
 

@@ -36,7 +36,13 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from labelproxy.health.probes import OwnLookup, ProbeResult, describe_os_error, literal_family
+from labelproxy.health.probes import (
+    OwnLookup,
+    ProbeResult,
+    describe_os_error,
+    literal_family,
+    reset_close,
+)
 from labelproxy.healthcheck import HealthCheck, render_seconds
 from labelproxy.spec import Backend, ListenKey
 
@@ -182,7 +188,10 @@ class TcpBatch:
             self._ep.register(sock.fileno(), select.EPOLLOUT)
             self._pending[sock.fileno()] = (job, sock, now, now + job.check.timeout)
             return
-        sock.close()
+        if err == 0:
+            reset_close(sock)
+        else:
+            sock.close()
         self._finish(job, _result(err, 0.0))
 
     def _finish(self, job: TcpJob, result: ProbeResult) -> None:
@@ -211,7 +220,10 @@ class TcpBatch:
             job, sock, started, _ = entry
             self._ep.unregister(fd)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            sock.close()
+            if err == 0:
+                reset_close(sock)  # connected: reset, as `probes` does (no TIME_WAIT)
+            else:
+                sock.close()
             self._finish(job, _result(err, now - started))
         for fd, (job, sock, started, deadline) in list(self._pending.items()):
             if now >= deadline:
