@@ -47,6 +47,7 @@ from labelproxy.sources.power import Power
 from labelproxy.sources.sleeper import Sleeper
 from labelproxy.sources.staticroutes import RoutesFileInput
 from labelproxy.spec import Backend, DesiredState, ListenKey, Problem, RouteSpec
+from labelproxy.streams.tcp import loop as tcp_loop
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,9 @@ class Runtime:
         self.reconciler: Reconciler | None = None
         self.edge = settings.edge_policy()
         self.forwarding = Forwarding(mode=settings.forwarding, policy=self.edge)
-        self.health = HealthChecker()
+        # the default checks run on the TCP data loop: never a hand-over of the interpreter
+        # lock between it and this loop for a check (health.tcpbatch)
+        self.health = HealthChecker(check_loop=tcp_loop.shared)
         # wake on demand: sleep-enabled containers are started and stopped through the engine
         self.sleeper: Sleeper | None = None
         if settings.discovery_enabled:

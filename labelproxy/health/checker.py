@@ -8,11 +8,13 @@
     checker.report_dial_success(key, backend)                             # any thread
     await checker.wait_ready(key, timeout=5.0)      # event-loop thread
 
-Scheduling: the default check (`tcp`, IP-literal backends) of every backend runs from one task,
-`tcpbatch.TcpBatch` (checks due together start together; one epoll collects them); other
+Scheduling: the default check (`tcp`, IP-literal backends) of every backend runs on the loop
+`check_loop()` gives (the runtime gives the TCP data loop, so these checks never hand the
+interpreter lock over; without one, on the asyncio loop), through `tcpbatch.TcpBatch`; other
 checks run from one task per checked backend (none for `none`/`docker` routes, nor for the
 ports of a range that follow its first port, see `targets`). At most one check is in flight per
-backend, all under one `CapacityLimiter(max_concurrent)`. A backend still `starting` is
+backend; at most `max_concurrent` default checks and `max_concurrent` others (a
+`CapacityLimiter`). A backend still `starting` is
 checked every `min(interval, starting_interval)`, others every `interval`, each wait spread by
 +-`jitter`; a new backend's first check comes within `jitter x` its first wait. When an
 ejection runs out, a checked backend is checked at once.
@@ -20,14 +22,16 @@ ejection runs out, a checked backend is checked at once.
 Threads: the state sits behind one `threading.Lock`, held only for bookkeeping (never across
 I/O or a listener). Each route's ready backends are published as a tuple replaced whole, so
 `ready_backends` and `is_ready` read without the lock from any thread (the TCP data loop has
-its own). Readiness is only *gained* on the event loop (a check, the end of an ejection,
-`set_targets`); a data-plane thread can only take it away (an ejection), so `wait_ready`'s
-events are set on their own loop. Listeners run on the thread where the change happened, with
-the lock released: a listener owning thread-confined state hands over (`DataLoop.submit`).
+its own). Readiness changes on the event loop (checks, the end of an ejection, `set_targets`)
+and on the check loop's thread (default checks; ejections on the data plane's); `wait_ready`'s
+events are set on their own loop either way (handed over). Listeners run on the thread where
+the change happened, with the lock released: a listener owning thread-confined state hands
+over (`DataLoop.submit`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
@@ -43,7 +47,7 @@ import anyio.from_thread
 from labelproxy.health.probes import OwnLookup, ProbeResult, probe
 from labelproxy.health.state import BackendState, PassivePolicy
 from labelproxy.health.targets import range_owner
-from labelproxy.health.tcpbatch import TcpBatch, TcpJob, batchable
+from labelproxy.health.tcpbatch import AsyncioCheckLoop, CheckLoop, TcpBatch, TcpJob, batchable
 from labelproxy.health.views import (
     BackendStatus,
     HealthTarget,
@@ -97,6 +101,7 @@ class HealthChecker:
         passive: PassivePolicy | None = None,
         starting_interval: float = 1.0,
         jitter: float = 0.1,
+        check_loop: Callable[[], CheckLoop] | None = None,
     ) -> None:
         self.passive = passive or PassivePolicy()
         self.starting_interval = starting_interval
@@ -115,8 +120,10 @@ class HealthChecker:
         self._mirrors: dict[ListenKey, dict[Backend, tuple[tuple[ListenKey, Backend], ...]]] = {}
         self.own: OwnLookup | None = None  # labelproxy's own listeners: never checked
         # the default checks (`tcp`, IP literals) of every backend, from one task
-        self._batch = TcpBatch(limiter=self._limiter, on_results=self._batch_results,
-                               own=lambda: self.own)
+        self._check_loop = check_loop
+        self._aloop: asyncio.AbstractEventLoop | None = None  # while serving
+        self._batch = TcpBatch(on_results=self._batch_results, own=lambda: self.own,
+                               max_in_flight=max_concurrent)
 
     # -- lifecycle and targets (event-loop thread) ------------------------------------------
     async def serve(
@@ -125,7 +132,9 @@ class HealthChecker:
         """Run the checks until cancelled; `started` once targets can be checked."""
         async with anyio.from_thread.BlockingPortal() as portal, anyio.create_task_group() as tg:
             self._tg, self._portal, self._loop_thread = tg, portal, threading.get_ident()
-            tg.start_soon(self._batch.run)
+            self._aloop = asyncio.get_running_loop()
+            self._batch.attach(self._check_loop() if self._check_loop is not None
+                               else AsyncioCheckLoop(self._aloop))
             try:
                 with self._lock:
                     for key, route in self._routes.items():
@@ -134,7 +143,8 @@ class HealthChecker:
                 task_status.started()
                 await anyio.sleep_forever()
             finally:
-                self._tg = self._portal = self._loop_thread = None
+                self._batch.detach()
+                self._tg = self._portal = self._loop_thread = self._aloop = None
 
     def set_targets(self, targets: Mapping[ListenKey, HealthTarget]) -> None:
         """Make the checked routes exactly `targets` (idempotent). A backend keeps its state
@@ -247,8 +257,8 @@ class HealthChecker:
                 delay = found * random.uniform(1 - self.jitter, 1 + self.jitter)
 
     def _batch_results(self, done: list[tuple[TcpJob, ProbeResult]]) -> None:
-        """The results of a batch of `tcp` checks (`TcpBatch`), recorded under one lock;
-        each job that stays is scheduled again."""
+        """(the check loop's thread) The results of `tcp` checks (`TcpBatch`), recorded
+        under one lock; each job that stays is scheduled again."""
         changes: list[StateChange] = []
         mirrored: list[StateChange] = []
         with self._lock:
@@ -404,6 +414,8 @@ class HealthChecker:
         with anyio.move_on_after(timeout):
             while not self._ready.get(key):
                 event = self._ready_events.setdefault(key, anyio.Event())
+                if self._ready.get(key):  # published (on another thread) before it was set
+                    break
                 await event.wait()
         return self._ready.get(key, ())
 
@@ -433,10 +445,16 @@ class HealthChecker:
         route = self._routes[key]
         ready = tuple(b for b in route.order if route.states[b].ready)
         self._ready[key] = ready
-        if ready and threading.get_ident() == self._loop_thread:
+        if not ready:
+            return
+        if threading.get_ident() == self._loop_thread:
             event = self._ready_events.pop(key, None)
             if event is not None:
                 event.set()
+        elif (aloop := self._aloop) is not None and key in self._ready_events:
+            event = self._ready_events.pop(key, None)
+            if event is not None:
+                aloop.call_soon_threadsafe(event.set)
 
     def _change(
         self, key: ListenKey, route: _Route, backend: Backend, state: BackendState, reason: str

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from labelproxy.health.state import PassivePolicy
 from labelproxy.health.views import HealthTarget, StateChange
 from labelproxy.healthcheck import HealthCheck
 from labelproxy.spec import Backend, ListenKey
+from labelproxy.streams.tcp import loop as data_loop
 from tests.support.lp import free_port
 
 pytestmark = pytest.mark.anyio
@@ -355,12 +357,13 @@ def _closing_towards(port: int) -> int:
     return count
 
 
-async def test_connect_checks_leave_no_time_wait_behind() -> None:
+@pytest.mark.parametrize("on_data_loop", [False, True], ids=["asyncio", "data_loop"])
+async def test_connect_checks_leave_no_time_wait_behind(on_data_loop: bool) -> None:
     """A `tcp` check ends with a reset, as HAProxy's connect-only checks do: 1,000 routes
     checked every 5 s would otherwise keep ~12,000 sockets in TIME_WAIT on labelproxy's side.
     The server holds its end open, so labelproxy closes first (the side TIME_WAIT lands on)."""
     server = CountingServer(hold=2.0)
-    checker = HealthChecker()
+    checker = HealthChecker(check_loop=data_loop.shared if on_data_loop else None)
     async with running(checker), listening(server) as port:
         checker.set_targets({KEY: HealthTarget(FAST, (Backend("127.0.0.1", port),))})
         await checker.wait_ready(KEY, timeout=5.0)
@@ -370,3 +373,31 @@ async def test_connect_checks_leave_no_time_wait_behind() -> None:
         result = await probe(FAST, host="127.0.0.1", port=port, transport="tcp")
         assert result.result == "pass"
         assert _closing_towards(port) == 0
+
+
+async def test_default_checks_run_on_the_tcp_data_loop() -> None:
+    """Given the TCP data loop (as the runtime gives it), the default checks run there: no
+    hand-over of the interpreter lock between the relay's thread and the event loop for a
+    check. A backend listening late is waited for across the threads (`wait_ready` on the
+    event loop), leaves after `fall` refused checks and comes back after `rise`."""
+    check = HealthCheck("tcp", interval=0.1, timeout=0.2, rise=2, fall=2)
+    port = free_port()
+    backend = Backend("127.0.0.1", port, "c1", "late")
+    checker = HealthChecker(check_loop=data_loop.shared, starting_interval=0.1)
+    seen: list[tuple[str, bool]] = []  # (thread, ready) of each change, from any thread
+    checker.subscribe(lambda change: seen.append((threading.current_thread().name, change.ready)))
+    server = CountingServer()
+    async with running(checker):
+        checker.set_targets({KEY: HealthTarget(check, (backend,), route="late")})
+        assert await checker.wait_ready(KEY, timeout=0.3) == ()  # nothing listens yet
+        async with listening(server, port):
+            assert await checker.wait_ready(KEY, timeout=5.0) == (backend,)
+        with anyio.fail_after(5.0):
+            while checker.is_ready(KEY, backend):
+                await anyio.sleep(0.02)
+        async with listening(server, port):
+            assert await checker.wait_ready(KEY, timeout=5.0) == (backend,)
+    assert seen == [("labelproxy-tcp", True), ("labelproxy-tcp", False),
+                    ("labelproxy-tcp", True)]
+    health = checker.status(KEY)
+    assert health is not None and health.results["pass"] >= 4 and health.results["fail"] >= 2
