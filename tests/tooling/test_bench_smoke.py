@@ -104,6 +104,26 @@ def test_reference_floor_runs_only_when_named_and_is_no_peer(tmp_path: Path) -> 
         assert row is not None, (title, table)  # measured, and never a "best peer"
 
 
+def test_the_idle_route_targets_run_with_their_1000_routes_up(tmp_path: Path) -> None:
+    """`labelproxy-routes` and `labelproxy-checked` start labelproxy with 1,000 idle routes
+    (checked or not), wait until all are up and their backends ready, and are measured."""
+    _require_peers()
+    args = [sys.executable, "-m", "bench", "--quick", "--no-install", "--out", str(tmp_path)]
+    args += ["--targets", "labelproxy-routes,labelproxy-checked", "--only", "short_conns"]
+    done = subprocess.run(
+        args, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
+    )
+    assert done.returncode == 0, f"bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "1,000 idle routes with checks off" in done.stdout
+    assert "1,000 idle routes with the default active check" in done.stdout
+    tables = _tables(done.stdout)
+    assert len(tables) == 3  # the short_conns metrics
+    for title, table in tables.items():
+        for target in ("labelproxy-routes", "labelproxy-checked"):
+            row = re.search(rf"^\| {target} \| ([-\d,.]+) \|", table, re.MULTILINE)
+            assert row is not None, (title, target, table)  # measured
+
+
 def test_the_reference_floor_is_never_the_best_peer() -> None:
     results = Results(targets=["haproxy", "pyfloor"])
     for target, rate in (("haproxy", 100.0), ("pyfloor", 200.0)):
@@ -163,17 +183,22 @@ def test_summary_has_one_row_per_measurement_with_labelproxy_ratios() -> None:
 
 
 def test_summary_compares_the_relay_with_and_without_checked_routes() -> None:
-    """`labelproxy-checked` (the relay plus 1,000 idle routes with default checks) gets its
-    own column and a ratio to the plain relay of the same run."""
-    results = Results(targets=["direct", "haproxy", "labelproxy", "labelproxy-checked"])
+    """`labelproxy-routes` (the relay plus 1,000 idle routes, checks off) and
+    `labelproxy-checked` (the same routes with default checks) get their own columns and
+    ratios to the plain relay of the same run."""
+    results = Results(targets=["direct", "haproxy", "labelproxy", "labelproxy-routes",
+                               "labelproxy-checked"])
     for target, rate in {"direct": 300.0, "haproxy": 100.0, "labelproxy": 80.0,
-                         "labelproxy-checked": 76.0}.items():
+                         "labelproxy-routes": 84.0, "labelproxy-checked": 76.0}.items():
         results.add(section="short_conns", target=target, rep=0,
                     values={"short_conns_per_s": rate}, raw={})
     lines = render_summary(results, ["short_conns"])
-    assert lines[0] == ("| measurement | direct | HAProxy | labelproxy | labelproxy-checked | "
-                        "vs HAProxy | vs best peer | with 1,000 checked routes vs without |")
-    assert lines[2].endswith("| 300 | 100 | **80.0** | **76.0** | 0.80x | 0.80x | 0.95x |")
+    assert lines[0] == ("| measurement | direct | HAProxy | labelproxy | labelproxy-routes | "
+                        "labelproxy-checked | vs HAProxy | vs best peer | "
+                        "with 1,000 unchecked routes vs without | "
+                        "with 1,000 checked routes vs without |")
+    assert lines[2].endswith(
+        "| 300 | 100 | **80.0** | **84.0** | **76.0** | 0.80x | 0.80x | 1.05x | 0.95x |")
 
 
 def test_the_kernel_target_runs_beside_the_relay_in_a_namespace_of_the_benchs_own(
