@@ -428,7 +428,7 @@ class HealthChecker:
             return RouteHealth(
                 key, route.route, route.check,
                 tuple(BackendStatus.of(b, s) for b, s in route.states.items()),
-                dict(route.results), route.ejections,
+                dict(route.results) if route.follows is None else {}, route.ejections,
             )  # fmt: skip
 
     def statuses(self) -> dict[ListenKey, RouteHealth]:

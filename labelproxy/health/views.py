@@ -111,7 +111,8 @@ class BackendStatus:
 class RouteHealth:
     """A route's check, its backends' status and its counters since the route appeared:
     `results` (pass/fail/timeout) for `labelproxy_health_checks_total{route,listen,result}`
-    and `ejections` for `labelproxy_backend_ejections_total{route,listen}`."""
+    (empty for a port of a range that follows its first port: no check runs there, so no
+    series of zeros per port) and `ejections` for `labelproxy_backend_ejections_total`."""
 
     key: ListenKey
     route: str
