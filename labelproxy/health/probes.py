@@ -1,6 +1,6 @@
 """Running one check against one backend, with a deadline: `probe(check, host=, port=, transport=)`.
 
-- `tcp`: a connect, then a reset (`reset_close`: no FIN exchange, no TIME_WAIT left behind).
+- `tcp`: a connect (then a plain close).
 - `send_expect`: over TCP, connect, send `check.send` (if any) and read until the answer
   satisfies `check.expect`, the peer closes, or `MAX_ANSWER` bytes came without a match; over
   UDP, send the datagram and wait for one that matches.
@@ -30,7 +30,6 @@ import ipaddress
 import logging
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,7 +119,7 @@ async def _run(
 ) -> str:
     """The detail of a passed check; raises `_CheckFailedError`/`OSError` for a failed one."""
     if check.kind == "tcp":
-        reset_close(await _connect(host, port, own))
+        (await _connect(host, port, own)).close()
         return "connected"
     if check.kind == "send_expect":
         exchange = Exchange(check.send, _expect_judge(check, datagram=transport == "udp"))
@@ -176,19 +175,6 @@ async def _address(
                 f"loop: {host}:{port} is labelproxy's own listener {listener} (not dialled)"
             )
     return found
-
-
-_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
-
-
-def reset_close(sock: socket.socket) -> None:
-    """Close a bare connect check's socket with a reset, as HAProxy closes its connect-only
-    checks: no FIN exchange and no TIME_WAIT left on labelproxy's side (200 checks a second
-    would keep ~12,000 sockets in TIME_WAIT, ephemeral ports toward one backend included),
-    less kernel work per check. Checks that talk close gracefully (`_tcp_exchange`)."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    sock.close()
 
 
 async def _connect(host: str, port: int, own: OwnLookup | None) -> socket.socket:

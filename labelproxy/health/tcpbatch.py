@@ -1,7 +1,7 @@
 """Plain `tcp` checks of IP-literal backends (the default check), all on one loop's thread.
 
 A check is a few system calls: a non-blocking connect, the socket watched for writability,
-`SO_ERROR`, a reset (`probes.reset_close`). Run as a task per backend on the asyncio loop it
+`SO_ERROR`, a close. Run as a task per backend on the asyncio loop it
 also cost a task wake-up, cancel scopes and a limiter round trip (0.4 ms of CPU a check); run
 from one asyncio task it still cost the relay more than its own CPU: every wake-up of the
 control plane's thread took the interpreter lock from the TCP data loop (1,000 checked routes,
@@ -39,13 +39,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from labelproxy.health.probes import (
-    OwnLookup,
-    ProbeResult,
-    describe_os_error,
-    literal_family,
-    reset_close,
-)
+from labelproxy.health.probes import OwnLookup, ProbeResult, describe_os_error, literal_family
 from labelproxy.healthcheck import HealthCheck, render_seconds
 from labelproxy.spec import Backend, ListenKey
 
@@ -150,16 +144,15 @@ class _Flight:
 
     def on_event(self, fd: int, events: int) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self.batch._land(self, _result(err, time.monotonic() - self.started), connected=not err)
+        self.batch._land(self, _result(err, time.monotonic() - self.started))
 
     def abort(self, reason: str) -> None:
-        self.batch._land(self, ProbeResult("fail", reason, 0.0), connected=False)
+        self.batch._land(self, ProbeResult("fail", reason, 0.0))
 
     def timed_out(self) -> None:
         detail = f"no answer within {render_seconds(self.job.check.timeout)}"
         self.deadline = None
-        self.batch._land(self, ProbeResult("timeout", detail, time.monotonic() - self.started),
-                         connected=False)
+        self.batch._land(self, ProbeResult("timeout", detail, time.monotonic() - self.started))
 
 
 class TcpBatch:
@@ -269,10 +262,7 @@ class TcpBatch:
         except OSError as exc:
             err = exc.errno or errno.EINVAL
         if err != errno.EINPROGRESS:
-            if err == 0:
-                reset_close(sock)
-            else:
-                sock.close()
+            sock.close()
             self._report(job, _result(err, 0.0))
             return
         flight = _Flight(self, loop, job, sock, now)
@@ -286,7 +276,7 @@ class TcpBatch:
         self._flights[fd] = flight
         flight.deadline = loop.call_at(now + job.check.timeout, flight.timed_out)
 
-    def _land(self, flight: _Flight, result: ProbeResult, *, connected: bool) -> None:
+    def _land(self, flight: _Flight, result: ProbeResult) -> None:
         """A check settled (connected, failed or timed out): close it, report it, and start
         the next that waited for its slot."""
         fd = flight.sock.fileno()
@@ -295,10 +285,7 @@ class TcpBatch:
         flight.loop.remove(fd)
         if flight.deadline is not None:
             flight.deadline.cancel()
-        if connected:
-            reset_close(flight.sock)
-        else:
-            flight.sock.close()
+        flight.sock.close()
         self._report(flight.job, result)
         if self._heap and self._loop is not None and self._timer is None:
             self._arm()  # the cap had stopped the starts

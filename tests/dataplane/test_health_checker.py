@@ -17,7 +17,6 @@ import anyio.abc
 import pytest
 
 from labelproxy.health.checker import HealthChecker
-from labelproxy.health.probes import probe
 from labelproxy.health.state import PassivePolicy
 from labelproxy.health.views import HealthTarget, StateChange
 from labelproxy.healthcheck import HealthCheck
@@ -340,39 +339,6 @@ async def test_a_backend_removed_before_its_first_check_ran_disturbs_nothing() -
         checker.set_targets({KEY: HealthTarget(FAST, (gone,))})
         checker.set_targets({KEY: HealthTarget(FAST, (kept,))})  # before any task ran
         assert await checker.wait_ready(KEY, timeout=5.0) == (kept,)
-
-
-def _closing_towards(port: int) -> int:
-    """Sockets of this host whose remote port is `port` left by a graceful close
-    (/proc/net/tcp{,6} states 04 FIN_WAIT1, 05 FIN_WAIT2, 06 TIME_WAIT: the side that closes
-    first goes through them, for a minute in TIME_WAIT)."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as lines:
-            next(lines)
-            for line in lines:
-                fields = line.split()
-                remote_port, state = int(fields[2].rsplit(":", 1)[1], 16), fields[3]
-                count += remote_port == port and state in ("04", "05", "06")
-    return count
-
-
-@pytest.mark.parametrize("on_data_loop", [False, True], ids=["asyncio", "data_loop"])
-async def test_connect_checks_leave_no_time_wait_behind(on_data_loop: bool) -> None:
-    """A `tcp` check ends with a reset, as HAProxy's connect-only checks do: 1,000 routes
-    checked every 5 s would otherwise keep ~12,000 sockets in TIME_WAIT on labelproxy's side.
-    The server holds its end open, so labelproxy closes first (the side TIME_WAIT lands on)."""
-    server = CountingServer(hold=2.0)
-    checker = HealthChecker(check_loop=data_loop.shared if on_data_loop else None)
-    async with running(checker), listening(server) as port:
-        checker.set_targets({KEY: HealthTarget(FAST, (Backend("127.0.0.1", port),))})
-        await checker.wait_ready(KEY, timeout=5.0)
-        await server.wait_total(6, timeout=5.0)
-        assert _closing_towards(port) == 0
-        # the same for a check run on its own (a host name's, not batched)
-        result = await probe(FAST, host="127.0.0.1", port=port, transport="tcp")
-        assert result.result == "pass"
-        assert _closing_towards(port) == 0
 
 
 async def test_default_checks_run_on_the_tcp_data_loop() -> None:
