@@ -25,6 +25,7 @@ from labelproxy.streams.live import LiveRoute
 from labelproxy.streams.tcp.server import TcpServer
 from labelproxy.streams.udp.relay import UdpRelay
 from tests.support import tcp, udp
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -46,9 +47,7 @@ def collector_off() -> Iterator[None]:
 
 def route(transport: str, target: int) -> RouteSpec:
     kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port(kind)
     return RouteSpec(
         alias="mem",
         scheme="tcp4" if transport == "tcp" else "udp4",

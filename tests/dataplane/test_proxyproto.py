@@ -29,10 +29,10 @@ from labelproxy.streams.proxyproto import (
     build_header,
     parse_dgram,
 )
+from tests.support.ports import free_port
 from tests.support.tcp import (
     DEADLINE,
     connect,
-    free_port,
     ping,
     recv_exactly,
     recv_until_eof,

@@ -207,18 +207,12 @@ async def test_series_of_a_removed_route_go_once_it_has_drained() -> None:
         echo.close()
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_a_removed_udp_route_drains_and_hands_its_port_to_its_successor() -> None:
     """A UDP listener stays bound while its sessions drain (their replies leave through it):
     the pass that removes the route does not wait for that, the session keeps working, and
     a route that wants the port again (a container restarted) gets it at once."""
     async with udp_upstream() as up, reconciler(Metrics()) as (rec, _):
-        port = free_udp_port()
+        port = free_port(socket.SOCK_DGRAM)
         spec = RouteSpec(
             alias="dns",
             scheme="udp4",

@@ -21,10 +21,10 @@ from labelproxy.metrics import Metrics
 from labelproxy.spec import EdgePolicy
 from labelproxy.streams.live import LiveRoute
 from labelproxy.streams.tcp.server import serve_tcp
+from tests.support.ports import free_port
 from tests.support.tcp import (
     DEADLINE,
     connect,
-    free_port,
     ping,
     recv_exactly,
     recv_until_eof,

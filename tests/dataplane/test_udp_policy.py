@@ -17,6 +17,7 @@ from proxyprotocol.v2 import ProxyProtocolV2
 from labelproxy.metrics import Direction
 from labelproxy.spec import EdgePolicy
 from labelproxy.streams.hooks import BaseHook, ConnInfo
+from tests.support.ports import free_port
 from tests.support.udp import (  # anyio_backend, relay_path: fixtures for every test
     anyio_backend,  # noqa: F401
     ask,
@@ -122,9 +123,7 @@ async def test_proxy_v2_header_carries_the_real_client_on_every_datagram(
 
 
 async def test_refused_upstream_is_counted_and_the_listener_and_session_survive() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead_port = probe.getsockname()[1]
+    dead_port = free_port(socket.SOCK_DGRAM)
     async with running_route(udp_spec(dead_port)) as live, client_of(live) as client:
         await client.send(b"nobody home")
         await wait_until(lambda: live.counters.udp_dropped["upstream_error"] >= 1)

@@ -30,7 +30,8 @@ from labelproxy.sources.dockerviews import (
     service_of,
     view_from_attrs,
 )
-from tests.support.dockerd import PrivateDockerd, free_port, run_container
+from tests.support.dockerd import PrivateDockerd, run_container
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.anyio
 T = TypeVar("T")

@@ -22,7 +22,8 @@ from labelproxy.sources.containers import ContainerView, DiscoveryContext, PortB
 from labelproxy.sources.desired import build_desired
 from labelproxy.sources.discovery import ListMemo, list_running
 from labelproxy.sources.dockerviews import needing_details, view_from_attrs, view_from_summary
-from tests.support.dockerd import free_port, wait_for
+from tests.support.dockerd import wait_for
+from tests.support.ports import free_port
 
 SLEEP = ["sh", "-c", "sleep 600"]
 HEALTHY = {"test": ["CMD", "true"], "interval": 200_000_000, "retries": 3}

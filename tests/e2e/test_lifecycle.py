@@ -4,7 +4,6 @@ reloads, bind retries, logs, and the SIGTERM drain."""
 from __future__ import annotations
 
 import json
-import random
 import signal
 import socket
 import subprocess
@@ -20,6 +19,7 @@ from tests.support.lp import (
     LabelproxyProcess,
     TcpEcho,
     accepts,
+    consecutive_free_ports,
     echo_roundtrip,
     free_port,
     labelproxy,
@@ -340,34 +340,10 @@ def test_settings_reach_the_data_plane_acl_and_proxy_protocol(
         assert received.endswith(b"\r\nhello")
 
 
-def _consecutive_free_ports(count: int) -> int:
-    """A run of `count` ports free to listen on, below the ephemeral range: ephemeral ports
-    come and go with every connection the machine makes (and linger in TIME_WAIT)."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(50):
-        first = random.randrange(10_000, max(low, 10_000 + 2 * count) - count)
-        socks = []
-        try:
-            for port in range(first, first + count):
-                s = socket.socket()
-                # as labelproxy binds: a port whose old connections linger in TIME_WAIT
-                # (after any loopback load) is free to listen on
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError("no run of consecutive free ports")
-
-
 def test_port_range_is_one_route_per_port_in_metrics(tmp_path: Path, echo: TcpEcho) -> None:
     """A range alias has one listener, and one set of series, per port (a route is its listen
     key); UDP routes export their session cap, TCP routes without a cap export none."""
-    first = _consecutive_free_ports(3)
+    first = consecutive_free_ports(3)
     dns_port = free_port()
     routes = tmp_path / "routes.yaml"
     write_routes(routes, {

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import docker
 
 from tests.support.hostnet import ENGINE_POOL, SuiteBridge, unique_name
+from tests.support.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -93,13 +94,6 @@ def wait_for(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(POLL_INTERVAL)
-
-
-def free_port(*, kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
-    """A port number free on 127.0.0.1 right now (TCP by default)."""
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def missing_requirements() -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import resource
 import signal
 import socket
@@ -28,14 +27,13 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tests.support import ports
+
 T = TypeVar("T")
 POLL = 0.05
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# the suite's port helpers, here for the tests (and bench/) that import them from here
+free_port = ports.free_port
+consecutive_free_ports = ports.consecutive_free_ports
 
 
 def wait_for(
@@ -305,26 +303,3 @@ def write_routes(path: Path, routes: dict[str, dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"routes": routes}, indent=2))
     tmp.replace(path)
-
-
-def consecutive_free_ports(count: int, host: str = "127.0.0.1") -> int:
-    """The first of `count` consecutive TCP ports free to listen on `host`, below the ephemeral
-    range (ephemeral ports come and go with every connection the machine makes)."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(50):
-        first = random.randrange(10_000, max(low, 10_000 + 2 * count) - count)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(first, first + count):
-                s = socket.socket()
-                socks.append(s)
-                # as labelproxy binds: a port whose connections linger in TIME_WAIT is free
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind((host, port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError(f"no run of {count} consecutive free ports")

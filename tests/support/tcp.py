@@ -6,7 +6,6 @@ No tests live here; `tests/dataplane/test_tcp.py`, `test_proxyproto.py`, `test_a
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
@@ -158,14 +157,6 @@ async def is_refused_or_closed(live: LiveRoute) -> bool:
         return True
     async with stream:
         return await recv_until_eof(stream) == b""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (bound then released)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_for(predicate: Callable[[], bool], *, timeout: float = DEADLINE) -> None:

@@ -14,8 +14,9 @@ import subprocess
 
 import pytest
 
-from tests.support.dockerd import PrivateDockerd, build_busybox_image, free_port, run_container
+from tests.support.dockerd import PrivateDockerd, build_busybox_image, run_container
 from tests.support.hostnet import Netns, ip_json, link_index
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.docker
 SLEEP = ["sh", "-c", "sleep 600"]

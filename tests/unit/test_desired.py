@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import itertools
-import socket
 from collections.abc import Mapping
 
 import pytest
@@ -21,6 +20,7 @@ from labelproxy.spec import (
     family_of,
 )
 from labelproxy.streams.sockets import bind_socket, has_ipv6
+from tests.support.ports import free_port
 
 CTX = DiscoveryContext()
 KEY = ListenKey("tcp", "::", 2222)
@@ -287,10 +287,7 @@ def unused_tcp_port_pair() -> tuple[int, int]:
     """A port free on IPv4 and IPv6 loopback alike (bound by the test, then released)."""
     if not has_ipv6():
         pytest.skip("the host has no IPv6")
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind(("::", 0))
-        port = int(s.getsockname()[1])
+    port = free_port(host="::")  # "::" checks IPv4 too
     return port, port
 
 
