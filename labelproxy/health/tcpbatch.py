@@ -212,11 +212,24 @@ class TcpBatch:
             return
         job.token = next(self._seq)
         heapq.heappush(self._heap, (due, job.token, job))
-        if self._loop is not None and (self._timer is None or due < self._timer_at):
-            self._arm()
+        if self._timer is None or due < self._timer_at:
+            self._wake_at(due)
+
+    def _wake_at(self, when: float) -> None:
+        """Start checks from a timer at `when`: never inside the dispatch of a socket's event,
+        where a descriptor just closed (by the relay too) may come back as a new check's while
+        the old one's event is still to be dispatched."""
+        loop = self._loop
+        if loop is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._fire)
 
     def _arm(self) -> None:
-        """Start what is due, then set the timer for the next start."""
+        """(a timer, or the loop's inbox) Start what is due, then set the timer for the next
+        start."""
         loop = self._loop
         if loop is None:
             return
@@ -231,8 +244,7 @@ class TcpBatch:
                 heapq.heappop(heap)
                 continue
             if due > now + min(WINDOW, job.check.interval / 4):
-                self._timer_at = due
-                self._timer = loop.call_at(due, self._fire)
+                self._wake_at(due)
                 return
             heapq.heappop(heap)
             job.token = -1  # in flight: not scheduled until its result
@@ -287,8 +299,8 @@ class TcpBatch:
             flight.deadline.cancel()
         flight.sock.close()
         self._report(flight.job, result)
-        if self._heap and self._loop is not None and self._timer is None:
-            self._arm()  # the cap had stopped the starts
+        if self._heap and self._timer is None:
+            self._wake_at(time.monotonic())  # the cap had stopped the starts
 
     def _report(self, job: TcpJob, result: ProbeResult) -> None:
         job.token = 0  # no longer in flight

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -367,3 +368,41 @@ async def test_default_checks_run_on_the_tcp_data_loop() -> None:
                     ("labelproxy-tcp", True)]
     health = checker.status(KEY)
     assert health is not None and health.results["pass"] >= 4 and health.results["fail"] >= 2
+
+
+def _connecting_towards(port: int) -> int:
+    """This host's TCP sockets still connecting (SYN_SENT, state 02) to 127.0.0.1:`port`."""
+    count = 0
+    with open("/proc/net/tcp") as lines:
+        next(lines)
+        for line in lines:
+            fields = line.split()
+            count += int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "02"
+    return count
+
+
+@pytest.mark.parametrize("on_data_loop", [False, True], ids=["asyncio", "data_loop"])
+async def test_the_cap_bounds_default_checks_in_flight(on_data_loop: bool) -> None:
+    """12 backends behind a listener whose accept queue is full (it never accepts): their
+    connects hang until the check's timeout, and no more than `max_concurrent` are ever in
+    flight at once; the others wait for a slot."""
+    with socket.socket() as jammed:
+        jammed.bind(("127.0.0.1", 0))
+        jammed.listen(0)
+        port = jammed.getsockname()[1]
+        with socket.socket() as filler:  # fills the accept queue: later SYNs are dropped
+            filler.connect(("127.0.0.1", port))
+            check = HealthCheck("tcp", interval=0.2, timeout=0.5, rise=1, fall=1)
+            checker = HealthChecker(max_concurrent=3,
+                                    check_loop=data_loop.shared if on_data_loop else None)
+            backends = tuple(Backend("127.0.0.1", port, f"c{i}", f"c{i}") for i in range(12))
+            most = 0
+            async with running(checker):
+                checker.set_targets({KEY: HealthTarget(check, backends, route="jammed")})
+                with anyio.move_on_after(1.5):  # three timeouts' worth of samples
+                    while True:
+                        most = max(most, _connecting_towards(port))
+                        await anyio.sleep(0.01)
+                health = checker.status(KEY)
+    assert most == 3
+    assert health is not None and health.results["timeout"] >= 6  # slots were reused
