@@ -11,7 +11,8 @@ contract and lives beside `spec` in `labelproxy.healthcheck`, which imports noth
 - `state`: one backend's rise/fall and ejection state machine (pure).
 - `views`: `HealthTarget` (input), `StateChange`, `BackendStatus`, `RouteHealth` (output).
 - `checker`: `HealthChecker`, the scheduler and the API the data plane reads.
-- `tcpbatch`: `TcpBatch`, the default `tcp` checks of every backend from one task.
+- `tcpbatch`: `TcpBatch`, the default `tcp` checks of every backend on one loop (the runtime
+  gives the TCP data loop; `AsyncioCheckLoop` drives it from the event loop otherwise).
 - `targets`: `health_targets(routes)`, the checker's targets, a port range checked on its first
   port (the others `follow` it).
 
