@@ -174,6 +174,7 @@ class TcpBatch:
         self._flights: dict[int, _Flight] = {}  # (loop thread) fd -> check in flight
         self._timer: Cancellable | None = None  # (loop thread) the next start, when armed
         self._timer_at = 0.0
+        self._blocked = False  # (loop thread) every slot taken: the next landing starts more
 
     @property
     def in_flight(self) -> int:
@@ -238,7 +239,11 @@ class TcpBatch:
             self._timer = None
         heap = self._heap
         now = time.monotonic()
-        while heap and len(self._flights) < self._max:
+        self._blocked = False
+        while heap:
+            if len(self._flights) >= self._max:
+                self._blocked = True  # a landing check starts the next
+                return
             due, token, job = heap[0]
             if job.done or token != job.token:
                 heapq.heappop(heap)
@@ -249,7 +254,6 @@ class TcpBatch:
             heapq.heappop(heap)
             job.token = -1  # in flight: not scheduled until its result
             self._start(loop, job, now)
-        # nothing due, or every slot taken (a landing check starts the next)
 
     def _fire(self) -> None:
         self._timer = None
@@ -299,8 +303,9 @@ class TcpBatch:
             flight.deadline.cancel()
         flight.sock.close()
         self._report(flight.job, result)
-        if self._heap and self._timer is None:
-            self._wake_at(time.monotonic())  # the cap had stopped the starts
+        if self._blocked:  # the cap had stopped the starts: go on, from a timer
+            self._blocked = False
+            self._wake_at(time.monotonic())
 
     def _report(self, job: TcpJob, result: ProbeResult) -> None:
         job.token = 0  # no longer in flight
@@ -312,6 +317,7 @@ class TcpBatch:
             logger.exception("recording a health check's result failed")
 
     def _shut(self, loop: CheckLoop) -> None:
+        self._blocked = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

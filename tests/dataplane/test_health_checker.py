@@ -406,3 +406,21 @@ async def test_the_cap_bounds_default_checks_in_flight(on_data_loop: bool) -> No
                 health = checker.status(KEY)
     assert most == 3
     assert health is not None and health.results["timeout"] >= 6  # slots were reused
+
+
+@pytest.mark.parametrize("on_data_loop", [False, True], ids=["asyncio", "data_loop"])
+async def test_checks_waiting_for_a_slot_start_as_soon_as_one_is_free(on_data_loop: bool) -> None:
+    """40 new backends, 4 slots, a 5 s interval: each landing check hands its slot on at once,
+    so all 40 are checked and ready within their first second, not 4 per interval."""
+    check = HealthCheck("tcp", interval=5.0, timeout=1.0, rise=1, fall=1)
+    checker = HealthChecker(max_concurrent=4, starting_interval=5.0,
+                            check_loop=data_loop.shared if on_data_loop else None)
+    server = CountingServer()
+    async with running(checker), listening(server) as port:
+        keys = [ListenKey("tcp", "0.0.0.0", 7100 + i) for i in range(40)]
+        checker.set_targets({key: HealthTarget(check, (Backend("127.0.0.1", port, "c", "c"),),
+                                               route=f"r{i}") for i, key in enumerate(keys)})
+        with anyio.fail_after(3.0):  # the first checks are spread over 0.5 s (jitter x 5 s)
+            for key in keys:
+                await checker.wait_ready(key, timeout=3.0)
+        assert all(checker.ready_backends(key) for key in keys)

@@ -47,17 +47,22 @@ def _tables(markdown: str) -> dict[str, str]:
     return {block.splitlines()[0]: block for block in blocks}
 
 
-def test_quick_benchmark_prints_every_target_in_every_table(tmp_path: Path) -> None:
-    _require_peers()
-    args = [sys.executable, "-m", "bench", "--quick", "--no-install", "--out", str(tmp_path)]
-    with_docker = missing_requirements() is None
-    if not with_docker:
-        args.append("--skip-docker")
+def _quick(tmp_path: Path, *extra: str) -> str:
+    """`python -m bench --quick --no-install` with `extra` arguments; its standard output,
+    once it exited 0."""
+    args = [sys.executable, "-m", "bench", "--quick", "--no-install", "--out", str(tmp_path),
+            *extra]  # fmt: skip
     done = subprocess.run(
         args, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
     )
     assert done.returncode == 0, f"bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    out = done.stdout
+    return done.stdout
+
+
+def test_quick_benchmark_prints_every_target_in_every_table(tmp_path: Path) -> None:
+    _require_peers()
+    with_docker = missing_requirements() is None
+    out = _quick(tmp_path, *(() if with_docker else ("--skip-docker",)))
     assert out.startswith("# labelproxy side-by-side benchmark")
     assert "- machine: " in out and "- command: `python" in out
     assert "### Errors" not in out
@@ -88,14 +93,9 @@ def test_quick_benchmark_prints_every_target_in_every_table(tmp_path: Path) -> N
 
 def test_reference_floor_runs_only_when_named_and_is_no_peer(tmp_path: Path) -> None:
     _require_peers()
-    args = [sys.executable, "-m", "bench", "--quick", "--no-install", "--out", str(tmp_path)]
-    args += ["--targets", "direct,pyfloor", "--only", "short_conns,pingpong"]
-    done = subprocess.run(
-        args, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
-    )
-    assert done.returncode == 0, f"bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    assert "  - pyfloor: reference floor, not a peer" in done.stdout
-    tables = _tables(done.stdout)
+    out = _quick(tmp_path, "--targets", "direct,pyfloor", "--only", "short_conns,pingpong")
+    assert "  - pyfloor: reference floor, not a peer" in out
+    tables = _tables(out)
     assert len(tables) == 7  # the short_conns and pingpong metrics
     for title, table in tables.items():
         rows = re.findall(r"^\| (\w+) \|", table, re.MULTILINE)
@@ -108,15 +108,11 @@ def test_the_idle_route_targets_run_with_their_1000_routes_up(tmp_path: Path) ->
     """`labelproxy-routes` and `labelproxy-checked` start labelproxy with 1,000 idle routes
     (checked or not), wait until all are up and their backends ready, and are measured."""
     _require_peers()
-    args = [sys.executable, "-m", "bench", "--quick", "--no-install", "--out", str(tmp_path)]
-    args += ["--targets", "labelproxy-routes,labelproxy-checked", "--only", "short_conns"]
-    done = subprocess.run(
-        args, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
-    )
-    assert done.returncode == 0, f"bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    assert "1,000 idle routes with checks off" in done.stdout
-    assert "1,000 idle routes with the default active check" in done.stdout
-    tables = _tables(done.stdout)
+    out = _quick(tmp_path, "--targets", "labelproxy-routes,labelproxy-checked",
+                 "--only", "short_conns")
+    assert "1,000 idle routes with checks off" in out
+    assert "1,000 idle routes with the default active check" in out
+    tables = _tables(out)
     assert len(tables) == 3  # the short_conns metrics
     for title, table in tables.items():
         for target in ("labelproxy-routes", "labelproxy-checked"):
@@ -142,13 +138,9 @@ def test_profile_writes_a_summary_per_section(tmp_path: Path) -> None:
     _require_peers()
     if find_py_spy() is None:
         pytest.skip("py-spy is not installed (pip install py-spy)")
-    args = [sys.executable, "-m", "bench", "--quick", "--no-install", "--out", str(tmp_path)]
-    args += ["--targets", "labelproxy", "--only", "short_conns,pingpong", "--profile"]
-    done = subprocess.run(
-        args, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
-    )
-    assert done.returncode == 0, f"bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    assert "recorded by py-spy" in done.stdout
+    out = _quick(tmp_path, "--targets", "labelproxy", "--only", "short_conns,pingpong",
+                 "--profile")
+    assert "recorded by py-spy" in out
     for section in ("short_conns", "pingpong"):
         summary = (tmp_path / f"profile-{section}.md").read_text()
         assert summary.startswith(f"# labelproxy profile: {section}")
@@ -208,16 +200,11 @@ def test_the_kernel_target_runs_beside_the_relay_in_a_namespace_of_the_benchs_ow
     route with nftables there (the host's own ruleset is left alone: tests/run's host guard),
     and the summary gives both labelproxy paths' ratios to direct."""
     _require_peers()
-    args = [sys.executable, "-m", "bench", "--quick", "--no-install", "--out", str(tmp_path),
-            "--netns", "--targets", "direct,labelproxy,labelproxy-kernel",
-            "--only", "short_conns,udp"]  # fmt: skip
-    done = subprocess.run(
-        args, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
-    )
-    assert done.returncode == 0, f"bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    assert "  - labelproxy-kernel: the same, with LABELPROXY_FORWARDING=kernel" in done.stdout
-    assert "| relay vs direct | kernel vs direct |" in done.stdout
-    for title, table in _tables(done.stdout).items():
+    out = _quick(tmp_path, "--netns", "--targets", "direct,labelproxy,labelproxy-kernel",
+                 "--only", "short_conns,udp")
+    assert "  - labelproxy-kernel: the same, with LABELPROXY_FORWARDING=kernel" in out
+    assert "| relay vs direct | kernel vs direct |" in out
+    for title, table in _tables(out).items():
         row = re.search(r"^\| labelproxy-kernel \| (-?[\d,.]+) \|", table, re.MULTILINE)
         assert row is not None, (title, table)
 
