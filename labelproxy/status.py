@@ -85,7 +85,12 @@ _Row = tuple[
 
 def _route_document(row: _Row) -> dict[str, Any]:
     spec, live_spec, bound, error, counters, rejected, forwarding, health = row
-    if live_spec is not None and (live_spec is spec or live_spec == spec):
+    # `up`: a listener is bound on the route's key and serves the desired spec without a
+    # re-bind. New backends or options (a scale, a container asleep or awake again) are
+    # swapped into it in place by the pass that published them (`LiveRoute.update`), a few
+    # loop turns later and without a failure mode: the route is up all along. `pending`: the
+    # desired listener is not bound yet (a new route, a changed bind being re-made).
+    if live_spec is not None and (live_spec is spec or live_spec.same_listener(spec)):
         state = "up"
     elif error is not None:
         state = "error"

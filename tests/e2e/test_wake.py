@@ -1,7 +1,7 @@
 """Wake on demand on the private engine (issue 13): idle containers sleep, the first admitted
 client wakes them and is served on its own connection, a denied client or a bare port scan
 wakes nothing, dependencies start first, a container that never gets ready closes its held
-clients at `wake_timeout`.
+clients at `wake_timeout`, and /routes shows a sleeping or waking route `up` all along.
 
 One labelproxy process for the module; host-network containers of the Python base image
 (tests/support/baseimage.py) run a small threaded echo server (TCP, or UDP) on loopback, and
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import shutil
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from tests.support.baseimage import ensure_base_image
 from tests.support.lp import (
     LabelproxyProcess,
     accepts,
+    consecutive_free_ports,
     free_port,
     labelproxy,
     recv_all,
@@ -157,16 +159,9 @@ def test_idle_container_sleeps_and_twenty_clients_wake_it_once_served_on_their_c
             time.sleep(0.1)
     wait_for(lambda: status(container) == "exited", what="the idle container stopped")
     wait_for(lambda: wake_state(lp, "sleepy") == "asleep", what="the route asleep")
-    # the sleeper says asleep as soon as its stop returns; the pass that gives the listener
-    # the spec without backends follows the engine's die event: until then /routes says
-    # "pending" (desired and live specs differ), then up, bound, asleep
-    def bound_asleep() -> bool:
-        doc = lp.routes()
-        route = next((r for r in doc["routes"] if r["route"] == "sleepy"), None)
-        return (route is not None and route["state"] == "up" and bool(route["bound"])
-                and "up (asleep)" in format_routes(doc))  # fmt: skip
-
-    wait_for(bound_asleep, what="the asleep route still up and bound, `routes` says so")
+    doc = lp.routes()  # still up and bound, asleep, and `labelproxy routes` says so
+    route = next(r for r in doc["routes"] if r["route"] == "sleepy")
+    assert route["state"] == "up" and route["bound"] and "up (asleep)" in format_routes(doc)
     assert lp.metric("labelproxy_sleeps_total", **ids, method="stop") == 1
     wait_for(lambda: lp.metric("labelproxy_route_asleep", **ids) == 1, what="asleep gauge 1")
 
@@ -194,6 +189,56 @@ def test_idle_container_sleeps_and_twenty_clients_wake_it_once_served_on_their_c
     assert not lp.metric("labelproxy_connections_rejected_total", **ids, reason="no_backend")
     assert "woke container" in lp.log()
     wait_for(lambda: lp.metric("labelproxy_route_asleep", **ids) == 0, what="asleep gauge 0")
+
+
+RANGE = 256  # ports: a pass that updates them takes a few turns of the loop (/routes answers)
+
+
+def test_a_route_stays_up_on_routes_while_its_container_sleeps_and_wakes(
+    lp: LabelproxyProcess, make: Make
+) -> None:
+    first = consecutive_free_ports(2 * RANGE)  # listen ports, then target ports
+    target, last = first + RANGE, first + 2 * RANGE - 1
+    labels = echo_labels("dozy", first, target, idle_timeout="1s")
+    labels["proxy.dozy.port"] = f"{first}-{target - 1}:{target}-{last}"
+    container = make(labels, echo=target)  # the range is checked on its first port
+
+    def routes() -> list[dict[str, Any]]:
+        return [r for r in lp.routes()["routes"] if r["route"] == "dozy"]
+
+    wait_for(lambda: [(r["state"], r["wake"]["state"], len(r["backends"])) for r in routes()]
+             == [("up", "ready", 1)] * RANGE, what="the range up and awake")  # fmt: skip
+    shown: list[tuple[str, str, int]] = []  # a `dozy` route not up: state, wake, backends
+    polls = 0
+    done = threading.Event()
+
+    def poll() -> None:  # as an operator's script does, until done (bounded: 30 s)
+        nonlocal polls
+        deadline = time.monotonic() + 30.0
+        while not done.is_set() and time.monotonic() < deadline:
+            body = lp.get("/routes")[1]
+            polls += 1
+            if b'"state": "pending"' in body or b'"state": "error"' in body:
+                shown.extend((r["state"], r["wake"]["state"], len(r["backends"]))
+                             for r in json.loads(body)["routes"]
+                             if r["route"] == "dozy" and r["state"] != "up")  # fmt: skip
+
+    pollers = [threading.Thread(target=poll) for _ in range(3)]
+    for t in pollers:
+        t.start()
+    try:
+        wait_for(lambda: status(container) == "exited", what="the idle container stopped")
+        wait_for(lambda: {(r["wake"]["state"], len(r["backends"])) for r in routes()}
+                 == {("asleep", 0)}, what="the pass after the sleep")  # fmt: skip
+        assert roundtrip(first, b"wake up") == b"wake up"
+        wait_for(lambda: {(r["wake"]["state"], len(r["backends"])) for r in routes()}
+                 == {("ready", 1)}, what="the pass after the wake")  # fmt: skip
+    finally:
+        done.set()
+        for t in pollers:
+            t.join(timeout=35)
+    assert polls > 20  # /routes was read all through the sleep and the wake
+    assert not shown, sorted(set(shown))  # never pending (nor error) once up
 
 
 def test_a_client_during_the_stop_waits_for_it_then_wakes_the_container(
