@@ -26,6 +26,7 @@ refused`, `no answer within 2s`, `loop: ...`).
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import heapq
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 WINDOW = 0.05  # checks due this much later start now (at most a quarter of their interval)
 WRITABLE = select.EPOLLOUT  # a connect settles: writable, or an error / hang-up
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 
 class Cancellable(Protocol):
@@ -71,7 +73,8 @@ class CheckLoop(Protocol):
 
     def add(self, fd: int, target: FdTarget, mask: int) -> None: ...
 
-    def remove(self, fd: int) -> None: ...
+    def forget(self, fd: int) -> None:
+        """Stop dispatching `fd`, which the caller closes right after."""
 
 
 class AsyncioCheckLoop:
@@ -94,8 +97,8 @@ class AsyncioCheckLoop:
     def add(self, fd: int, target: FdTarget, mask: int) -> None:
         self._aloop.add_writer(fd, target.on_event, fd, mask)
 
-    def remove(self, fd: int) -> None:
-        self._aloop.remove_writer(fd)
+    def forget(self, fd: int) -> None:
+        self._aloop.remove_writer(fd)  # asyncio's selector must let go before the close
 
 
 def batchable(check: HealthCheck, backend: Backend) -> bool:
@@ -137,7 +140,7 @@ class _Flight:
 
     __slots__ = ("batch", "deadline", "job", "loop", "sock", "started")
 
-    def __init__(self, batch: TcpBatch, loop: CheckLoop, job: TcpJob, sock: socket.socket,
+    def __init__(self, batch: TcpBatch, loop: CheckLoop, job: TcpJob, sock: _socket.socket,
                  started: float) -> None:
         self.batch, self.loop, self.job, self.sock, self.started = batch, loop, job, sock, started
         self.deadline: Cancellable | None = None
@@ -269,7 +272,7 @@ class TcpBatch:
             return
         family = literal_family(host) or socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = _socket.socket(family, _STREAM_NONBLOCK)  # (no Python __init__)
         except OSError as exc:
             self._report(job, ProbeResult("fail", describe_os_error(exc), 0.0))
             return
@@ -298,7 +301,7 @@ class TcpBatch:
         fd = flight.sock.fileno()
         if self._flights.pop(fd, None) is not flight:
             return
-        flight.loop.remove(fd)
+        flight.loop.forget(fd)  # closed next: the close takes it out of an epoll set
         if flight.deadline is not None:
             flight.deadline.cancel()
         flight.sock.close()
@@ -322,7 +325,7 @@ class TcpBatch:
             self._timer.cancel()
             self._timer = None
         for fd, flight in list(self._flights.items()):
-            loop.remove(fd)
+            loop.forget(fd)
             if flight.deadline is not None:
                 flight.deadline.cancel()
             flight.sock.close()
