@@ -19,6 +19,7 @@ from tests.support.kernelworld import KernelWorld, world
 from tests.support.lp import wait_for, write_routes
 from tests.support.netns import CLIENT_V4, HOST_V4, ROOT
 from tests.support.nslp import NO_NET_ADMIN, READ_ONLY_SYSCTLS
+from tests.support.ports import consecutive_free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +79,10 @@ def test_a_thousand_kernel_routes_are_applied_and_scraped_in_under_a_second(
     w: KernelWorld, tmp_path: Path
 ) -> None:
     routes = tmp_path / "routes.yaml"
-    write_routes(routes, {"many": {"scheme": "tcp4", "port": "20000-20999:30000-30999",
+    # from the suite's port pool, as every other test's ports in this world: no collision
+    listen, target = consecutive_free_ports(1000), consecutive_free_ports(1000)
+    write_routes(routes, {"many": {"scheme": "tcp4",
+                                   "port": f"{listen}-{listen + 999}:{target}-{target + 999}",
                                    "host": "127.0.0.1", "max_connections": "100"}})
     began = time.monotonic()
     lp = w.labelproxy(static(routes, LABELPROXY_LOG_LEVEL="debug"))
@@ -89,16 +93,17 @@ def test_a_thousand_kernel_routes_are_applied_and_scraped_in_under_a_second(
 
     wait_for(all_kernel, timeout=60, what=f"1,000 kernel routes\n{lp.log()}")
     ready = time.monotonic() - began
-    w.serve("tcp", 30500)
-    w.serve("tcp", 30000)  # a range is checked on its first port: every port follows it
+    w.serve("tcp", target + 500)
+    w.serve("tcp", target)  # a range is checked on its first port: every port follows it
 
     def in_pool() -> bool:  # its check passes `rise` times, then the kernel's pool has it
-        doc = next(r for r in lp.routes()["routes"] if r["listen"] == "tcp://0.0.0.0:20500")
-        return bool(doc["kernel"]["backends"] == ["127.0.0.1:30500"])
+        doc = next(r for r in lp.routes()["routes"]
+                   if r["listen"] == f"tcp://0.0.0.0:{listen + 500}")
+        return bool(doc["kernel"]["backends"] == [f"127.0.0.1:{target + 500}"])
 
     wait_for(in_pool, timeout=30,
              what=f"the served backend in the kernel's pool\n{lp.log()[-3000:]}")
-    reply = w.remote.call("connect", host=HOST_V4, port=20500)
+    reply = w.remote.call("connect", host=HOST_V4, port=listen + 500)
     assert w.remote.call("echo", conn=reply["conn"]) == {"ok": True}
     scrapes = []
     for _ in range(3):
@@ -107,7 +112,8 @@ def test_a_thousand_kernel_routes_are_applied_and_scraped_in_under_a_second(
         scrapes.append((time.monotonic() - start, process_cpu(lp.proc.pid) - cpu))
     samples = [x for x in text.splitlines() if x.startswith("labelproxy_ip_bytes_total{")]
     assert len(samples) == 2000
-    assert 'labelproxy_connections_total{listen="tcp://0.0.0.0:20500",route="many"} 1.0' in text
+    assert (f'labelproxy_connections_total{{listen="tcp://0.0.0.0:{listen + 500}",route="many"}}'
+            " 1.0") in text
     log = lp.log_path.read_text()
     # the first apply (the pool refreshes that follow the checks are logged alike)
     (wall, cpu), *_ = re.findall(r"kernel: 1000 routes forwarded, 0 refused, applied in "
