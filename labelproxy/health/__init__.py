@@ -13,6 +13,7 @@ contract and lives beside `spec` in `labelproxy.healthcheck`, which imports noth
 - `checker`: `HealthChecker`, the scheduler and the API the data plane reads.
 - `tcpbatch`: `TcpBatch`, the default `tcp` checks of every backend on one loop (the runtime
   gives the TCP data loop; `AsyncioCheckLoop` drives it from the event loop otherwise).
+- `slots`: `CheckSlots`, the one cap on checks in flight, taken from both threads.
 - `targets`: `health_targets(routes)`, the checker's targets, a port range checked on its first
   port (the others `follow` it).
 

@@ -13,11 +13,10 @@ Scheduling: the default check (`tcp`, IP-literal backends) of every backend runs
 interpreter lock over; without one, on the asyncio loop), through `tcpbatch.TcpBatch`; other
 checks run from one task per checked backend (none for `none`/`docker` routes, nor for the
 ports of a range that follow its first port, see `targets`). At most one check is in flight per
-backend; at most `max_concurrent` default checks and `max_concurrent` others (a
-`CapacityLimiter`). A backend still `starting` is
-checked every `min(interval, starting_interval)`, others every `interval`, each wait spread by
-+-`jitter`; a new backend's first check comes within `jitter x` its first wait. When an
-ejection runs out, a checked backend is checked at once.
+backend, and at most `max_concurrent` in all (`slots.CheckSlots`, taken from both threads). A
+backend still `starting` is checked every `min(interval, starting_interval)`, others every
+`interval`, each wait spread by +-`jitter`; a new backend's first check comes within `jitter x`
+its first wait. When an ejection runs out, a checked backend is checked at once.
 
 Threads: the state sits behind one `threading.Lock`, held only for bookkeeping (never across
 I/O or a listener). Each route's ready backends are published as a tuple replaced whole, so
@@ -45,6 +44,7 @@ import anyio.abc
 import anyio.from_thread
 
 from labelproxy.health.probes import OwnLookup, ProbeResult, probe
+from labelproxy.health.slots import CheckSlots
 from labelproxy.health.state import BackendState, PassivePolicy
 from labelproxy.health.targets import range_owner
 from labelproxy.health.tcpbatch import AsyncioCheckLoop, CheckLoop, TcpBatch, TcpJob, batchable
@@ -106,7 +106,7 @@ class HealthChecker:
         self.passive = passive or PassivePolicy()
         self.starting_interval = starting_interval
         self.jitter = jitter
-        self._limiter = anyio.CapacityLimiter(max_concurrent)
+        self._slots = CheckSlots(max_concurrent)
         self._lock = threading.Lock()
         self._routes: dict[ListenKey, _Route] = {}
         self._ready: dict[ListenKey, tuple[Backend, ...]] = {}
@@ -123,7 +123,7 @@ class HealthChecker:
         self._check_loop = check_loop
         self._aloop: asyncio.AbstractEventLoop | None = None  # while serving
         self._batch = TcpBatch(on_results=self._batch_results, own=lambda: self.own,
-                               max_in_flight=max_concurrent)
+                               slots=self._slots)
 
     # -- lifecycle and targets (event-loop thread) ------------------------------------------
     async def serve(
@@ -241,11 +241,14 @@ class HealthChecker:
                     await anyio.sleep(delay)
                 watcher.nap = None
                 check = route.check
-                async with self._limiter:
+                await self._slots.take()
+                try:
                     result = await probe(
                         check, host=backend.host, port=backend.port, transport=key.transport,
                         own=self.own,
                     )
+                finally:
+                    self._slots.give()
                 changes: list[StateChange] = []
                 mirrored: list[StateChange] = []
                 with self._lock:

@@ -11,7 +11,7 @@ gives it the TCP data loop: there a check runs between two relay events, and the
 changes hands for it. A checker without a data loop (on its own, as in tests) drives the batch
 from its asyncio loop through `AsyncioCheckLoop`.
 
-    batch = TcpBatch(on_results=fn, own=lambda: lookup, max_in_flight=64)
+    batch = TcpBatch(on_results=fn, own=lambda: lookup, slots=CheckSlots(64))
     batch.attach(loop)                            # a CheckLoop: the data loop, or the adapter
     job = batch.job(key, route, backend, check)   # a TcpJob: `cancel()`, `wake()` (any thread)
     batch.schedule(job, delay)                    # its next check (any thread)
@@ -19,7 +19,8 @@ from its asyncio loop through `AsyncioCheckLoop`.
 
 `on_results([(job, ProbeResult)])` is called on the loop's thread, once per finished check;
 it reschedules each job it keeps (one check in flight per job: a job is not scheduled while
-its check runs). At most `max_in_flight` checks are in flight; the others wait their turn.
+its check runs). Each check in flight holds one of `slots`, the checker's cap shared with its
+other probes; when none is free the others wait their turn (`CheckSlots.notify`).
 Results and details are those of `probes.probe` for a `tcp` check (`connected`, `Connection
 refused`, `no answer within 2s`, `loop: ...`).
 """
@@ -41,6 +42,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from labelproxy.health.probes import OwnLookup, ProbeResult, describe_os_error, literal_family
+from labelproxy.health.slots import CheckSlots
 from labelproxy.healthcheck import HealthCheck, render_seconds
 from labelproxy.spec import Backend, ListenKey
 
@@ -166,18 +168,18 @@ class TcpBatch:
         *,
         on_results: Callable[[list[tuple[TcpJob, ProbeResult]]], None],
         own: Callable[[], OwnLookup | None],
-        max_in_flight: int = 64,
+        slots: CheckSlots,
     ) -> None:
         self._on_results = on_results
         self._own = own
-        self._max = max_in_flight
+        self._slots = slots
         self._loop: CheckLoop | None = None
         self._heap: list[tuple[float, int, TcpJob]] = []  # (loop thread) due, token, job
         self._seq = itertools.count(1)
         self._flights: dict[int, _Flight] = {}  # (loop thread) fd -> check in flight
         self._timer: Cancellable | None = None  # (loop thread) the next start, when armed
         self._timer_at = 0.0
-        self._blocked = False  # (loop thread) every slot taken: the next landing starts more
+        self._blocked = False  # (loop thread) every slot taken: a slot given back starts more
 
     @property
     def in_flight(self) -> int:
@@ -244,15 +246,16 @@ class TcpBatch:
         now = time.monotonic()
         self._blocked = False
         while heap:
-            if len(self._flights) >= self._max:
-                self._blocked = True  # a landing check starts the next
-                return
             due, token, job = heap[0]
             if job.done or token != job.token:
                 heapq.heappop(heap)
                 continue
             if due > now + min(WINDOW, job.check.interval / 4):
                 self._wake_at(due)
+                return
+            if not self._slots.try_take():
+                self._blocked = True
+                self._slots.notify(self._slot_freed)  # then go on
                 return
             heapq.heappop(heap)
             job.token = -1  # in flight: not scheduled until its result
@@ -262,18 +265,31 @@ class TcpBatch:
         self._timer = None
         self._arm()
 
+    def _slot_freed(self) -> None:
+        """(any thread) A slot was given back while checks waited for one."""
+        loop = self._loop
+        if loop is not None:
+            loop.submit(self._unblock)
+
+    def _unblock(self) -> None:
+        if self._blocked:
+            self._blocked = False
+            self._wake_at(time.monotonic())
+
     def _start(self, loop: CheckLoop, job: TcpJob, now: float) -> None:
         host, port = job.backend.host, job.backend.port
         own = self._own()
         listener = own("tcp", host, port) if own is not None else None
         if listener is not None:
             detail = f"loop: {host}:{port} is labelproxy's own listener {listener} (not dialled)"
+            self._slots.give()
             self._report(job, ProbeResult("fail", detail, 0.0))
             return
         family = literal_family(host) or socket.AF_INET
         try:
             sock = _socket.socket(family, _STREAM_NONBLOCK)  # (no Python __init__)
         except OSError as exc:
+            self._slots.give()
             self._report(job, ProbeResult("fail", describe_os_error(exc), 0.0))
             return
         try:
@@ -282,6 +298,7 @@ class TcpBatch:
             err = exc.errno or errno.EINVAL
         if err != errno.EINPROGRESS:
             sock.close()
+            self._slots.give()
             self._report(job, _result(err, 0.0))
             return
         flight = _Flight(self, loop, job, sock, now)
@@ -290,6 +307,7 @@ class TcpBatch:
             loop.add(fd, flight, WRITABLE)
         except OSError as exc:
             sock.close()
+            self._slots.give()
             self._report(job, ProbeResult("fail", describe_os_error(exc), 0.0))
             return
         self._flights[fd] = flight
@@ -305,10 +323,8 @@ class TcpBatch:
         if flight.deadline is not None:
             flight.deadline.cancel()
         flight.sock.close()
+        self._slots.give()  # if the batch waited for one, it goes on (`_slot_freed`)
         self._report(flight.job, result)
-        if self._blocked:  # the cap had stopped the starts: go on, from a timer
-            self._blocked = False
-            self._wake_at(time.monotonic())
 
     def _report(self, job: TcpJob, result: ProbeResult) -> None:
         job.token = 0  # no longer in flight
@@ -329,6 +345,7 @@ class TcpBatch:
             if flight.deadline is not None:
                 flight.deadline.cancel()
             flight.sock.close()
+            self._slots.give()
             flight.job.token = 0
         self._flights.clear()
 

@@ -9,7 +9,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -381,31 +381,48 @@ def _connecting_towards(port: int) -> int:
     return count
 
 
-@pytest.mark.parametrize("on_data_loop", [False, True], ids=["asyncio", "data_loop"])
-async def test_the_cap_bounds_default_checks_in_flight(on_data_loop: bool) -> None:
-    """12 backends behind a listener whose accept queue is full (it never accepts): their
-    connects hang until the check's timeout, and no more than `max_concurrent` are ever in
-    flight at once; the others wait for a slot."""
+@contextlib.contextmanager
+def jammed_listener() -> Iterator[int]:
+    """A loopback port whose accept queue is full (it never accepts): connects to it hang
+    in SYN_SENT until their timeout."""
     with socket.socket() as jammed:
         jammed.bind(("127.0.0.1", 0))
         jammed.listen(0)
-        port = jammed.getsockname()[1]
+        port = int(jammed.getsockname()[1])
         with socket.socket() as filler:  # fills the accept queue: later SYNs are dropped
             filler.connect(("127.0.0.1", port))
-            check = HealthCheck("tcp", interval=0.2, timeout=0.5, rise=1, fall=1)
-            checker = HealthChecker(max_concurrent=3,
-                                    check_loop=data_loop.shared if on_data_loop else None)
-            backends = tuple(Backend("127.0.0.1", port, f"c{i}", f"c{i}") for i in range(12))
-            most = 0
-            async with running(checker):
-                checker.set_targets({KEY: HealthTarget(check, backends, route="jammed")})
-                with anyio.move_on_after(1.5):  # three timeouts' worth of samples
-                    while True:
-                        most = max(most, _connecting_towards(port))
-                        await anyio.sleep(0.01)
-                health = checker.status(KEY)
+            yield port
+
+
+@pytest.mark.parametrize("on_data_loop", [False, True], ids=["asyncio", "data_loop"])
+async def test_the_cap_bounds_all_checks_in_flight_together(on_data_loop: bool) -> None:
+    """12 backends with the default check and 12 with `send_expect`, behind two jammed
+    listeners: their connects hang until the check's timeout, and no more than
+    `max_concurrent` checks of both kinds together are ever in flight (the default ones on
+    the check loop, the others on the event loop, one cap); the others wait for a slot."""
+    with jammed_listener() as port, jammed_listener() as other_port:
+        check = HealthCheck("tcp", interval=0.2, timeout=0.5, rise=1, fall=1)
+        talk = HealthCheck("send_expect", send=b"PING\r\n", expect=b"PONG", interval=0.2,
+                           timeout=0.5, rise=1, fall=1)
+        checker = HealthChecker(max_concurrent=3,
+                                check_loop=data_loop.shared if on_data_loop else None)
+        most = 0
+        async with running(checker):
+            checker.set_targets({
+                KEY: HealthTarget(check, tuple(Backend("127.0.0.1", port, f"c{i}", f"c{i}")
+                                               for i in range(12)), route="jammed"),
+                OTHER: HealthTarget(talk, tuple(Backend("127.0.0.1", other_port, f"d{i}",
+                                                        f"d{i}") for i in range(12)),
+                                    route="talk"),
+            })  # fmt: skip
+            with anyio.move_on_after(2.0):  # four timeouts' worth of samples
+                while True:
+                    most = max(most, _connecting_towards(port) + _connecting_towards(other_port))
+                    await anyio.sleep(0.01)
+            default, other = checker.status(KEY), checker.status(OTHER)
     assert most == 3
-    assert health is not None and health.results["timeout"] >= 6  # slots were reused
+    assert default is not None and default.results["timeout"] >= 1  # both kinds ran
+    assert other is not None and other.results["timeout"] >= 1
 
 
 @pytest.mark.parametrize("on_data_loop", [False, True], ids=["asyncio", "data_loop"])
