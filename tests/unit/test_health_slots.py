@@ -14,20 +14,22 @@ from labelproxy.health.slots import CheckSlots
 pytestmark = pytest.mark.anyio
 
 
+async def taker(slots: CheckSlots, got: list[str], name: str) -> None:
+    """A probe task: waits for a slot, then says it got one."""
+    await slots.take()
+    got.append(name)
+
+
 async def test_a_slot_given_back_goes_to_the_first_task_waiting_before_the_batch() -> None:
     slots = CheckSlots(1)
     assert slots.try_take()
     got: list[str] = []
     told: list[str] = []
 
-    async def task(name: str) -> None:
-        await slots.take()
-        got.append(name)
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(task, "a")
+        tg.start_soon(taker, slots, got, "a")
         await anyio.wait_all_tasks_blocked()
-        tg.start_soon(task, "b")
+        tg.start_soon(taker, slots, got, "b")
         await anyio.wait_all_tasks_blocked()
         assert not slots.try_take()  # the batch finds none...
         slots.notify(lambda: told.append("batch"))  # ...and asks to be told
@@ -48,12 +50,8 @@ async def test_a_task_cancelled_while_waiting_leaves_the_line() -> None:
     assert slots.try_take()
     got: list[str] = []
 
-    async def task(name: str) -> None:
-        await slots.take()
-        got.append(name)
-
     async with anyio.create_task_group() as waiting:
-        waiting.start_soon(task, "cancelled")
+        waiting.start_soon(taker, slots, got, "cancelled")
         await anyio.wait_all_tasks_blocked()
         waiting.cancel_scope.cancel()
     slots.give()  # nobody in line any more: free again
@@ -65,15 +63,11 @@ async def test_a_cancelled_task_handed_a_slot_gives_it_to_the_next() -> None:
     assert slots.try_take()
     got: list[str] = []
 
-    async def task(name: str) -> None:
-        await slots.take()
-        got.append(name)
-
     async with anyio.create_task_group() as tg:
         async with anyio.create_task_group() as first:
-            first.start_soon(task, "first")
+            first.start_soon(taker, slots, got, "first")
             await anyio.wait_all_tasks_blocked()
-            tg.start_soon(task, "second")
+            tg.start_soon(taker, slots, got, "second")
             await anyio.wait_all_tasks_blocked()
             slots.give()  # handed to "first", which is cancelled before it wakes
             first.cancel_scope.cancel()
