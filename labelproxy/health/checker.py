@@ -119,7 +119,7 @@ class HealthChecker:
         # take that backend's check results (`HealthTarget.follows`)
         self._mirrors: dict[ListenKey, dict[Backend, tuple[tuple[ListenKey, Backend], ...]]] = {}
         self.own: OwnLookup | None = None  # labelproxy's own listeners: never checked
-        # the default checks (`tcp`, IP literals) of every backend, from one task
+        # the default checks (`tcp`, IP literals) of every backend, on the check loop
         self._check_loop = check_loop
         self._aloop: asyncio.AbstractEventLoop | None = None  # while serving
         self._batch = TcpBatch(on_results=self._batch_results, own=lambda: self.own,
