@@ -71,12 +71,35 @@ class CountingServer:
 
 @asynccontextmanager
 async def listening(server: CountingServer, port: int = 0) -> AsyncIterator[int]:
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
-    bound = int(listener.extra(anyio.abc.SocketAttribute.local_port))
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, server.handle)
-        yield bound
-        tg.cancel_scope.cancel()
+    """`server` on 127.0.0.1:`port` (0: any) until the block ends. Its own accept loop:
+    asyncio's `sock_accept` (under anyio's `serve`) on Python 3.11 raises InvalidStateError
+    from its callback when a connection (a check's) arrives in the loop turn that cancels it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)
+    sock.setblocking(False)
+
+    async def accept(tg: anyio.abc.TaskGroup) -> None:
+        while True:
+            await anyio.wait_readable(sock)
+            try:
+                conn, _ = sock.accept()
+            except OSError:  # gone from the queue already (the client reset it)
+                continue
+            conn.setblocking(False)
+            try:
+                stream = await anyio.abc.SocketStream.from_socket(conn)
+            except OSError:
+                conn.close()
+                continue
+            tg.start_soon(server.handle, stream)
+
+    with sock:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(accept, tg)
+            yield int(sock.getsockname()[1])
+            tg.cancel_scope.cancel()
 
 
 @asynccontextmanager
