@@ -303,6 +303,8 @@ class TcpBatch:
             flight = self._flights.get(fd)
             if flight is not None:
                 err = flight.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err == errno.ECONNRESET:  # connected, then reset before this tick looked:
+                    err = 0  # the handshake is what a connect check asks for (as before)
                 self._land(fd, flight, _result(err, now - flight.started))
         for fd, flight in [(f, x) for f, x in self._flights.items() if now >= x.deadline]:
             detail = f"no answer within {render_seconds(flight.job.check.timeout)}"
