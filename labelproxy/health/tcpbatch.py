@@ -21,7 +21,8 @@ data loop (on its own, as in tests) drives the batch from its asyncio loop throu
     batch.schedule(job, delay)                    # its next check (any thread)
     batch.detach()                                # closes what is in flight (any thread)
 
-`on_results([(job, ProbeResult)])` is called on the loop's thread, once per finished check;
+`on_results([(job, ProbeResult), ...])` is called on the loop's thread, once a tick with the
+checks that finished in it;
 it reschedules each job it keeps (one check in flight per job: a job is not scheduled while
 its check runs). Each check in flight holds one of `slots`, the checker's cap shared with its
 other probes; when none is free the others wait their turn (`CheckSlots.notify`). Results
@@ -154,10 +155,7 @@ class TcpBatch:
         self._timer: Cancellable | None = None  # (loop thread) the next tick, when armed
         self._timer_at = 0.0
         self._blocked = False  # (loop thread) every slot taken: a slot given back goes on
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._flights)
+        self._done: list[tuple[TcpJob, ProbeResult]] = []  # (loop thread) this tick's results
 
     def job(self, key: ListenKey, route: Any, backend: Backend, check: HealthCheck) -> TcpJob:
         return TcpJob(self, key, route, backend, check)
@@ -224,16 +222,22 @@ class TcpBatch:
             self._timer = None
         self._harvest()
         self._start_due()
+        if self._done:  # one hand-over (one lock) per tick
+            done, self._done = self._done, []
+            try:
+                self._on_results(done)
+            except Exception:
+                logger.exception("recording health checks' results failed")
         after = time.monotonic() + TICK
         if self._flights:
             self._wake_at(after)
         elif self._heap and not self._blocked:
             self._wake_at(max(after - TICK, self._heap[0][0]))
 
-    def _start_due(self) -> bool:
+    def _start_due(self) -> None:
         """Start every check due within a tick (a quarter of its interval at most), while a
-        slot is free; True when one started."""
-        heap, now, started = self._heap, time.monotonic(), False
+        slot is free."""
+        heap, now = self._heap, time.monotonic()
         self._blocked = False
         while heap:
             due, token, job = heap[0]
@@ -249,8 +253,6 @@ class TcpBatch:
             heapq.heappop(heap)
             job.token = -1  # in flight: not scheduled until its result
             self._start(job, now)
-            started = True
-        return started
 
     def _slot_freed(self) -> None:
         """(any thread) A slot was given back while checks waited for one."""
@@ -318,12 +320,8 @@ class TcpBatch:
 
     def _report(self, job: TcpJob, result: ProbeResult) -> None:
         job.token = 0  # no longer in flight
-        if job.done:
-            return
-        try:
-            self._on_results([(job, result)])
-        except Exception:
-            logger.exception("recording a health check's result failed")
+        if not job.done:
+            self._done.append((job, result))  # handed over at the end of the tick
 
     def _shut(self) -> None:
         self._blocked = False
@@ -335,6 +333,7 @@ class TcpBatch:
             self._slots.give()
             flight.job.token = 0
         self._flights.clear()
+        self._done.clear()
         if self._ep is not None:
             with contextlib.suppress(OSError):
                 self._ep.close()
